@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="spoco-vol",
+    version="0.1.0",
+    description="Instance segmentation of large microscopy volumes from sparse annotations (SPOCO)",
+    packages=find_packages(include=["spoco_vol", "spoco_vol.*"]),
+    package_data={"spoco_vol": ["data/*.pt", "data/*.npz", "data/*.md"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # CPU build from local disk here; on a GPU machine install torch first (see README).
+        "torch==2.13.0",
+        "numpy",
+        "scipy",
+        "zarr>=3",
+        "numcodecs",
+        "dask",
+        "distributed",
+        "scikit-image",
+        "click",
+        "fastremap",
+        "bioimage-cpp>=0.10",
+        "tqdm",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["spoco-vol=spoco_vol.cli:main"]},
+)

@@ -1,0 +1,84 @@
+"""Embedding prediction: the U-Net applied to a numpy block, tile by tile.
+
+Tiles overlap by the network's context and only their centres are kept, so the result
+does not depend on where the tile borders fall (up to the U-Net's zero padding, which
+the context margin keeps away from the kept centre).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import SpocoInputError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpocoInputError("--device cuda requested but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise SpocoInputError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, enabled: bool = True):
+    """bf16 autocast: 3-5x faster U-Net inference on this CPU; fp16 on CUDA."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _tile_starts(size: int, core: int) -> list[int]:
+    return list(range(0, size, core)) if size > core else [0]
+
+
+def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: torch.device,
+                       tile_shape: Sequence[int] | None = None, context: Sequence[int] | None = None,
+                       amp: bool = True) -> np.ndarray:
+    """Embeddings (E, *image.shape) float32 for a normalised 2D or 3D image.
+
+    The image's dimensionality must equal the model's. Tiles of ``tile_shape`` (cores)
+    are predicted with ``context`` extra pixels per side (reflect-padded at the image
+    border), padded up to the model's shape multiple.
+    """
+    dims = model.dims
+    if image.ndim != dims:
+        raise SpocoInputError(f"a {dims}D model cannot predict a {image.ndim}D image")
+    tile_shape = list(tile_shape or [min(s, 512 if dims == 2 else 96) for s in image.shape])
+    context = list(context or [0] * dims)
+    mult = model.shape_multiple
+    out = np.empty((model.embedding_dim, *image.shape), dtype=np.float32)
+    model = model.to(device).eval()
+    starts = [_tile_starts(s, t) for s, t in zip(image.shape, tile_shape)]
+    for start in itertools.product(*starts):
+        core = [slice(s, min(s + t, n)) for s, t, n in zip(start, tile_shape, image.shape)]
+        lo = [c.start - h for c, h in zip(core, context)]
+        hi = [c.stop + h for c, h in zip(core, context)]
+        # Round the read window up to the shape multiple the U-Net needs.
+        hi = [l + -(-(h - l) // m) * m for l, h, m in zip(lo, hi, mult)]
+        tile = _read_padded(image, lo, hi)
+        with torch.no_grad(), autocast_context(device, amp):
+            emb = model(torch.from_numpy(tile)[None, None].to(device)).float()[0]
+        emb = emb.cpu().numpy()
+        crop = tuple(slice(c.start - l, c.stop - l) for c, l in zip(core, lo))
+        out[(slice(None), *core)] = emb[(slice(None), *crop)]
+    return out
+
+
+def _read_padded(image: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+    """image[lo:hi] with reflect padding where the window leaves the image."""
+    src = tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, image.shape))
+    block = image[src]
+    pad = [(max(0, -l), max(0, h - n)) for l, h, n in zip(lo, hi, image.shape)]
+    if any(p != (0, 0) for p in pad):
+        mode = "reflect" if all(p[0] < s and p[1] < s for p, s in zip(pad, block.shape)) else "symmetric"
+        if mode == "symmetric" and any(p[0] > s or p[1] > s for p, s in zip(pad, block.shape)):
+            mode = "edge"
+        block = np.pad(block, pad, mode=mode)
+    return np.ascontiguousarray(block, dtype=np.float32)

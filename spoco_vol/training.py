@@ -1,0 +1,430 @@
+"""SPOCO training from sparse (or full) object annotations in zarr volumes.
+
+``train(config)`` validates every input before it writes anything, then runs Adam on
+random patches with the SPOCO loss, a momentum copy g of the network for the
+consistency term, periodic validation, and best/latest checkpoints. ``latest.pt`` holds
+the complete training state (optimizer, scheduler, g, iteration, every RNG), so
+``resume=True`` continues a stopped run exactly where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import data, losses, model as model_mod, transforms
+from .errors import SpocoInputError
+from .inference import resolve_device, autocast_context
+
+LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    raw: Sequence[str]
+    labels: Sequence[str]
+    out: str
+    dims: int = 2
+    patch_shape: Sequence[int] = (256, 256)
+    batch_size: int = 4
+    iterations: int = 1000
+    object_fraction: float = 1.0
+    mode: str = "auto"                     # "sparse", "full", or auto: full iff fraction == 1
+    init: str | None = None
+    lr: float | None = None                # default 2e-4, or 2e-5 when fine-tuning from init
+    weight_decay: float = 1e-5
+    schedule: str = "cosine"               # or "plateau"
+    features: Sequence[int] = (16, 32, 64, 128)
+    norm: str = "group"
+    pool_factors: Sequence[Sequence[int]] | None = None
+    embedding_dim: int = 16
+    delta_v: float = 0.5
+    delta_d: float = 2.0
+    threshold: float = 0.9
+    w_consistency: float = 1.0
+    w_unlabeled: float = 1.0
+    w_instance: float = 1.0
+    momentum: float = 0.999
+    downsample: Sequence[int] = (1, 1, 1)  # input voxels per model pixel, (z, y, x)
+    voxel_size: Sequence[float] | None = None
+    val_raw: Sequence[str] = ()
+    val_labels: Sequence[str] = ()
+    val_sections: int = 1                  # without val volumes: hold out the last N sections
+    val_every: int = 250
+    val_patches: int = 8
+    elastic: bool = False
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    threads: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    command: str = ""
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def _prepare_volumes(cfg: TrainConfig):
+    """Open and check all volumes; split validation; choose the SPOCO@p subset."""
+    if len(cfg.raw) != len(cfg.labels) or not cfg.raw:
+        raise SpocoInputError("give one --labels for every --raw")
+    train_vols, stats = [], []
+    for r, l in zip(cfg.raw, cfg.labels):
+        v = data.open_training_volume(r, l, cfg.voxel_size)
+        if v.raw.ndim == 2 and cfg.dims == 3:
+            raise SpocoInputError(f"a 3D model cannot be trained on the 2D volume {r}")
+        s = data.volume_statistics(v)
+        if len(s["object_ids"]) == 0:
+            raise SpocoInputError(f"labels {l} contain no annotated object (all 0)")
+        train_vols.append(v)
+        stats.append(s)
+    val_vols = []
+    if cfg.val_raw:
+        if len(cfg.val_raw) != len(cfg.val_labels):
+            raise SpocoInputError("give one --val-labels for every --val-raw")
+        val_vols = [data.open_training_volume(r, l, cfg.voxel_size) for r, l in zip(cfg.val_raw, cfg.val_labels)]
+    elif cfg.val_sections > 0:
+        # Hold out the last sections of each 3D volume (thick-section EM: z is the split axis).
+        for v in list(train_vols):
+            nz = v.shape3d[0]
+            if v.raw.ndim == 3 and nz > cfg.val_sections:
+                val_vols.append(dataclasses.replace(v, z_range=(nz - cfg.val_sections, nz)))
+                v.z_range = (0, nz - cfg.val_sections)
+    # One normalisation for all volumes, stored in the checkpoint, so that every block of
+    # every later volume is normalised the same way (per-block statistics would show seams).
+    n = sum(s["object_sizes"].size for s in stats)
+    mean = float(np.mean([s["mean"] for s in stats]))
+    std = float(np.mean([s["std"] for s in stats]))
+    for i, (v, s) in enumerate(zip(train_vols, stats)):
+        v.keep_ids = data.choose_object_subset(s["object_ids"], cfg.object_fraction, cfg.seed + i)
+    sizes = np.concatenate([s["object_sizes"] for s in stats])
+    kept = sum(len(v.keep_ids) if v.keep_ids is not None else len(s["object_ids"])
+               for v, s in zip(train_vols, stats))
+    vs = train_vols[0].voxel_size
+    return train_vols, val_vols, {"mean": mean, "std": std, "kind": "zscore"}, {
+        "objects_total": int(n), "objects_used": int(kept),
+        "object_size_p1": float(np.percentile(sizes, 1)), "voxel_size": vs}
+
+
+def _model_voxel_size(cfg: TrainConfig, vs):
+    if vs is None:
+        return None
+    ds = list(cfg.downsample)[-len(vs):] if len(vs) <= len(cfg.downsample) else list(cfg.downsample)
+    return [v * d for v, d in zip(vs, ds)]
+
+
+def _check_out_dir(cfg: TrainConfig):
+    if cfg.resume:
+        if not os.path.isfile(os.path.join(cfg.out, "latest.pt")):
+            raise SpocoInputError(f"--resume: no latest.pt in {cfg.out}")
+        return
+    if os.path.exists(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
+        raise SpocoInputError(f"output directory {cfg.out} is not empty (use --overwrite or --resume)")
+
+
+# ----------------------------------------------------------------------------- training
+
+def _to_batch(raws: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(raws[:, None])).to(device)
+
+
+def _augmented_batch(sampler: data.PatchSampler, cfg: TrainConfig, normalization: dict,
+                     rng: np.random.Generator, with_g: bool):
+    raws, labs, graws = [], [], []
+    for _ in range(cfg.batch_size):
+        raw, lab = sampler.sample()
+        raw = transforms.normalize(raw, normalization)
+        raw, lab = transforms.augment_geometry(raw, lab, rng, elastic=cfg.elastic)
+        raw = transforms.augment_intensity(raw, rng)
+        raws.append(raw)
+        labs.append(lab)
+        if with_g:
+            graws.append(transforms.augment_for_momentum(raw, rng))
+    return np.stack(raws), np.stack(labs), (np.stack(graws) if with_g else None)
+
+
+def _validation_patches(val_vols, cfg: TrainConfig, normalization: dict, seed: int):
+    """A fixed, seeded set of held-out patches: the validation loss is comparable over time."""
+    if not val_vols:
+        return []
+    try:
+        sampler = data.PatchSampler(val_vols, cfg.patch_shape, cfg.dims, cfg.downsample,
+                                    rng=np.random.default_rng(seed + 10_000))
+    except SpocoInputError:
+        return []
+    out = []
+    for _ in range(cfg.val_patches):
+        raw, lab = sampler.sample()
+        out.append((transforms.normalize(raw, normalization), lab))
+    return out
+
+
+def _validate(net, loss_fn, patches, device, amp):
+    if not patches:
+        return None
+    net.eval()
+    total = 0.0
+    with torch.no_grad():
+        for raw, lab in patches:
+            with autocast_context(device, amp):
+                emb = net(_to_batch(raw[None], device))
+            t, _ = loss_fn(emb.float(), torch.from_numpy(lab[None]).to(device))
+            total += float(t)
+    net.train()
+    return total / len(patches)
+
+
+def estimate_background_embedding(net, patches, device, amp, delta_d: float):
+    """The embedding of the dominant unlabeled class (background), for inference.
+
+    Starts at the median of the label-0 pixels' embeddings and moves to the mean of the
+    pixels within delta_d (a few mean-shift steps), so a minority of unannotated objects
+    in the unlabeled region does not pull it off. Returns None when there is no label 0.
+    """
+    embs = []
+    net.eval()
+    with torch.no_grad():
+        for raw, lab in patches:
+            with autocast_context(device, amp):
+                e = net(_to_batch(raw[None], device)).float()[0]
+            e = e.reshape(e.shape[0], -1)[:, torch.from_numpy(lab.reshape(-1) == 0).to(device)]
+            embs.append(e.T.cpu())
+    net.train()
+    if not embs or sum(e.shape[0] for e in embs) == 0:
+        return None
+    x = torch.cat(embs)
+    center = x.median(dim=0).values
+    for _ in range(10):
+        near = x[(x - center).norm(dim=1) < delta_d]
+        if len(near) == 0:
+            break
+        center = near.mean(dim=0)
+    return [float(v) for v in center]
+
+
+def _rng_state(rng: np.random.Generator, gen: torch.Generator) -> dict:
+    return {"numpy": json.dumps(rng.bit_generator.state), "torch_gen": gen.get_state(),
+            "torch_global": torch.get_rng_state()}
+
+
+def _restore_rng(state: dict, rng: np.random.Generator, gen: torch.Generator):
+    rng.bit_generator.state = json.loads(state["numpy"])
+    gen.set_state(state["torch_gen"])
+    torch.set_rng_state(state["torch_global"])
+
+
+def _plot_log(log_path: str, png_path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(csv.DictReader(open(log_path)))
+    if not rows:
+        return
+    it = [int(r["iteration"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for term in LOG_TERMS:
+        vals = [float(r[term]) if r[term] else np.nan for r in rows]
+        if np.any(np.nan_to_num(vals) != 0):
+            ax.plot(it, vals, label=term, lw=1 if term != "total" else 2)
+    vit = [i for i, r in zip(it, rows) if r.get("val_loss")]
+    if vit:
+        ax.plot(vit, [float(r["val_loss"]) for r in rows if r.get("val_loss")], "k--o", label="validation")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or fine-tune, or resume) a SPOCO model; returns a summary dict."""
+    if cfg.dims not in (2, 3):
+        raise SpocoInputError("--dims must be 2 or 3")
+    init_ckpt = model_mod.load_checkpoint(cfg.init) if cfg.init else None
+    _check_out_dir(cfg)
+    train_vols, val_vols, normalization, info = _prepare_volumes(cfg)
+    if init_ckpt is not None:
+        arch = init_ckpt["architecture"]
+        if arch["dims"] != cfg.dims or arch["in_channels"] != 1:
+            raise SpocoInputError(f"--init model is {arch['dims']}D with {arch['in_channels']} input "
+                                  f"channel(s); this run needs {cfg.dims}D with 1")
+        normalization = dict(init_ckpt["normalization"])  # keep the representation's input scale
+    ds = list(cfg.downsample)
+    if len(ds) != 3:
+        raise SpocoInputError("--downsample takes three factors (z y x)")
+    rng = np.random.default_rng(cfg.seed)
+    sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, ds, rng=rng)
+    val_patches = _validation_patches(val_vols, cfg, normalization, cfg.seed)
+
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    if init_ckpt is not None:
+        net = model_mod.model_from_checkpoint(init_ckpt)
+    else:
+        pools = cfg.pool_factors or [[2] * cfg.dims for _ in cfg.features[1:]]
+        net = model_mod.UNet(dims=cfg.dims, embedding_dim=cfg.embedding_dim, features=cfg.features,
+                             norm=cfg.norm, pool_factors=pools)
+    mult = net.shape_multiple
+    if any(p % m for p, m in zip(cfg.patch_shape, mult)):
+        raise SpocoInputError(f"--patch-shape {tuple(cfg.patch_shape)} must be a multiple of {mult}")
+    net.to(device).train()
+    mode = cfg.mode if cfg.mode != "auto" else ("full" if cfg.object_fraction >= 1 else "sparse")
+    use_g = cfg.w_consistency > 0
+    g_net = losses.make_momentum_network(net) if use_g else None
+    loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
+                               threshold=cfg.threshold, w_consistency=cfg.w_consistency,
+                               w_unlabeled=cfg.w_unlabeled, w_instance=cfg.w_instance)
+    val_loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
+                                   threshold=cfg.threshold, w_consistency=0)
+    lr = cfg.lr if cfg.lr is not None else (2e-5 if cfg.init else 2e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.iterations), eta_min=lr / 100)
+    elif cfg.schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=4)
+    else:
+        raise SpocoInputError("--schedule must be 'cosine' or 'plateau'")
+
+    start_it, best_val, elapsed = 0, float("inf"), 0.0
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for f in ("latest.pt", "best.pt", "log.csv", "loss.png", "summary.json"):
+            if os.path.exists(os.path.join(cfg.out, f)):
+                os.remove(os.path.join(cfg.out, f))
+    log_path = os.path.join(cfg.out, "log.csv")
+    if cfg.resume:
+        st = torch.load(os.path.join(cfg.out, "latest.pt"), map_location="cpu", weights_only=True)
+        ts = st["training_state"]
+        net.load_state_dict(st["state_dict"])
+        if use_g:
+            g_net.load_state_dict(ts["momentum_state"])
+        opt.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        _restore_rng(ts["rng"], rng, gen)
+        start_it, best_val, elapsed = ts["iteration"], ts["best_val"], ts["elapsed"]
+        _truncate_log(log_path, start_it)
+
+    def checkpoint(it: int, with_state: bool, background=None):
+        extra = {"training": {"iterations": it, "mode": mode, "object_fraction": cfg.object_fraction,
+                              "objects_used": info["objects_used"], "objects_total": info["objects_total"],
+                              "seconds": round(elapsed, 1), "downsample": ds,
+                              "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size}}
+        inference = {"downsample": ds,
+                     "min_size": max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4)),
+                     "background_embedding": background}
+        ck = model_mod.make_checkpoint(
+            net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
+            voxel_size=_model_voxel_size(cfg, info["voxel_size"]),
+            training_data=", ".join(cfg.raw), training_command=cfg.command,
+            inference=inference, extra=extra)
+        if with_state:
+            ck["training_state"] = {
+                "iteration": it, "best_val": best_val, "elapsed": elapsed,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "momentum_state": g_net.state_dict() if use_g else {},
+                "rng": _rng_state(rng, gen)}
+        return ck
+
+    new_log = not os.path.exists(log_path)
+    log_f = open(log_path, "a", newline="")
+    writer = csv.writer(log_f)
+    if new_log:
+        writer.writerow(["iteration", *LOG_TERMS, "lr", "seconds", "val_loss"])
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.iterations, initial=start_it, disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True, desc="train")
+    running: dict[str, float] = {}
+    t_last = time.perf_counter()
+    for it in range(start_it + 1, cfg.iterations + 1):
+        raws, labs, graws = _augmented_batch(sampler, cfg, normalization, rng, use_g)
+        x = _to_batch(raws, device)
+        y = torch.from_numpy(labs).to(device)
+        with autocast_context(device, cfg.amp):
+            emb = net(x)
+        g_emb = None
+        if use_g:
+            with torch.no_grad(), autocast_context(device, cfg.amp):
+                g_emb = g_net(_to_batch(graws, device)).float()
+        total, terms = loss_fn(emb.float(), y, g_embeddings=g_emb, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if use_g:
+            losses.update_momentum_network(net, g_net, cfg.momentum)
+        if cfg.schedule == "cosine":
+            sched.step()
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        vals = {"total": float(total), **{k: float(v) for k, v in terms.items()}}
+        for k, v in vals.items():
+            running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
+        val_loss = None
+        if it % cfg.val_every == 0 or it == cfg.iterations:
+            val_loss = _validate(net, val_loss_fn, val_patches, device, cfg.amp)
+            if cfg.schedule == "plateau" and val_loss is not None:
+                sched.step(val_loss)
+        writer.writerow([it, *(f"{vals[k]:.6g}" if k in vals else "" for k in LOG_TERMS),
+                         f"{opt.param_groups[0]['lr']:.3g}", f"{elapsed:.2f}",
+                         "" if val_loss is None else f"{val_loss:.6g}"])
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+        bar.update(1)
+        if val_loss is not None:
+            t_save = time.perf_counter()
+            if val_loss < best_val or not val_patches:
+                best_val = val_loss if val_loss is not None else best_val
+                model_mod.save_checkpoint(checkpoint(it, False), os.path.join(cfg.out, "best.pt"))
+            log_f.flush()
+            model_mod.save_checkpoint(checkpoint(it, True), os.path.join(cfg.out, "latest.pt"))
+            t_last += time.perf_counter() - t_save  # checkpoint I/O is not training time
+    bar.close()
+    log_f.close()
+
+    # Inference needs to know which embedding means "background": measure it once.
+    bg_patches = val_patches or _validation_patches(train_vols, cfg, normalization, cfg.seed)
+    background = estimate_background_embedding(net, bg_patches, device, cfg.amp, cfg.delta_d)
+    best_path = os.path.join(cfg.out, "best.pt")
+    if os.path.exists(best_path):
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
+        best_net = model_mod.model_from_checkpoint(best).to(device)
+        best["inference"]["background_embedding"] = estimate_background_embedding(
+            best_net, bg_patches, device, cfg.amp, cfg.delta_d)
+        model_mod.save_checkpoint(best, best_path)
+    model_mod.save_checkpoint(checkpoint(cfg.iterations, True, background), os.path.join(cfg.out, "latest.pt"))
+    _plot_log(log_path, os.path.join(cfg.out, "loss.png"))
+    summary = {"iterations": cfg.iterations, "seconds": round(elapsed, 1),
+               "iterations_per_second": round((cfg.iterations - start_it) / max(elapsed, 1e-9), 3)
+               if cfg.iterations > start_it else None,
+               "best_val_loss": None if best_val == float("inf") else best_val,
+               "mode": mode, "objects_used": info["objects_used"], "objects_total": info["objects_total"],
+               "device": str(device)}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _truncate_log(log_path: str, iteration: int):
+    """Drop log rows written after the checkpoint we resume from (they will be redone)."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= iteration]
+    tmp = log_path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+    shutil.move(tmp, log_path)
