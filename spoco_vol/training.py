@@ -66,6 +66,7 @@ class TrainConfig:
     amp: bool = True
     threads: int | None = None
     resume: bool = False
+    stop_after: int | None = None          # stop (resumably) after N iterations of this run
     overwrite: bool = False
     progress: bool = True
     command: str = ""
@@ -349,6 +350,7 @@ def train(cfg: TrainConfig) -> dict:
                dynamic_ncols=True, desc="train")
     running: dict[str, float] = {}
     t_last = time.perf_counter()
+    stopping = False
     for it in range(start_it + 1, cfg.iterations + 1):
         raws, labs, graws = _augmented_batch(sampler, cfg, normalization, rng, use_g)
         x = _to_batch(raws, device)
@@ -370,7 +372,7 @@ def train(cfg: TrainConfig) -> dict:
         now = time.perf_counter()
         elapsed += now - t_last
         t_last = now
-        vals = {"total": float(total), **{k: float(v) for k, v in terms.items()}}
+        vals = {"total": float(total.detach()), **{k: float(v) for k, v in terms.items()}}
         for k, v in vals.items():
             running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
         val_loss = None
@@ -383,6 +385,11 @@ def train(cfg: TrainConfig) -> dict:
                          "" if val_loss is None else f"{val_loss:.6g}"])
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
         bar.update(1)
+        stopping = cfg.stop_after is not None and it - start_it >= cfg.stop_after and it < cfg.iterations
+        if stopping:
+            log_f.flush()
+            model_mod.save_checkpoint(checkpoint(it, True), os.path.join(cfg.out, "latest.pt"))
+            break
         if val_loss is not None:
             t_save = time.perf_counter()
             if val_loss < best_val or not val_patches:
@@ -393,6 +400,8 @@ def train(cfg: TrainConfig) -> dict:
             t_last += time.perf_counter() - t_save  # checkpoint I/O is not training time
     bar.close()
     log_f.close()
+    if stopping:
+        return {"stopped_at": it, "iterations": cfg.iterations, "resume_with": "--resume"}
 
     # Inference needs to know which embedding means "background": measure it once.
     bg_patches = val_patches or _validation_patches(train_vols, cfg, normalization, cfg.seed)

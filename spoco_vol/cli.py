@@ -1,0 +1,221 @@
+"""The ``spoco-vol`` command line: thin click wrappers around the Python API."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import click
+
+from .errors import SpocoInputError
+
+
+class InputError(click.ClickException):
+    """One error line, exit code 2 (the contract for bad input)."""
+    exit_code = 2
+
+
+def _numbers(kind):
+    class Numbers(click.ParamType):
+        name = "N,N[,N]"
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, (list, tuple)):
+                return [kind(v) for v in value]
+            try:
+                return [kind(v) for v in str(value).replace("x", ",").replace(" ", ",").split(",") if v]
+            except ValueError:
+                self.fail(f"{value!r} is not a list of numbers like 256,256", param, ctx)
+    return Numbers()
+
+
+INTS, FLOATS = _numbers(int), _numbers(float)
+
+
+def _command_line() -> str:
+    """The running command, rebuilt from its parsed options (canonical, defaults left out)."""
+    ctx = click.get_current_context()
+    words = ["spoco-vol", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None or value == () or value == param.default:
+            continue
+        if isinstance(param.default, str) and isinstance(value, list) \
+                and value == param.type.convert(param.default, param, ctx):
+            continue
+        if param.is_flag:
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+            continue
+        for v in (value if param.multiple else [value]):
+            words += [param.opts[0], ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except SpocoInputError as exc:
+        raise InputError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spoco-vol")
+def cli():
+    """Instance segmentation of microscopy volumes from sparse annotations (SPOCO).
+
+    Start with `spoco-vol demo`: it segments a bundled EM sample with the bundled model.
+    """
+
+
+@cli.command()
+@click.option("--raw", "raw", multiple=True, required=True,
+              help="Raw zarr array (vol.zarr or vol.zarr/raw). Repeat for several volumes.")
+@click.option("--labels", "labels", multiple=True, required=True,
+              help="Label zarr array (integers, 0 = unlabeled), one per --raw.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory (checkpoints, log.csv, loss.png).")
+@click.option("--dims", type=click.IntRange(2, 3), default=2, show_default=True,
+              help="2: a 2D model trained on sections; 3: a 3D model.")
+@click.option("--patch-shape", type=INTS, default="256,256", show_default=True,
+              help="Patch size in model pixels (after --downsample), e.g. 256,256 or 32,128,128.")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--iterations", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--object-fraction", type=float, default=1.0, show_default=True,
+              help="Keep a seeded random fraction P of the annotated objects (SPOCO@P). "
+                   "1 = use labels as they are; below 1 trains in the sparse (positive-unlabeled) mode.")
+@click.option("--mode", type=click.Choice(["auto", "sparse", "full"]), default="auto", show_default=True,
+              help="full: background (0) is an object; sparse: 0 is unlabeled. auto: full iff P = 1.")
+@click.option("--init", type=click.Path(), default=None, help="Fine-tune from this checkpoint (lr/10 by default).")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4, or 2e-5 with --init].")
+@click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine", show_default=True)
+@click.option("--features", type=INTS, default="16,32,64,128", show_default=True, help="U-Net features per level.")
+@click.option("--norm", type=click.Choice(["group", "batch"]), default="group", show_default=True)
+@click.option("--pool-factors", type=INTS, default=None,
+              help="Per-level pooling factors, flattened, e.g. 1,2,2,1,2,2,2,2,2 for 3 poolings in 3D "
+                   "[default: 2 on every axis].")
+@click.option("--embedding-dim", type=int, default=16, show_default=True)
+@click.option("--delta-v", type=float, default=0.5, show_default=True, help="Pull margin (embedding units).")
+@click.option("--delta-d", type=float, default=2.0, show_default=True, help="Push margin (embedding units).")
+@click.option("--threshold", type=float, default=0.9, show_default=True, help="Soft-mask kernel threshold t.")
+@click.option("--consistency-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the embedding-consistency term (0 disables the momentum network).")
+@click.option("--unlabeled-weight", type=float, default=1.0, show_default=True, help="Weight of the unlabeled push.")
+@click.option("--momentum", type=float, default=0.999, show_default=True, help="EMA momentum m of network g.")
+@click.option("--downsample", type=INTS, default="1,1,1", show_default=True,
+              help="Input voxels per model pixel (z,y,x), e.g. 1,2,2 to train at half XY resolution.")
+@click.option("--voxel-size", type=FLOATS, default=None,
+              help="Voxel size of the raw data in nm (z,y,x) [default: from the zarr metadata].")
+@click.option("--val-raw", multiple=True, help="Validation raw volume(s).")
+@click.option("--val-labels", multiple=True, help="Validation labels, one per --val-raw.")
+@click.option("--val-sections", type=int, default=1, show_default=True,
+              help="Without --val-raw: hold out the last N z-sections of each volume.")
+@click.option("--val-every", type=click.IntRange(1), default=250, show_default=True, help="Iterations between validations/checkpoints.")
+@click.option("--elastic/--no-elastic", default=False, show_default=True, help="Elastic deformation augmentation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 (CPU) / fp16 (CUDA) autocast.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--stop-after", type=click.IntRange(1), default=None,
+              help="Stop after N iterations of this run, saving a resumable latest.pt (walltime-limited jobs).")
+@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fraction, mode, init, lr,
+          schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
+          consistency_weight, unlabeled_weight, momentum, downsample, voxel_size, val_raw, val_labels,
+          val_sections, val_every, elastic, seed, device, amp, resume, stop_after, overwrite, quiet):
+    """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
+    from .training import TrainConfig, train as train_fn
+    if pool_factors is not None:
+        n = len(features) - 1
+        if len(pool_factors) != n * dims:
+            raise InputError(f"--pool-factors needs {n}x{dims} = {n * dims} numbers for {len(features)} levels")
+        pool_factors = [pool_factors[i * dims:(i + 1) * dims] for i in range(n)]
+    cfg = TrainConfig(raw=list(raw), labels=list(labels), out=out, dims=dims, patch_shape=patch_shape,
+                      batch_size=batch_size, iterations=iterations, object_fraction=object_fraction,
+                      mode=mode, init=init, lr=lr, schedule=schedule, features=features, norm=norm,
+                      pool_factors=pool_factors, embedding_dim=embedding_dim, delta_v=delta_v,
+                      delta_d=delta_d, threshold=threshold, w_consistency=consistency_weight,
+                      w_unlabeled=unlabeled_weight, momentum=momentum, downsample=downsample,
+                      voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
+                      val_sections=val_sections, val_every=val_every, elastic=elastic, seed=seed,
+                      device=device, amp=amp, resume=resume, stop_after=stop_after, overwrite=overwrite,
+                      progress=not quiet,
+                      command=_command_line())
+    summary = _run(train_fn, cfg)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.option("--input", "input_path", required=True, help="Zarr array to segment (vol.zarr or vol.zarr/path).")
+@click.option("--output", default=None, help="OME-Zarr labels to write [default: <input>_labels.zarr].")
+@click.option("--model", default=None, help="Checkpoint [default: the bundled VNC mitochondria model].")
+@click.option("--voxel-size", type=FLOATS, default=None,
+              help="Input voxel size in nm (z,y,x) [default: from the zarr metadata].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def segment(input_path, output, model, voxel_size, device, overwrite):
+    """Segment a zarr volume into objects (OME-Zarr labels, 0 = background)."""
+    from .pipeline import segment_volume
+    report = _run(segment_volume, input_path, output, model, voxel_size=voxel_size, device=device,
+                  overwrite=overwrite, command=_command_line())
+    click.echo(_format_report(report))
+
+
+@cli.command()
+@click.option("--pred", required=True, help="Predicted labels (zarr array or OME-Zarr group).")
+@click.option("--gt", required=True, help="Ground-truth labels (zarr), 0 = background.")
+@click.option("--per-section", is_flag=True, help="Objects are the 2D objects of each z-section.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate(pred, gt, per_section, as_json):
+    """AP@0.5, mAP, adapted Rand error and variation of information against ground truth."""
+    import numpy as np
+    from . import io
+    from .evaluation import evaluate_segmentation, format_metrics
+
+    def load():
+        p, g = io.open_volume(pred, "prediction"), io.open_volume(gt, "ground truth")
+        io.validate_volume(p, "prediction", integer=True)
+        io.validate_volume(g, "ground truth", integer=True)
+        return evaluate_segmentation(np.asarray(p[...]), np.asarray(g[...]), per_section=per_section)
+    metrics = _run(load)
+    click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
+
+
+@cli.command()
+@click.option("--out", default=None, type=click.Path(),
+              help="Directory for the sample and its labels [default: a new temporary directory].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace outputs of an earlier demo in --out.")
+def demo(out, device, overwrite):
+    """Segment the bundled VNC EM sample with the bundled model and score it."""
+    from .demo import run_demo
+    result = _run(run_demo, out, device=device, overwrite=overwrite)
+    click.echo(result["text"])
+
+
+@cli.command()
+@click.argument("checkpoint", required=False)
+def info(checkpoint):
+    """Show what a checkpoint holds [default: the bundled model]."""
+    from .model import checkpoint_checksum, load_checkpoint
+    from .pipeline import BUNDLED_MODEL
+    ck = _run(load_checkpoint, checkpoint or BUNDLED_MODEL)
+    shown = {k: v for k, v in ck.items() if k not in ("state_dict", "training_state")}
+    shown["sha256"] = checkpoint_checksum(ck)
+    shown["parameters"] = int(sum(v.numel() for v in ck["state_dict"].values()))
+    click.echo(json.dumps(shown, indent=2, default=str))
+
+
+def _format_report(report: dict) -> str:
+    lines = [f"wrote {report['output']}: {report['objects']} objects, shape {tuple(report['shape'])}"]
+    total = sum(report["seconds"].values()) or 1.0
+    lines.append(f"{'stage':<10}{'seconds':>9}{'share':>8}")
+    for stage, s in report["seconds"].items():
+        lines.append(f"{stage:<10}{s:>9.2f}{100 * s / total:>7.0f}%")
+    return "\n".join(lines)
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

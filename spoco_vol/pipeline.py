@@ -1,0 +1,179 @@
+"""Whole-volume segmentation: zarr in, OME-Zarr labels out, in one process.
+
+This is the plain path (the volume is held in memory); the blockwise dask pipeline for
+volumes larger than memory builds on the same per-stage functions.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Sequence
+
+import numpy as np
+import zarr
+from scipy import ndimage
+
+from . import io, model as model_mod, transforms
+from .affinities import default_offsets
+from .errors import SpocoInputError
+from .inference import predict_embeddings, resolve_device
+from .segmentation import segment_embeddings
+
+BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "data", "vnc_mito_2d.pt")
+RESAMPLE_TOLERANCE = 0.2  # voxel sizes within 20% of the model's are used as they are
+
+
+def model_scale(input_vs: Sequence[float] | None, model_vs: Sequence[float] | None,
+                spatial_axes: Sequence[int]) -> list[float]:
+    """Zoom factor per axis that brings the input to the model's voxel size (1 = as is)."""
+    ndim = len(input_vs) if input_vs else len(spatial_axes)
+    scale = [1.0] * ndim
+    if not input_vs or not model_vs:
+        return scale
+    for a, mv in zip(spatial_axes, model_vs[-len(spatial_axes):]):
+        ratio = input_vs[a] / mv
+        if abs(ratio - 1) > RESAMPLE_TOLERANCE:
+            scale[a] = ratio
+    return scale
+
+
+def resample_raw(raw: np.ndarray, scale: Sequence[float]) -> np.ndarray:
+    """To the model grid: block mean for integer downsampling, linear zoom otherwise."""
+    if all(s == 1 for s in scale):
+        return raw
+    inv = [1 / s for s in scale]
+    if all(abs(i - round(i)) < 1e-6 and round(i) >= 1 for i in inv):
+        from .data import downsample_raw
+        f = [int(round(i)) for i in inv]
+        pad = [(0, (-n) % k) for n, k in zip(raw.shape, f)]
+        return downsample_raw(np.pad(raw, pad, mode="edge"), f)
+    return ndimage.zoom(raw, scale, order=1)
+
+
+def restore_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour labels back on the input grid of ``shape``."""
+    if tuple(labels.shape) == tuple(shape):
+        return labels
+    idx = [np.minimum((np.arange(n) * (m / n)).astype(np.int64), m - 1) for n, m in zip(shape, labels.shape)]
+    return labels[np.ix_(*idx)]
+
+
+def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
+    out = os.path.abspath(output)
+    inp = os.path.abspath(io._split_store_path(input_path)[0])
+    if out == inp or out.startswith(inp + os.sep):
+        raise SpocoInputError(f"output {output} lies inside the input {input_path}")
+    if os.path.exists(out) and not overwrite:
+        raise SpocoInputError(f"output {output} exists (use --overwrite to replace it)")
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SpocoInputError(f"cannot write output {output}: {parent} is not a writable directory")
+
+
+def write_ome_zarr_labels(path: str, labels: np.ndarray, voxel_size: Sequence[float] | None,
+                          attrs: dict, overwrite: bool) -> None:
+    """OME-Zarr image group with dataset "0"; written beside, then moved into place, so a
+    crash never leaves a half-written output and an old output survives until the end."""
+    tmp = path.rstrip(os.sep) + f".tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    axes = ["z", "y", "x"][-labels.ndim:]
+    vs = list(voxel_size) if voxel_size else [1.0] * labels.ndim
+    group = zarr.open_group(tmp, mode="w")
+    chunks = tuple(min(s, c) for s, c in zip(labels.shape, (1 if labels.ndim == 3 else 512, 512, 512)[-labels.ndim:]))
+    group.create_array("0", data=labels, chunks=chunks)
+    group.attrs["multiscales"] = [{
+        "version": "0.4",
+        "name": "labels",
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in axes],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": vs}]}],
+    }]
+    group.attrs["spoco_vol"] = attrs
+    if os.path.exists(path):
+        if not overwrite:
+            shutil.rmtree(tmp)
+            raise SpocoInputError(f"output {path} exists (use --overwrite to replace it)")
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
+                  strides: Sequence[int] | None = None, timings: dict | None = None) -> np.ndarray:
+    """Segment an in-memory 2D/3D array with a checkpoint; labels on the input grid."""
+    timings = timings if timings is not None else {}
+    arch = ckpt["architecture"]
+    dims = arch["dims"]
+    if raw.ndim not in (2, 3):
+        raise SpocoInputError(f"input must be 2D or 3D, got {raw.ndim}D")
+    if dims > raw.ndim:
+        raise SpocoInputError(f"the model is {dims}D but the input is {raw.ndim}D")
+    io.check_finite(raw, "input")
+    spatial_axes = list(range(raw.ndim - dims, raw.ndim))
+    scale = model_scale(input_voxel_size, ckpt.get("voxel_size"), spatial_axes)
+    t = time.perf_counter()
+    small = resample_raw(raw.astype(np.float32), scale)
+    image = transforms.normalize(small, ckpt["normalization"])
+    timings["read"] = timings.get("read", 0) + time.perf_counter() - t
+    net = model_mod.model_from_checkpoint(ckpt)
+    dev = resolve_device(device)
+    inf = ckpt.get("inference", {})
+    offsets = inf.get("offsets") or default_offsets(dims)
+    strides = strides or inf.get("strides") or [2] * dims
+    sections = [image] if dims == raw.ndim else list(image)  # a 2D model segments per section
+    out = np.zeros(image.shape, dtype=np.uint64)
+    next_id = 0
+    for z, sec in enumerate(sections):
+        t = time.perf_counter()
+        emb = predict_embeddings(net, sec, device=dev)
+        timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
+        t = time.perf_counter()
+        lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
+                                 background_embedding=inf.get("background_embedding"),
+                                 min_size=inf.get("min_size", 0))
+        # Per-section objects get ids unique over the volume.
+        lab[lab > 0] += np.uint64(next_id)
+        next_id = int(lab.max()) if lab.max() > 0 else next_id
+        if dims == raw.ndim:
+            out[...] = lab
+        else:
+            out[z] = lab
+        timings["segment"] = timings.get("segment", 0) + time.perf_counter() - t
+    return restore_labels(out, raw.shape)
+
+
+def segment_volume(input_path: str, output: str | None = None, model: str | None = None, *,
+                   voxel_size: Sequence[float] | None = None, device: str = "auto",
+                   overwrite: bool = False, command: str = "") -> dict:
+    """Segment a zarr volume and write OME-Zarr labels; returns a report dict."""
+    t0 = time.perf_counter()
+    arr = io.open_volume(input_path)
+    io.validate_volume(arr, f"input {input_path}")
+    output = output or (io._split_store_path(input_path)[0].rstrip(os.sep).removesuffix(".zarr") + "_labels.zarr")
+    check_output_path(output, input_path, overwrite)
+    ckpt = model_mod.load_checkpoint(model or BUNDLED_MODEL)
+    vs = list(voxel_size) if voxel_size else io.read_voxel_size(input_path)
+    if vs is not None and len(vs) != arr.ndim:
+        raise SpocoInputError(f"--voxel-size needs {arr.ndim} values for this {arr.ndim}D input")
+    timings: dict = {}
+    t = time.perf_counter()
+    raw = np.asarray(arr[...])
+    timings["read"] = time.perf_counter() - t
+    labels = segment_array(raw, ckpt, input_voxel_size=vs, device=device, timings=timings)
+    n_objects = int(labels.max())
+    labels = labels.astype(np.uint32 if n_objects < 2 ** 32 else np.uint64)
+    t = time.perf_counter()
+    report = {"objects": n_objects, "shape": list(arr.shape), "voxel_size": vs,
+              "model": model or BUNDLED_MODEL, "model_sha256": model_mod.checkpoint_checksum(ckpt),
+              "command": command, "version": _version()}
+    write_ome_zarr_labels(output, labels, vs, report, overwrite)
+    timings["write"] = time.perf_counter() - t
+    report["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    report["total_seconds"] = round(time.perf_counter() - t0, 3)
+    report["output"] = output
+    return report
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__

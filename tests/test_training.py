@@ -1,0 +1,131 @@
+"""Training from zarr volumes: outputs, exact resume, sparse subsets, fine-tuning, bad input."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from spoco_vol import io
+from spoco_vol.cli import cli
+from spoco_vol.model import load_checkpoint
+
+TINY = ["--dims", "2", "--patch-shape", "32,32", "--batch-size", "2", "--features", "4,8",
+        "--val-every", "3", "--quiet", "--no-amp"]
+
+
+def run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def train_args(raw, labels, out, *extra):
+    return ["train", "--raw", raw, "--labels", labels, "--out", out, *TINY, *extra]
+
+
+def test_train_writes_checkpoints_log_and_plot(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    r = run(train_args(raw, labels, out, "--iterations", "6", "--downsample", "1,2,2"))
+    assert r.exit_code == 0, r.output
+    for f in ("best.pt", "latest.pt", "log.csv", "loss.png", "summary.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    rows = list(csv.DictReader(open(os.path.join(out, "log.csv"))))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
+    assert all(float(r["pull"]) >= 0 and r["total"] for r in rows)
+    assert rows[2]["val_loss"] and not rows[0]["val_loss"]  # validation every 3 iterations
+    ck = load_checkpoint(os.path.join(out, "best.pt"))
+    assert ck["voxel_size"] == [50.0, 20.0, 20.0]  # data voxel size x downsample
+    assert ck["architecture"]["features"] == [4, 8] and ck["embedding_dim"] == 16
+    assert ck["delta_v"] == 0.5 and ck["delta_d"] == 2.0
+    assert ck["training_command"].startswith("spoco-vol train --raw")
+    assert ck["training_data"] == raw
+    assert ck["normalization"]["std"] > 0
+    assert len(ck["inference"]["background_embedding"]) == 16
+    assert ck["training"]["mode"] == "full"
+
+
+def test_resume_continues_exactly(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ("--iterations", "6", "--object-fraction", "0.5")
+    assert run(train_args(raw, labels, straight, *args)).exit_code == 0
+    r = run(train_args(raw, labels, split, *args, "--stop-after", "4"))
+    assert r.exit_code == 0 and '"stopped_at": 4' in r.output
+    assert run(train_args(raw, labels, split, *args, "--resume")).exit_code == 0
+    a = torch.load(os.path.join(straight, "latest.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "latest.pt"), weights_only=True)
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in a["training_state"]["momentum_state"]:
+        assert torch.equal(a["training_state"]["momentum_state"][k], b["training_state"]["momentum_state"][k])
+    la = list(csv.DictReader(open(os.path.join(straight, "log.csv"))))
+    lb = list(csv.DictReader(open(os.path.join(split, "log.csv"))))
+    assert [r["total"] for r in la] == [r["total"] for r in lb]
+
+
+def test_object_fraction_keeps_seeded_subset(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    out = str(tmp_path / "sparse")
+    assert run(train_args(raw, labels, out, "--iterations", "2", "--object-fraction", "0.25")).exit_code == 0
+    s = json.load(open(os.path.join(out, "summary.json")))
+    n = int(np.unique(io.open_volume(labels)[...]).size - 1)
+    assert s["mode"] == "sparse" and s["objects_total"] == n and s["objects_used"] == round(0.25 * n)
+
+
+def test_fine_tuning_uses_a_tenth_of_the_learning_rate(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
+    assert run(train_args(raw, labels, base, "--iterations", "2")).exit_code == 0
+    assert run(train_args(raw, labels, tuned, "--iterations", "2", "--init", base + "/best.pt")).exit_code == 0
+    lr_base = float(next(csv.DictReader(open(base + "/log.csv")))["lr"])
+    lr_tuned = float(next(csv.DictReader(open(tuned + "/log.csv")))["lr"])
+    assert lr_tuned == pytest.approx(lr_base / 10, rel=0.01)
+
+
+def _bad(tmp_path, name, raw, labels):
+    out = str(tmp_path / "out")
+    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "2"))
+    assert r.exit_code == 2, r.output
+    assert not os.path.exists(out), "nothing may be written on bad input"
+    lines = [l for l in r.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), r.output
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_and_write_nothing(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    root = os.path.dirname(raw)
+    assert "not found" in _bad(tmp_path, "missing", root + "/nope", labels)
+    io.create_array(root + "/short", np.zeros((2, 64, 64), np.uint16))
+    assert "shape" in _bad(tmp_path, "mismatch", raw, root + "/short")
+    io.create_array(root + "/flabels", np.zeros((4, 64, 64), np.float32))
+    assert "integer" in _bad(tmp_path, "float labels", raw, root + "/flabels")
+    io.create_array(root + "/empty_labels", np.zeros((4, 64, 64), np.uint16))
+    assert "no annotated object" in _bad(tmp_path, "no objects", raw, root + "/empty_labels")
+    nan = np.asarray(io.open_volume(raw)[...]).astype(np.float32)
+    nan[1, 5, 5] = np.nan
+    io.create_array(root + "/nanraw", nan)
+    assert "NaN" in _bad(tmp_path, "nan", root + "/nanraw", labels)
+
+
+def test_patch_bigger_than_volume_and_foreign_init(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    out = str(tmp_path / "out")
+    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--patch-shape", "128,128"))
+    assert r.exit_code == 2 and "bigger than volume" in r.output and not os.path.exists(out)
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--init", foreign))
+    assert r.exit_code == 2 and "not a spoco-vol checkpoint" in r.output and not os.path.exists(out)
+
+
+def test_non_empty_out_needs_overwrite(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = CliRunner().invoke(cli, train_args(raw, labels, str(out), "--iterations", "1"))
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
