@@ -37,10 +37,10 @@ def _command_line() -> str:
     words = ["spoco-vol", ctx.info_name]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if not isinstance(param, click.Option) or value is None or value == () or value == param.default:
+        if not isinstance(param, click.Option) or value is None or value == () or value == param.get_default(ctx):
             continue
-        if isinstance(param.default, str) and isinstance(value, list) \
-                and value == param.type.convert(param.default, param, ctx):
+        if isinstance(param.get_default(ctx), str) and isinstance(value, list) \
+                and value == param.type.convert(param.get_default(ctx), param, ctx):
             continue
         if param.is_flag:
             words.append(param.opts[0] if value else param.secondary_opts[0])

@@ -1,0 +1,319 @@
+"""Tests for spoco_vol.data (statistics, SPOCO@p subsets, patch sampling) and
+spoco_vol.transforms (geometry augmentation, normalisation)."""
+import itertools
+
+import numpy as np
+import pytest
+import zarr
+
+from spoco_vol import data, transforms
+from spoco_vol.errors import SpocoInputError
+
+
+def _zarr(path, arr, chunks):
+    z = zarr.create_array(str(path), shape=arr.shape, dtype=arr.dtype, chunks=chunks)
+    z[...] = arr
+    return zarr.open_array(str(path), mode="r")
+
+
+def _position_raw(shape):
+    """raw[z, y, x] = 10000 z + 100 y + x: the value says where a voxel came from (exact in f32)."""
+    z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    return (10000 * z + 100 * y + x).astype(np.float32)
+
+
+# ------------------------------------------------------------------------ statistics
+
+def _labelled_volume(tmp_path):
+    rng = np.random.default_rng(3)
+    raw = rng.normal(100, 20, (7, 10, 9)).astype(np.float32)
+    lab = np.zeros((7, 10, 9), np.uint32)
+    lab[1:6, 2:5, 2:5] = 11    # spans z chunks 0, 1 and 2 (chunks of 2 sections)
+    lab[0, 0:2, 0:3] = 3       # only in the first chunk
+    lab[6, 7:10, 6:9] = 200    # only in the last (partial) chunk
+    lab[3:5, 8, 0] = 7         # inside one chunk, two sections
+    return raw, lab, data.TrainingVolume(
+        "vol", _zarr(tmp_path / "raw.zarr", raw, (2, 5, 9)), _zarr(tmp_path / "lab.zarr", lab, (2, 10, 9)))
+
+
+def test_volume_statistics_match_numpy(tmp_path):
+    raw, lab, vol = _labelled_volume(tmp_path)
+    s = data.volume_statistics(vol)
+    assert s["mean"] == pytest.approx(float(raw.astype(np.float64).mean()), rel=1e-12)
+    assert s["std"] == pytest.approx(float(raw.astype(np.float64).std()), rel=1e-9)
+    np.testing.assert_array_equal(s["object_ids"], [3, 7, 11, 200])
+    np.testing.assert_array_equal(s["object_sizes"], [6, 2, 45, 9])
+    ids, counts = np.unique(lab[lab > 0], return_counts=True)
+    np.testing.assert_array_equal(s["object_ids"], ids)
+    np.testing.assert_array_equal(s["object_sizes"], counts)
+
+
+def test_volume_statistics_2d_numpy_and_constant():
+    raw = np.full((4, 5), 7, np.uint8)
+    lab = np.zeros((4, 5), np.int64)
+    vol = data.TrainingVolume("v", raw, lab)
+    s = data.volume_statistics(vol)
+    assert s["mean"] == 7.0
+    assert s["std"] == 1.0  # a constant image: std replaced by 1 (no division by zero later)
+    assert s["object_ids"].size == 0 and s["object_sizes"].size == 0
+
+
+def test_volume_statistics_refuses_nan(tmp_path):
+    raw = np.zeros((6, 4, 4), np.float32)
+    raw[4, 1, 1] = np.nan
+    vol = data.TrainingVolume("myvol", _zarr(tmp_path / "r.zarr", raw, (2, 4, 4)),
+                              np.zeros((6, 4, 4), np.uint8))
+    with pytest.raises(SpocoInputError, match="raw myvol contains NaN or inf in sections 4-5"):
+        data.volume_statistics(vol)
+
+
+def test_open_training_volume(tmp_path):
+    raw = np.zeros((3, 4, 5), np.uint8)
+    _zarr(tmp_path / "raw.zarr", raw, (1, 4, 5))
+    zarr.open_array(str(tmp_path / "raw.zarr"), mode="a").attrs["voxel_size"] = [40, 4, 4]
+    _zarr(tmp_path / "lab.zarr", np.ones((3, 4, 5), np.uint16), (1, 4, 5))
+    _zarr(tmp_path / "flab.zarr", np.ones((3, 4, 5), np.float32), (1, 4, 5))
+    _zarr(tmp_path / "small.zarr", np.ones((3, 4, 4), np.uint16), (1, 4, 4))
+    v = data.open_training_volume(str(tmp_path / "raw.zarr"), str(tmp_path / "lab.zarr"))
+    assert v.voxel_size == [40.0, 4.0, 4.0] and v.shape3d == (3, 4, 5)
+    v = data.open_training_volume(str(tmp_path / "raw.zarr"), str(tmp_path / "lab.zarr"), [1, 2, 3])
+    assert v.voxel_size == [1, 2, 3]
+    with pytest.raises(SpocoInputError, match="integer labels"):
+        data.open_training_volume(str(tmp_path / "raw.zarr"), str(tmp_path / "flab.zarr"))
+    with pytest.raises(SpocoInputError, match=r"shape \(3, 4, 5\) but labels"):
+        data.open_training_volume(str(tmp_path / "raw.zarr"), str(tmp_path / "small.zarr"))
+    with pytest.raises(SpocoInputError, match="does not match the 3D raw"):
+        data.open_training_volume(str(tmp_path / "raw.zarr"), str(tmp_path / "lab.zarr"), [4, 4])
+
+
+# ------------------------------------------------------------------------ SPOCO@p subset
+
+def test_choose_object_subset():
+    ids = np.arange(100, 130)  # 30 objects
+    a = data.choose_object_subset(ids, 0.4, seed=5)
+    b = data.choose_object_subset(ids, 0.4, seed=5)
+    np.testing.assert_array_equal(a, b)                # seeded: deterministic
+    assert len(a) == 12 and len(np.unique(a)) == 12    # round(0.4 * 30), no repeats
+    assert np.all(np.isin(a, ids)) and np.all(np.diff(a) > 0)  # sorted subset
+    c = data.choose_object_subset(ids, 0.4, seed=6)
+    assert not np.array_equal(a, c)                    # the seed matters
+    assert len(data.choose_object_subset(ids, 0.1, 0)) == 3
+    assert len(data.choose_object_subset(ids, 0.7, 0)) == 21
+    assert len(data.choose_object_subset(ids, 0.99, 0)) == 30
+    assert len(data.choose_object_subset(ids, 0.01, 0)) == 1   # round(0.3) = 0 -> at least one
+    assert len(data.choose_object_subset(np.array([9]), 0.2, 0)) == 1
+
+
+def test_choose_object_subset_full_and_invalid():
+    ids = np.arange(1, 11)
+    assert data.choose_object_subset(ids, 1.0, seed=0) is None
+    assert data.choose_object_subset(ids, 1, seed=0) is None
+    for bad in (0, -0.1, 1.01, 2, float("nan")):
+        with pytest.raises(SpocoInputError, match="object-fraction must be in"):
+            data.choose_object_subset(ids, bad, seed=0)
+
+
+# ------------------------------------------------------------------------ patch sampler
+
+def test_patch_shapes_and_window(tmp_path):
+    shape = (6, 20, 18)
+    raw = _position_raw(shape)
+    lab = np.random.default_rng(0).integers(0, 5, shape).astype(np.uint16)
+    vol = data.TrainingVolume("v", _zarr(tmp_path / "r.zarr", raw, (2, 8, 8)),
+                              _zarr(tmp_path / "l.zarr", lab, (2, 8, 8)))
+    s3 = data.PatchSampler([vol], (2, 8, 4), dims=3, rng=np.random.default_rng(1))
+    s2 = data.PatchSampler([vol], (8, 4), dims=2, rng=np.random.default_rng(1))
+    for sampler, pshape in ((s3, (2, 8, 4)), (s2, (8, 4))):
+        for _ in range(10):
+            r, l = sampler.sample()
+            assert r.shape == pshape and l.shape == pshape
+            assert r.dtype == np.float32 and l.dtype == np.int64
+            r3 = r.reshape((-1, 8, 4))
+            v = int(r3[0, 0, 0])
+            z, y, x = v // 10000, v % 10000 // 100, v % 100
+            window = (slice(z, z + r3.shape[0]), slice(y, y + 8), slice(x, x + 4))
+            np.testing.assert_array_equal(r3, raw[window])
+            np.testing.assert_array_equal(l.reshape(r3.shape), lab[window])
+    rb, lb = s3.batch(3)
+    assert rb.shape == (3, 2, 8, 4) and lb.shape == (3, 2, 8, 4)
+
+
+def test_patch_from_2d_volume():
+    raw = _position_raw((1, 12, 12))[0]
+    lab = np.ones((12, 12), np.uint8)
+    s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (4, 6), dims=2)
+    r, l = s.sample()
+    assert r.shape == (4, 6) and l.shape == (4, 6)
+    y, x = int(r[0, 0]) // 100, int(r[0, 0]) % 100
+    np.testing.assert_array_equal(r, raw[y:y + 4, x:x + 6])
+
+
+def test_patch_always_contains_object():
+    raw = np.zeros((1, 40, 40), np.float32)
+    lab = np.zeros((1, 40, 40), np.uint8)
+    lab[0, 18:21, 18:21] = 5  # ~9% of random 8x8 patches hit it
+    s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (8, 8), dims=2,
+                          rng=np.random.default_rng(0))
+    for _ in range(30):
+        assert (s.sample()[1] == 5).any()
+    # without the requirement, empty patches do occur
+    assert any(not s.sample(require_object=False)[1].any() for _ in range(30))
+
+
+def test_patch_without_objects_raises():
+    vol = data.TrainingVolume("v", np.zeros((10, 10), np.float32), np.zeros((10, 10), np.uint8))
+    s = data.PatchSampler([vol], (4, 4), dims=2)
+    with pytest.raises(SpocoInputError, match="no annotated object found"):
+        s.sample()
+
+
+def test_patch_respects_z_range():
+    shape = (10, 6, 6)
+    raw = _position_raw(shape)
+    lab = np.ones(shape, np.uint8)
+    vol = data.TrainingVolume("v", raw, lab, z_range=(3, 6))
+    zs = set()
+    s = data.PatchSampler([vol], (2, 4, 4), dims=3, rng=np.random.default_rng(0))
+    for _ in range(40):
+        r, _ = s.sample()
+        z = r[:, 0, 0].astype(int) // 10000
+        assert 3 <= z.min() and z.max() < 6
+        zs.add(int(z[0]))
+    assert zs == {3, 4}
+    s2 = data.PatchSampler([vol], (6, 6), dims=2, rng=np.random.default_rng(0))
+    assert {int(s2.sample()[0][0, 0]) // 10000 for _ in range(40)} == {3, 4, 5}
+
+
+def test_patch_keep_ids():
+    lab = np.zeros((1, 16, 16), np.uint16)
+    lab[0, :8, :8], lab[0, :8, 8:], lab[0, 8:, :8], lab[0, 8:, 8:] = 1, 2, 3, 4
+    raw = _position_raw(lab.shape)
+    vol = data.TrainingVolume("v", raw, lab, keep_ids=np.array([2, 4]))
+    s = data.PatchSampler([vol], (6, 6), dims=2, rng=np.random.default_rng(0))
+    for _ in range(20):
+        r, l = s.sample()
+        y, x = int(r[0, 0]) // 100, int(r[0, 0]) % 100
+        orig = lab[0, y:y + 6, x:x + 6].astype(np.int64)
+        expected = np.where(np.isin(orig, [2, 4]), orig, 0)
+        np.testing.assert_array_equal(l, expected)
+        assert np.isin(l, [2, 4]).any()  # the object requirement counts kept objects only
+    # patches that hold only non-kept objects are never returned
+    vol1 = data.TrainingVolume("v", raw, lab, keep_ids=np.array([1]))
+    s1 = data.PatchSampler([vol1], (4, 4), dims=2, rng=np.random.default_rng(0))
+    for _ in range(10):
+        assert set(np.unique(s1.sample()[1])) <= {0, 1} and (s1.sample()[1] == 1).any()
+
+
+def test_patch_downsample_2d_model():
+    shape = (3, 24, 24)
+    raw = _position_raw(shape)
+    lab = np.random.default_rng(0).integers(1, 50, shape).astype(np.uint32)
+    s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (4, 5), dims=2, downsample=(1, 2, 2),
+                          rng=np.random.default_rng(2))
+    assert s.read_shape == (1, 8, 10)
+    for _ in range(10):
+        r, l = s.sample()
+        assert r.shape == (4, 5) and l.shape == (4, 5)
+        # the block mean of a linear ramp is its value at the block centre (+0.5, +0.5)
+        rem = float(r[0, 0])
+        z = int(rem // 10000)
+        rem = rem - 10000 * z - 50.5
+        y, x = int(round(rem)) // 100, int(round(rem)) % 100
+        win = raw[z, y:y + 8, x:x + 10]
+        np.testing.assert_allclose(r, win.reshape(4, 2, 5, 2).mean(axis=(1, 3)), rtol=0, atol=1e-3)
+        np.testing.assert_array_equal(l, lab[z, y + 1:y + 8:2, x + 1:x + 10:2])
+
+
+def test_patch_downsample_3d_model():
+    shape = (8, 12, 12)
+    raw = _position_raw(shape)
+    lab = np.random.default_rng(0).integers(1, 50, shape).astype(np.uint32)
+    s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (2, 3, 3), dims=3,
+                          downsample=(2, 2, 2), rng=np.random.default_rng(0))
+    assert s.read_shape == (4, 6, 6)
+    r, l = s.sample()
+    assert r.shape == (2, 3, 3) and l.shape == (2, 3, 3)
+    v = float(r[0, 0, 0]) - 5050.5
+    z, y, x = int(round(v)) // 10000, int(round(v)) % 10000 // 100, int(round(v)) % 100
+    win = raw[z:z + 4, y:y + 6, x:x + 6]
+    np.testing.assert_allclose(r, win.reshape(2, 2, 3, 2, 3, 2).mean(axis=(1, 3, 5)), atol=1e-2)
+    np.testing.assert_array_equal(l, lab[z + 1:z + 4:2, y + 1:y + 6:2, x + 1:x + 6:2])
+
+
+def test_patch_bigger_than_volume():
+    vol = data.TrainingVolume("myvol", np.zeros((4, 10, 10), np.float32), np.ones((4, 10, 10), np.uint8))
+    with pytest.raises(SpocoInputError, match="bigger than volume myvol"):
+        data.PatchSampler([vol], (5, 8, 8), dims=3)
+    with pytest.raises(SpocoInputError, match="bigger than volume"):
+        data.PatchSampler([vol], (12, 8), dims=2)
+    with pytest.raises(SpocoInputError, match=r"\(1, 12, 12\) voxels"):
+        data.PatchSampler([vol], (6, 6), dims=2, downsample=(1, 2, 2))
+    data.PatchSampler([vol], (5, 5), dims=2, downsample=(1, 2, 2))  # exactly fits
+    vol.z_range = (0, 2)
+    with pytest.raises(SpocoInputError, match="bigger than volume"):
+        data.PatchSampler([vol], (3, 4, 4), dims=3)
+    with pytest.raises(SpocoInputError, match="needs 3 values"):
+        data.PatchSampler([vol], (4, 4), dims=3)
+
+
+def test_downsample_helpers():
+    raw = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
+    out = data.downsample_raw(raw, (2, 3))
+    assert out.shape == (2, 2)
+    np.testing.assert_allclose(out, [[raw[0:2, 0:3].mean(), raw[0:2, 3:6].mean()],
+                                     [raw[2:4, 0:3].mean(), raw[2:4, 3:6].mean()]])
+    assert data.downsample_raw(raw, (1, 1)) is raw
+    lab = np.arange(5 * 7).reshape(5, 7)
+    np.testing.assert_array_equal(data.downsample_labels(lab, (2, 3)), [[8, 11], [22, 25]])
+    assert data.downsample_labels(lab, (1, 1)) is lab
+
+
+# ------------------------------------------------------------------------ transforms
+
+def _dihedral(a):
+    """All flips of every axis combined with the in-plane rotations of a patch."""
+    out = []
+    for flips in itertools.product([False, True], repeat=a.ndim):
+        f = a
+        for ax, fl in enumerate(flips):
+            if fl:
+                f = np.flip(f, ax)
+        for k in range(4):
+            out.append(np.rot90(f, k, axes=(-2, -1)))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 6), (3, 5, 5), (2, 4, 6)])
+def test_augment_geometry_same_for_raw_and_labels(shape):
+    raw = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    labels = raw.astype(np.int64) + 7
+    seen = set()
+    for seed in range(48):
+        r, l = transforms.augment_geometry(raw, labels, np.random.default_rng(seed))
+        assert r.shape == shape and l.shape == shape  # non-square patches keep their shape
+        assert r.dtype == np.float32 and l.dtype == np.int64
+        assert r.flags.c_contiguous and l.flags.c_contiguous
+        np.testing.assert_array_equal(l, r.astype(np.int64) + 7)  # same geometry for both
+        assert any(np.array_equal(r, d) for d in _dihedral(raw) if d.shape == shape)
+        seen.add(r.tobytes())
+    distinct = {d.tobytes() for d in _dihedral(raw) if d.shape == shape}
+    assert seen == distinct  # every allowed flip/rotation occurs (8 / 4 in 2D, 16 / 8 in 3D)
+
+
+def test_elastic_deform_consistent():
+    lab = np.zeros((32, 32), np.int32)
+    lab[4:20, 4:16], lab[20:30, 8:28] = 1, 2
+    raw = lab.astype(np.float32) * 10
+    r, l = transforms.augment_geometry(raw, lab, np.random.default_rng(0), elastic=True)
+    assert r.shape == l.shape == (32, 32) and l.dtype == np.int32 and r.dtype == np.float32
+    assert set(np.unique(l)) <= {0, 1, 2}  # nearest neighbour: no new label values
+    assert np.mean(r == 10 * l) > 0.85  # raw follows the labels away from borders
+
+
+def test_normalize():
+    raw = np.array([[0, 10], [20, 255]], np.uint8)
+    out = transforms.normalize(raw, {"mean": 10.0, "std": 5.0, "kind": "zscore"})
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.array([[-2, 0], [2, 49]], np.float32))
+    out = transforms.normalize(np.float64(3.0) * np.ones((2, 2)), {"mean": 1.0, "std": 0.5})
+    np.testing.assert_array_equal(out, np.full((2, 2), 4.0, np.float32))
