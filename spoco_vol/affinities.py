@@ -43,12 +43,13 @@ def _pair_slices(shape: Sequence[int], offset: Sequence[int]):
     """Slices (target, source) so that target[i] pairs voxel i with voxel i + offset."""
     tgt, src = [], []
     for n, o in zip(shape, offset):
+        k = min(abs(int(o)), n)  # an offset longer than the axis pairs nothing
         if o >= 0:
-            tgt.append(slice(0, n - o))
-            src.append(slice(o, n))
+            tgt.append(slice(0, n - k))
+            src.append(slice(k, n))
         else:
-            tgt.append(slice(-o, n))
-            src.append(slice(0, n + o))
+            tgt.append(slice(k, n))
+            src.append(slice(0, n - k))
     return tuple(tgt), tuple(src)
 
 

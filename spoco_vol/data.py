@@ -31,12 +31,12 @@ class TrainingVolume:
         return tuple(self.raw.shape) if self.raw.ndim == 3 else (1, *self.raw.shape)
 
 
-def iter_slabs(arr, step: int | None = None):
+def iter_slabs(arr, step: int | None = None, z_range: tuple[int, int] | None = None):
     """Yield (slice, block) over the first axis in chunk-sized slabs: bounded memory."""
-    n = arr.shape[0]
+    z0, z1 = z_range or (0, arr.shape[0])
     step = step or (arr.chunks[0] if hasattr(arr, "chunks") else 1)
-    for z in range(0, n, step):
-        yield slice(z, min(n, z + step)), np.asarray(arr[z:z + step])
+    for z in range(z0, z1, step):
+        yield slice(z, min(z1, z + step)), np.asarray(arr[z:min(z1, z + step)])
 
 
 def open_training_volume(raw_path: str, labels_path: str, voxel_size=None,
@@ -61,7 +61,8 @@ def volume_statistics(vol: TrainingVolume) -> dict:
     """
     total, total_sq, count = 0.0, 0.0, 0
     ids, sizes = [], []
-    for sl, raw in iter_slabs(vol.raw):
+    z_range = vol.z_range if vol.raw.ndim == 3 else None
+    for sl, raw in iter_slabs(vol.raw, z_range=z_range):
         io.check_finite(raw, f"raw {vol.name}", f"sections {sl.start}-{sl.stop - 1}")
         raw = raw.astype(np.float64)
         total += raw.sum()

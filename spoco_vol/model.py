@@ -134,6 +134,8 @@ def receptive_halo(model: UNet) -> list[int]:
         convs = 2 if level == len(model.config["features"]) - 1 else 4
         halo = [h + convs * s for h, s in zip(halo, scale)]
         if level < len(model.pool_factors):
+            # max-pooling by f reaches f - 1 further input steps at this scale
+            halo = [h + (f - 1) * s for h, s, f in zip(halo, scale, model.pool_factors[level])]
             scale = [s * f for s, f in zip(scale, model.pool_factors[level])]
     return halo
 
@@ -193,7 +195,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_from_checkpoint(ckpt: dict, state_key: str = "state_dict") -> UNet:
-    model = build_model(ckpt["architecture"])
+    try:
+        model = build_model(ckpt["architecture"])
+    except (TypeError, ValueError) as exc:
+        raise SpocoInputError(f"checkpoint architecture is invalid: {exc}") from None
     try:
         model.load_state_dict(ckpt[state_key])
     except RuntimeError as exc:

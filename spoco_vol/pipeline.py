@@ -64,6 +64,8 @@ def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
     inp = os.path.abspath(io._split_store_path(input_path)[0])
     if out == inp or out.startswith(inp + os.sep):
         raise SpocoInputError(f"output {output} lies inside the input {input_path}")
+    if inp.startswith(out + os.sep):
+        raise SpocoInputError(f"output {output} contains the input {input_path}")
     if os.path.exists(out) and not overwrite:
         raise SpocoInputError(f"output {output} exists (use --overwrite to replace it)")
     parent = os.path.dirname(out) or "."
@@ -80,7 +82,8 @@ def write_ome_zarr_labels(path: str, labels: np.ndarray, voxel_size: Sequence[fl
         shutil.rmtree(tmp)
     axes = ["z", "y", "x"][-labels.ndim:]
     vs = list(voxel_size) if voxel_size else [1.0] * labels.ndim
-    group = zarr.open_group(tmp, mode="w")
+    # OME-Zarr 0.4 is defined on zarr format 2, which every OME-Zarr reader (napari) opens.
+    group = zarr.open_group(tmp, mode="w", zarr_format=2)
     chunks = tuple(min(s, c) for s, c in zip(labels.shape, (1 if labels.ndim == 3 else 512, 512, 512)[-labels.ndim:]))
     group.create_array("0", data=labels, chunks=chunks)
     group.attrs["multiscales"] = [{

@@ -78,16 +78,12 @@ def _prepare_volumes(cfg: TrainConfig):
     """Open and check all volumes; split validation; choose the SPOCO@p subset."""
     if len(cfg.raw) != len(cfg.labels) or not cfg.raw:
         raise SpocoInputError("give one --labels for every --raw")
-    train_vols, stats = [], []
+    train_vols = []
     for r, l in zip(cfg.raw, cfg.labels):
         v = data.open_training_volume(r, l, cfg.voxel_size)
         if v.raw.ndim == 2 and cfg.dims == 3:
             raise SpocoInputError(f"a 3D model cannot be trained on the 2D volume {r}")
-        s = data.volume_statistics(v)
-        if len(s["object_ids"]) == 0:
-            raise SpocoInputError(f"labels {l} contain no annotated object (all 0)")
         train_vols.append(v)
-        stats.append(s)
     val_vols = []
     if cfg.val_raw:
         if len(cfg.val_raw) != len(cfg.val_labels):
@@ -95,11 +91,18 @@ def _prepare_volumes(cfg: TrainConfig):
         val_vols = [data.open_training_volume(r, l, cfg.voxel_size) for r, l in zip(cfg.val_raw, cfg.val_labels)]
     elif cfg.val_sections > 0:
         # Hold out the last sections of each 3D volume (thick-section EM: z is the split axis).
-        for v in list(train_vols):
+        for v in train_vols:
             nz = v.shape3d[0]
             if v.raw.ndim == 3 and nz > cfg.val_sections:
                 val_vols.append(dataclasses.replace(v, z_range=(nz - cfg.val_sections, nz)))
                 v.z_range = (0, nz - cfg.val_sections)
+    # Statistics and the SPOCO@p subset come from the training sections only.
+    stats = []
+    for v, l in zip(train_vols, cfg.labels):
+        s = data.volume_statistics(v)
+        if len(s["object_ids"]) == 0:
+            raise SpocoInputError(f"labels {l} contain no annotated object (all 0) in the training sections")
+        stats.append(s)
     # One normalisation for all volumes, stored in the checkpoint, so that every block of
     # every later volume is normalised the same way (per-block statistics would show seams).
     n = sum(s["object_sizes"].size for s in stats)

@@ -91,6 +91,22 @@ def test_known_values():
     np.testing.assert_allclose(a[0, 0], [0.0, 0.25, 0.0, 0.5625])
 
 
+def test_offsets_at_least_twice_the_axis():
+    """|o| >= 2n happens to give two empty slices: all zero (the n < |o| < 2n case is a bug)."""
+    emb = np.zeros((2, 5, 6), np.float32)
+    a = embedding_affinities(emb, [[-27, 0], [0, 30], [10, -12]], 1.0)
+    np.testing.assert_array_equal(a, 0)
+
+
 def test_offset_dimension_mismatch():
     with pytest.raises(ValueError, match="do not fit 2D"):
         embedding_affinities(np.zeros((2, 4, 4), np.float32), [[-1, 0, 0]], 1.0)
+
+
+@pytest.mark.parametrize("offset", [[-7, 0], [0, -8], [8, 0], [0, 9], [-6, 7]])
+def test_offsets_longer_than_the_axis(offset):
+    emb = np.random.default_rng(0).normal(size=(3, 5, 6)).astype(np.float32)
+    a = embedding_affinities(emb, [[-1, 0], offset], 1.0)
+    assert a.shape == (2, 5, 6)
+    np.testing.assert_array_equal(a[1], 0)  # no pair lies inside the array
+    np.testing.assert_allclose(a[0], brute_force(emb, [[-1, 0]], 1.0)[0], rtol=1e-5, atol=1e-6)

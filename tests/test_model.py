@@ -145,9 +145,6 @@ def _measured_extent(net, n=56):
     return worst
 
 
-@pytest.mark.xfail(reason="BUG: receptive_halo ignores the context added by each max-pool "
-                          "(up to (f-1)*scale pixels on one side): (4,8) gives 8, the field of "
-                          "view reaches 9; (4,8,16) gives 20, it reaches 23", strict=True)
 @pytest.mark.parametrize("features", [(4, 8), (4, 8, 16)])
 def test_receptive_halo_covers_field_of_view(features):
     torch.manual_seed(0)
@@ -298,9 +295,6 @@ def test_weights_do_not_fit_architecture(tmp_path):
         model_from_checkpoint(ckpt)
 
 
-@pytest.mark.xfail(reason="BUG: model_from_checkpoint only turns load_state_dict's RuntimeError "
-                          "into SpocoInputError; an invalid architecture (unknown key, dims=4) "
-                          "escapes as TypeError/ValueError with a traceback", strict=True)
 @pytest.mark.parametrize("change", [{"dims": 4}, {"dims": 3}, {"unknown_option": 1},
                                     {"norm": "layer"}])
 def test_invalid_architecture_is_an_input_error(change):

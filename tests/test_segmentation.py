@@ -1,0 +1,150 @@
+"""Tests for spoco_vol.segmentation: embeddings -> Mutex Watershed -> clean labels."""
+import numpy as np
+import pytest
+
+from spoco_vol.affinities import default_offsets
+from spoco_vol.segmentation import (
+    mutex_watershed, remove_background, remove_small, segment_embeddings, segment_means,
+)
+
+DELTA_D = 1.0
+CENTRES = {0: [0, 0, 0, 0], 1: [3, 0, 0, 0], 2: [0, 3, 0, 0], 3: [0, 0, 3, 0], 4: [0, 0, 0, 3]}
+
+
+def _embed(gt, noise=0.05, seed=0):
+    """Piecewise-constant embeddings (one centre per GT id) plus small Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    emb = np.zeros((4, *gt.shape), np.float32)
+    for k, c in CENTRES.items():
+        emb[:, gt == k] = np.asarray(c, np.float32)[:, None]
+    return emb + rng.normal(0, noise, emb.shape).astype(np.float32)
+
+
+def two_cubes():
+    gt = np.zeros((10, 12, 18), np.uint8)
+    gt[2:8, 2:8, 2:8] = 1
+    gt[2:8, 2:8, 8:14] = 2  # touches cube 1 along x
+    return gt
+
+
+def two_squares():
+    gt = np.zeros((20, 26), np.uint8)
+    gt[4:12, 4:12] = 1
+    gt[4:12, 12:20] = 2    # touches square 1 along x
+    gt[12:18, 6:14] = 3    # touches both from below
+    return gt
+
+
+def offsets(ndim):
+    """Distances that fit the small test arrays (the defaults are tested separately)."""
+    return default_offsets(ndim, distances=(3, 9))
+
+
+def one_to_one(gt, pred):
+    """Each GT region is exactly one predicted id, and different regions different ids."""
+    mapping = {}
+    for k in np.unique(gt):
+        ids = np.unique(pred[gt == k])
+        assert len(ids) == 1, f"GT region {k} split into {ids}"
+        mapping[int(k)] = int(ids[0])
+    assert len(set(mapping.values())) == len(mapping), f"regions merged: {mapping}"
+    return mapping
+
+
+def assert_consecutive(labels):
+    ids = set(np.unique(labels).tolist()) - {0}
+    assert ids == set(range(1, len(ids) + 1))
+
+
+@pytest.mark.parametrize("case, strides", [("3d", None), ("3d", [2, 2, 2]), ("2d", None),
+                                           ("2d", [2, 2])])
+def test_segment_touching_objects(case, strides):
+    gt = two_cubes() if case == "3d" else two_squares()
+    offs = offsets(gt.ndim)
+    labels = segment_embeddings(_embed(gt), offs, DELTA_D, strides=strides)
+    assert labels.shape == gt.shape and labels.dtype == np.uint64
+    mapping = one_to_one(gt, labels)
+    assert sorted(mapping.values()) == list(range(1, len(mapping) + 1))  # background is a segment too
+    assert 0 not in mapping.values()
+    assert_consecutive(labels)
+
+
+@pytest.mark.parametrize("case", ["3d", "2d"])
+def test_segment_is_deterministic_with_strides(case):
+    gt = two_cubes() if case == "3d" else two_squares()
+    emb = _embed(gt, noise=0.3, seed=1)  # noisy enough for ties and specks to matter
+    offs = offsets(gt.ndim)
+    strides = [3] * gt.ndim
+    a = segment_embeddings(emb, offs, DELTA_D, strides=strides)
+    b = segment_embeddings(emb.copy(), offs, DELTA_D, strides=strides)
+    np.testing.assert_array_equal(a, b)
+    assert_consecutive(a)
+
+
+@pytest.mark.parametrize("case", ["3d", "2d"])
+def test_background_embedding_removes_background_only(case):
+    gt = two_cubes() if case == "3d" else two_squares()
+    emb = _embed(gt)
+    labels = segment_embeddings(emb, offsets(gt.ndim), DELTA_D, strides=[2] * gt.ndim,
+                                background_embedding=CENTRES[0])
+    assert (labels[gt == 0] == 0).all()
+    assert (labels[gt > 0] > 0).all()
+    mapping = one_to_one(gt, labels)
+    n = int(gt.max())
+    assert mapping[0] == 0 and sorted(mapping[k] for k in range(1, n + 1)) == list(range(1, n + 1))
+    # a background embedding near no segment removes nothing
+    kept = segment_embeddings(emb, offsets(gt.ndim), DELTA_D, strides=[2] * gt.ndim,
+                              background_embedding=[-5, -5, -5, -5])
+    assert (kept > 0).all() and kept.max() == n + 1
+
+
+def test_remove_small_in_segment_embeddings():
+    gt = two_squares()
+    gt[0:2, 22:24] = 4  # a 4-pixel object
+    emb = _embed(gt)
+    offs = offsets(2)
+    labels = segment_embeddings(emb, offs, DELTA_D, min_size=4)
+    assert len(np.unique(labels)) == 5 and labels.max() == 5
+    one_to_one(gt, labels)
+    labels = segment_embeddings(emb, offs, DELTA_D, min_size=5)
+    assert (labels[gt == 4] == 0).all()
+    assert labels.max() == 4 and (labels[gt != 4] > 0).all()
+    assert_consecutive(labels)
+    one_to_one(gt[gt != 4], labels[gt != 4])
+
+
+def test_remove_small_and_background_helpers():
+    lab = np.array([[1, 1, 1, 2], [3, 3, 0, 2], [5, 5, 5, 5]], np.uint64)
+    np.testing.assert_array_equal(remove_small(lab, 3), [[1, 1, 1, 0], [0, 0, 0, 0], [5, 5, 5, 5]])
+    assert remove_small(lab, 1) is lab
+    np.testing.assert_array_equal(lab[0], [1, 1, 1, 2])  # input untouched
+    emb = np.stack([lab.astype(np.float32), np.zeros(lab.shape, np.float32)])
+    ids, means = segment_means(lab, emb)
+    np.testing.assert_array_equal(ids, [0, 1, 2, 3, 5])
+    np.testing.assert_allclose(means, [[0, 0], [1, 0], [2, 0], [3, 0], [5, 0]])
+    out = remove_background(lab, emb, [2.2, 0.0], radius=1.0)  # segments 2 and 3 are close
+    np.testing.assert_array_equal(out, [[1, 1, 1, 0], [0, 0, 0, 0], [5, 5, 5, 5]])
+    assert remove_background(lab, emb, None, radius=1.0) is lab
+
+
+def test_mutex_watershed_convention():
+    """w = 1 means 'same object' on every channel (the function inverts the mutex ones)."""
+    offs = default_offsets(2, distances=(3,))
+    affs = np.ones((len(offs), 6, 6), np.float32)
+    lab = mutex_watershed(affs, offs)
+    assert lab.shape == (6, 6) and len(np.unique(lab)) == 1  # all the same: one object
+    # cut between columns 2 and 3: no attraction across, strong repulsion across
+    gt = np.zeros((6, 6), int)
+    gt[:, 3:] = 1
+    for c, o in enumerate(offs):
+        shifted = np.roll(gt, -o[1], axis=1) if o[1] else gt
+        affs[c] = (shifted == gt).astype(np.float32)
+    one_to_one(gt, mutex_watershed(affs, offs))
+
+
+@pytest.mark.parametrize("case", ["3d", "2d"])
+def test_default_offsets_on_arrays_smaller_than_27(case):
+    gt = two_cubes() if case == "3d" else two_squares()  # every axis < 27
+    labels = segment_embeddings(_embed(gt), default_offsets(gt.ndim), DELTA_D,
+                                strides=[2] * gt.ndim)
+    one_to_one(gt, labels)
