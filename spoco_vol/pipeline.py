@@ -133,6 +133,7 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
         t = time.perf_counter()
         lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
                                  background_embedding=inf.get("background_embedding"),
+                                 background_radius=inf.get("background_radius"),
                                  min_size=inf.get("min_size", 0))
         # Per-section objects get ids unique over the volume.
         lab[lab > 0] += np.uint64(next_id)

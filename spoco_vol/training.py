@@ -187,32 +187,44 @@ def _validate(net, loss_fn, patches, device, amp):
     return total / len(patches)
 
 
-def estimate_background_embedding(net, patches, device, amp, delta_d: float):
-    """The embedding of the dominant unlabeled class (background), for inference.
+def calibrate_background(net, patches, device, amp, delta_v: float, delta_d: float) -> dict:
+    """The background embedding and the pixel radius around it, for inference.
 
-    Starts at the median of the label-0 pixels' embeddings and moves to the mean of the
-    pixels within delta_d (a few mean-shift steps), so a minority of unannotated objects
-    in the unlabeled region does not pull it off. Returns None when there is no label 0.
+    The embedding is the mode of the label-0 pixels' embeddings: start at their median,
+    then a few mean-shift steps over the pixels within delta_d, so that a minority of
+    unannotated objects in the unlabeled region does not pull it off. The radius is the
+    one that best separates annotated-object pixels from label-0 pixels on the held-out
+    patches (balanced accuracy), searched between delta_v and 2*delta_d: a model
+    trained to convergence puts it near delta_d, a shorter training further out.
+    Returns {} when the patches have no label 0 (dense labels: no background).
     """
-    embs = []
+    fg, bg = [], []
     net.eval()
     with torch.no_grad():
         for raw, lab in patches:
             with autocast_context(device, amp):
                 e = net(_to_batch(raw[None], device)).float()[0]
-            e = e.reshape(e.shape[0], -1)[:, torch.from_numpy(lab.reshape(-1) == 0).to(device)]
-            embs.append(e.T.cpu())
+            e = e.reshape(e.shape[0], -1).T.cpu()
+            flat = torch.from_numpy(lab.reshape(-1))
+            bg.append(e[flat == 0])
+            fg.append(e[flat != 0])
     net.train()
-    if not embs or sum(e.shape[0] for e in embs) == 0:
-        return None
-    x = torch.cat(embs)
-    center = x.median(dim=0).values
+    bg, fg = torch.cat(bg), torch.cat(fg)
+    if len(bg) == 0:
+        return {}
+    center = bg.median(dim=0).values
     for _ in range(10):
-        near = x[(x - center).norm(dim=1) < delta_d]
+        near = bg[(bg - center).norm(dim=1) < delta_d]
         if len(near) == 0:
             break
         center = near.mean(dim=0)
-    return [float(v) for v in center]
+    radius = delta_d
+    if len(fg):
+        d_bg, d_fg = (bg - center).norm(dim=1), (fg - center).norm(dim=1)
+        grid = torch.linspace(delta_v, 2 * delta_d, 57)
+        score = torch.stack([(d_fg >= r).float().mean() + (d_bg < r).float().mean() for r in grid])
+        radius = float(grid[int(score.argmax())])
+    return {"background_embedding": [float(v) for v in center], "background_radius": radius}
 
 
 def _rng_state(rng: np.random.Generator, gen: torch.Generator) -> dict:
@@ -329,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
                               "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size}}
         inference = {"downsample": ds,
                      "min_size": max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4)),
-                     "background_embedding": background}
+                     **(background or {})}
         ck = model_mod.make_checkpoint(
             net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
             voxel_size=_model_voxel_size(cfg, info["voxel_size"]),
@@ -406,15 +418,15 @@ def train(cfg: TrainConfig) -> dict:
     if stopping:
         return {"stopped_at": it, "iterations": cfg.iterations, "resume_with": "--resume"}
 
-    # Inference needs to know which embedding means "background": measure it once.
+    # Inference needs to know which embeddings mean "background": measure it once per model.
     bg_patches = val_patches or _validation_patches(train_vols, cfg, normalization, cfg.seed)
-    background = estimate_background_embedding(net, bg_patches, device, cfg.amp, cfg.delta_d)
+    background = calibrate_background(net, bg_patches, device, cfg.amp, cfg.delta_v, cfg.delta_d)
     best_path = os.path.join(cfg.out, "best.pt")
     if os.path.exists(best_path):
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         best_net = model_mod.model_from_checkpoint(best).to(device)
-        best["inference"]["background_embedding"] = estimate_background_embedding(
-            best_net, bg_patches, device, cfg.amp, cfg.delta_d)
+        best["inference"].update(calibrate_background(best_net, bg_patches, device, cfg.amp,
+                                                      cfg.delta_v, cfg.delta_d))
         model_mod.save_checkpoint(best, best_path)
     model_mod.save_checkpoint(checkpoint(cfg.iterations, True, background), os.path.join(cfg.out, "latest.pt"))
     _plot_log(log_path, os.path.join(cfg.out, "loss.png"))
