@@ -391,7 +391,8 @@ def train(cfg: TrainConfig) -> dict:
         for k, v in vals.items():
             running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
         val_loss = None
-        if it % cfg.val_every == 0 or it == cfg.iterations:
+        checkpoint_due = it % cfg.val_every == 0 or it == cfg.iterations
+        if checkpoint_due:
             val_loss = _validate(net, val_loss_fn, val_patches, device, cfg.amp)
             if cfg.schedule == "plateau" and val_loss is not None:
                 sched.step(val_loss)
@@ -405,9 +406,10 @@ def train(cfg: TrainConfig) -> dict:
             log_f.flush()
             model_mod.save_checkpoint(checkpoint(it, True), os.path.join(cfg.out, "latest.pt"))
             break
-        if val_loss is not None:
+        if checkpoint_due:
             t_save = time.perf_counter()
-            if val_loss < best_val or not val_patches:
+            # Without held-out data the newest model is the best one we can name.
+            if val_loss is None or val_loss < best_val:
                 best_val = val_loss if val_loss is not None else best_val
                 model_mod.save_checkpoint(checkpoint(it, False), os.path.join(cfg.out, "best.pt"))
             log_f.flush()

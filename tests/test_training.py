@@ -130,3 +130,17 @@ def test_non_empty_out_needs_overwrite(blob_volume, tmp_path):
     r = CliRunner().invoke(cli, train_args(raw, labels, str(out), "--iterations", "1"))
     assert r.exit_code == 2 and "--overwrite" in r.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_training_without_validation_data_still_checkpoints(tmp_path):
+    """A single 2D image has no sections to hold out: best.pt is then the newest model."""
+    from conftest import synthetic_blobs
+    raw, labels = synthetic_blobs(shape=(1, 64, 64), n=8)
+    path = str(tmp_path / "img.zarr")
+    io.create_array(path + "/raw", raw[0])
+    io.create_array(path + "/labels", labels[0])
+    out = str(tmp_path / "run")
+    r = run(train_args(path + "/raw", path + "/labels", out, "--iterations", "4"))
+    assert r.exit_code == 0, r.output
+    assert os.path.isfile(out + "/best.pt") and os.path.isfile(out + "/latest.pt")
+    assert not any(row["val_loss"] for row in csv.DictReader(open(out + "/log.csv")))
