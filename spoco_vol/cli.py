@@ -87,7 +87,9 @@ def cli():
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4, or 2e-5 with --init].")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine", show_default=True)
 @click.option("--features", type=INTS, default="16,32,64,128", show_default=True, help="U-Net features per level.")
-@click.option("--norm", type=click.Choice(["group", "batch"]), default="group", show_default=True)
+@click.option("--norm", type=click.Choice(["group", "batch"]), default="batch", show_default=True,
+              help="batch: at inference a fixed per-channel map, so a voxel's embedding does not depend on "
+                   "the block around it (blockwise = whole volume); group: statistics of each tile.")
 @click.option("--pool-factors", type=INTS, default=None,
               help="Per-level pooling factors, flattened, e.g. 1,2,2,1,2,2,2,2,2 for 3 poolings in 3D "
                    "[default: 2 on every axis].")

@@ -63,7 +63,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, dims: int = 2, in_channels: int = 1, embedding_dim: int = 16,
-                 features: Sequence[int] = (16, 32, 64, 128), norm: str = "group",
+                 features: Sequence[int] = (16, 32, 64, 128), norm: str = "batch",
                  num_groups: int = 8, pool_factors: Sequence[Sequence[int]] | None = None):
         super().__init__()
         if dims not in (2, 3):

@@ -73,19 +73,10 @@ def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
         raise SpocoInputError(f"cannot write output {output}: {parent} is not a writable directory")
 
 
-def write_ome_zarr_labels(path: str, labels: np.ndarray, voxel_size: Sequence[float] | None,
-                          attrs: dict, overwrite: bool) -> None:
-    """OME-Zarr image group with dataset "0"; written beside, then moved into place, so a
-    crash never leaves a half-written output and an old output survives until the end."""
-    tmp = path.rstrip(os.sep) + f".tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    axes = ["z", "y", "x"][-labels.ndim:]
-    vs = list(voxel_size) if voxel_size else [1.0] * labels.ndim
-    # OME-Zarr 0.4 is defined on zarr format 2, which every OME-Zarr reader (napari) opens.
-    group = zarr.open_group(tmp, mode="w", zarr_format=2)
-    chunks = tuple(min(s, c) for s, c in zip(labels.shape, (1 if labels.ndim == 3 else 512, 512, 512)[-labels.ndim:]))
-    group.create_array("0", data=labels, chunks=chunks)
+def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float] | None, attrs: dict) -> None:
+    """OME-Zarr 0.4 multiscales (one level, dataset "0") plus our run report."""
+    axes = ["z", "y", "x"][-ndim:]
+    vs = list(voxel_size) if voxel_size else [1.0] * ndim
     group.attrs["multiscales"] = [{
         "version": "0.4",
         "name": "labels",
@@ -93,6 +84,20 @@ def write_ome_zarr_labels(path: str, labels: np.ndarray, voxel_size: Sequence[fl
         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": vs}]}],
     }]
     group.attrs["spoco_vol"] = attrs
+
+
+def write_ome_zarr_labels(path: str, labels: np.ndarray, voxel_size: Sequence[float] | None,
+                          attrs: dict, overwrite: bool) -> None:
+    """OME-Zarr image group with dataset "0"; written beside, then moved into place, so a
+    crash never leaves a half-written output and an old output survives until the end."""
+    tmp = path.rstrip(os.sep) + f".tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    # OME-Zarr 0.4 is defined on zarr format 2, which every OME-Zarr reader (napari) opens.
+    group = zarr.open_group(tmp, mode="w", zarr_format=2)
+    chunks = tuple(min(s, c) for s, c in zip(labels.shape, (1 if labels.ndim == 3 else 512, 512, 512)[-labels.ndim:]))
+    group.create_array("0", data=labels, chunks=chunks)
+    write_ome_metadata(group, labels.ndim, voxel_size, attrs)
     if os.path.exists(path):
         if not overwrite:
             shutil.rmtree(tmp)
@@ -102,8 +107,13 @@ def write_ome_zarr_labels(path: str, labels: np.ndarray, voxel_size: Sequence[fl
 
 
 def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
-                  strides: Sequence[int] | None = None, timings: dict | None = None) -> np.ndarray:
-    """Segment an in-memory 2D/3D array with a checkpoint; labels on the input grid."""
+                  strides: Sequence[int] | None = None, timings: dict | None = None,
+                  net=None, keep_embeddings: bool = False):
+    """Segment an in-memory 2D/3D array with a checkpoint; labels on the input grid.
+
+    With ``keep_embeddings`` also returns the embeddings on the model grid,
+    (E, *model-grid shape), for callers that need affinities at block faces.
+    """
     timings = timings if timings is not None else {}
     arch = ckpt["architecture"]
     dims = arch["dims"]
@@ -118,18 +128,21 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     small = resample_raw(raw.astype(np.float32), scale)
     image = transforms.normalize(small, ckpt["normalization"])
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t
-    net = model_mod.model_from_checkpoint(ckpt)
+    net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
     dev = resolve_device(device)
     inf = ckpt.get("inference", {})
     offsets = inf.get("offsets") or default_offsets(dims)
     strides = strides or inf.get("strides") or [2] * dims
     sections = [image] if dims == raw.ndim else list(image)  # a 2D model segments per section
     out = np.zeros(image.shape, dtype=np.uint64)
+    embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32) if keep_embeddings else None
     next_id = 0
     for z, sec in enumerate(sections):
         t = time.perf_counter()
         emb = predict_embeddings(net, sec, device=dev)
         timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
+        if keep_embeddings:
+            embeddings[(slice(None),) + ((z,) if dims < raw.ndim else ())] = emb
         t = time.perf_counter()
         lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
                                  background_embedding=inf.get("background_embedding"),
@@ -143,7 +156,8 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
         else:
             out[z] = lab
         timings["segment"] = timings.get("segment", 0) + time.perf_counter() - t
-    return restore_labels(out, raw.shape)
+    labels = restore_labels(out, raw.shape)
+    return (labels, embeddings) if keep_embeddings else labels
 
 
 def segment_volume(input_path: str, output: str | None = None, model: str | None = None, *,

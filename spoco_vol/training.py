@@ -43,7 +43,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     schedule: str = "cosine"               # or "plateau"
     features: Sequence[int] = (16, 32, 64, 128)
-    norm: str = "group"
+    norm: str = "batch"                   # eval-mode BatchNorm is local: blocks agree exactly
     pool_factors: Sequence[Sequence[int]] | None = None
     embedding_dim: int = 16
     delta_v: float = 0.5

@@ -89,13 +89,13 @@ def test_bad_arguments():
 
 def test_group_norm_group_count():
     # 6 channels with 4 groups requested -> falls back to 3; 12 channels -> 4 groups.
-    net = UNet(dims=2, features=(6, 12), num_groups=4, embedding_dim=2)
+    net = UNet(dims=2, features=(6, 12), num_groups=4, embedding_dim=2, norm="group")
     gns = _norms(net, nn.GroupNorm)
     assert gns and not _norms(net, nn.BatchNorm2d)
     groups = {(g.num_channels, g.num_groups) for g in gns}
     assert groups == {(6, 3), (12, 4)}
     # fewer channels than groups -> one group per channel
-    net = UNet(dims=2, features=(2, 4), num_groups=8)
+    net = UNet(dims=2, features=(2, 4), num_groups=8, norm="group")
     assert {(g.num_channels, g.num_groups) for g in _norms(net, nn.GroupNorm)} == {(2, 2), (4, 4)}
 
 

@@ -1,0 +1,67 @@
+"""The block grid of a blockwise run: each block's write ROI (its core) and read ROI
+(core plus halo, clipped to the volume), daisy-style. Pure geometry, no I/O."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import SpocoInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    index: tuple[int, ...]          # position in the grid
+    linear: int                     # C-order number of the block, the base of its id range
+    core: tuple[slice, ...]         # write ROI, volume coordinates
+    read: tuple[slice, ...]         # read ROI = core + halo, clipped to the volume
+
+    @property
+    def core_in_read(self) -> tuple[slice, ...]:
+        """Where the core lies inside the read ROI's array."""
+        return tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(self.core, self.read))
+
+    @property
+    def core_shape(self) -> tuple[int, ...]:
+        return tuple(c.stop - c.start for c in self.core)
+
+
+class BlockGrid:
+    """Blocks of ``block_shape`` tiling ``shape``; the last block along an axis may be smaller."""
+
+    def __init__(self, shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int]):
+        self.shape = tuple(int(s) for s in shape)
+        self.block_shape = tuple(int(b) for b in block_shape)
+        self.halo = tuple(int(h) for h in halo)
+        if not (len(self.shape) == len(self.block_shape) == len(self.halo)):
+            raise SpocoInputError(f"block shape {self.block_shape} and halo {self.halo} need "
+                                  f"{len(self.shape)} values for a {len(self.shape)}D volume")
+        if any(b < 1 for b in self.block_shape) or any(h < 0 for h in self.halo):
+            raise SpocoInputError("block shape must be positive and halo non-negative")
+        self.grid_shape = tuple(-(-s // b) for s, b in zip(self.shape, self.block_shape))
+
+    def __len__(self) -> int:
+        return int(np.prod(self.grid_shape))
+
+    def block(self, index: Sequence[int]) -> Block:
+        index = tuple(int(i) for i in index)
+        core = tuple(slice(i * b, min((i + 1) * b, s)) for i, b, s in zip(index, self.block_shape, self.shape))
+        read = tuple(slice(max(c.start - h, 0), min(c.stop + h, s)) for c, h, s in zip(core, self.halo, self.shape))
+        linear = int(np.ravel_multi_index(index, self.grid_shape))
+        return Block(index, linear, core, read)
+
+    def __iter__(self) -> Iterator[Block]:
+        for index in itertools.product(*(range(g) for g in self.grid_shape)):
+            yield self.block(index)
+
+    def faces(self, axes: Sequence[int] | None = None) -> Iterator[tuple[Block, Block, int]]:
+        """Each pair of face-adjacent blocks once, as (lower, upper, axis)."""
+        axes = range(len(self.shape)) if axes is None else axes
+        for block in self:
+            for a in axes:
+                if block.index[a] + 1 < self.grid_shape[a]:
+                    nxt = list(block.index)
+                    nxt[a] += 1
+                    yield block, self.block(nxt), a
