@@ -19,10 +19,11 @@ import shutil
 import time
 from typing import Sequence
 
+import dask
 import numpy as np
 import zarr
 
-from . import io, model as model_mod
+from . import __version__, io, model as model_mod
 from .affinities import default_offsets
 from .blocks import Block, BlockGrid
 from .errors import SpocoInputError
@@ -177,12 +178,25 @@ def relabel_one_block(block: Block, table: np.ndarray, *, work: str, grid: Block
 
 # ----------------------------------------------------------------------------- driver
 
+def _compute(tasks: list, client) -> list:
+    """Run delayed tasks on the cluster (retrying a lost worker's tasks), or in-process."""
+    if not tasks:
+        return []
+    if client is None:
+        return list(dask.compute(*tasks, scheduler="synchronous"))
+    return client.gather(client.compute(tasks, retries=2))
+
+
 def segment_blockwise(input_path: str, output: str | None = None, model: str | None = None, *,
                       block_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
                       mask: str | None = None, voxel_size: Sequence[float] | None = None,
                       workers: int = 1, device: str = "auto", overwrite: bool = False,
                       stitch: bool = True, client=None, command: str = "") -> dict:
-    """Segment a zarr volume block by block on a dask cluster; returns a report dict."""
+    """Segment a zarr volume block by block on a dask cluster; returns a report dict.
+
+    ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
+    processes is started, or with ``workers=0`` everything runs in this process.
+    """
     t_start = time.perf_counter()
     arr = io.open_volume(input_path)
     io.validate_volume(arr, f"input {input_path}")
@@ -204,7 +218,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         if tuple(m.shape) != tuple(arr.shape):
             raise SpocoInputError(f"mask shape {tuple(m.shape)} differs from the input's {tuple(arr.shape)}")
     spatial_axes = list(range(arr.ndim - dims, arr.ndim))
-    scale = model_scale(vs, ckpt.get("voxel_size"), spatial_axes)
+    scale = model_scale(vs, ckpt.get("voxel_size"), spatial_axes, arr.ndim)
     needed = required_halo(ckpt, arr.ndim, scale)
     halo = list(halo) if halo is not None else needed
     block_shape = list(block_shape) if block_shape is not None else default_block_shape(arr.shape, dims)
@@ -234,38 +248,42 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
     group.create_array("0", shape=arr.shape, dtype=out_dtype, chunks=tuple(block_shape), fill_value=0)
 
-    own_client = client is None
-    if own_client:
-        from distributed import Client, LocalCluster
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        client = Client(cluster)
     try:
-        blocks = list(grid)
-        common = dict(input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
-                      voxel_size=vs, device=device, depth=depth, stitch_axes=stitch_axes,
-                      mask_path=os.path.abspath(mask) if mask else None)
-        t = time.perf_counter()
-        results = client.gather(client.map(functools.partial(segment_block, **common), blocks,
-                                           pure=False, retries=2))
-        wall_segment = time.perf_counter() - t
-        results.sort(key=lambda r: r["block"])
-        t = time.perf_counter()
-        pairs = list(grid.faces(stitch_axes))
-        edge_lists = client.gather(client.map(
-            lambda p: stitch_block_pair(*p, work=work, depth=depth), pairs, pure=False, retries=2)) if pairs else []
-        edges = np.concatenate(edge_lists) if edge_lists else np.zeros((0, 2), np.uint64)
-        tables = merge_table([r["objects"] for r in results], block_shape, edges)
-        wall_stitch = time.perf_counter() - t
-        t = time.perf_counter()
-        relabel_times = client.gather(client.map(
-            lambda bt: relabel_one_block(bt[0], bt[1], work=work, grid=grid, dtype=out_dtype),
-            list(zip(blocks, tables)), pure=False, retries=2))
-        wall_relabel = time.perf_counter() - t
-    finally:
-        if own_client:
-            client.close()
-            cluster.close()
+        own_cluster = None
+        if client is None and workers > 0:
+            from distributed import Client, LocalCluster
+            own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+            client = Client(own_cluster)
+        try:
+            blocks = list(grid)
+            common = dict(input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
+                          voxel_size=vs, device=device, depth=depth, stitch_axes=stitch_axes,
+                          mask_path=os.path.abspath(mask) if mask else None)
+            t = time.perf_counter()
+            results = _compute([dask.delayed(segment_block, pure=False)(b, **common) for b in blocks], client)
+            wall_segment = time.perf_counter() - t
+            results.sort(key=lambda r: r["block"])
+            t = time.perf_counter()
+            pairs = list(grid.faces(stitch_axes))
+            edge_lists = _compute([dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
+                                   for lo, up, ax in pairs], client)
+            edges = np.concatenate(edge_lists) if edge_lists else np.zeros((0, 2), np.uint64)
+            tables = merge_table([r["objects"] for r in results], block_shape, edges)
+            wall_stitch = time.perf_counter() - t
+            t = time.perf_counter()
+            relabel_times = _compute([dask.delayed(relabel_one_block, pure=False)(b, tab, work=work, grid=grid,
+                                                                                 dtype=out_dtype)
+                                      for b, tab in zip(blocks, tables)], client)
+            wall_relabel = time.perf_counter() - t
+        finally:
+            if own_cluster is not None:
+                client.close()
+                own_cluster.close()
+
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # bad input found inside a block: leave nothing behind
+        raise
 
     n_objects = int(max((int(t.max()) for t in tables if len(t)), default=0))
     work_seconds = dict.fromkeys(STAGES, 0.0)
@@ -275,6 +293,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     work_seconds["relabel"] = float(sum(relabel_times))
     report = {"objects": n_objects, "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
               "model_sha256": model_mod.checkpoint_checksum(ckpt), "command": command,
+              "version": __version__,
               "block_shape": block_shape, "halo": halo, "blocks": len(grid), "merges": int(len(edges)),
               "workers": workers,
               "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),

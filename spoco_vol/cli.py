@@ -5,6 +5,7 @@ import json
 import shlex
 
 import click
+import numpy as np
 
 from .errors import SpocoInputError
 
@@ -149,15 +150,25 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--input", "input_path", required=True, help="Zarr array to segment (vol.zarr or vol.zarr/path).")
 @click.option("--output", default=None, help="OME-Zarr labels to write [default: <input>_labels.zarr].")
 @click.option("--model", default=None, help="Checkpoint [default: the bundled VNC mitochondria model].")
+@click.option("--block-shape", type=INTS, default=None,
+              help="Block (write ROI) shape in input voxels, z,y,x [default: 8,512,512 for 2D models, "
+                   "64,256,256 for 3D].")
+@click.option("--halo", type=INTS, default=None,
+              help="Context per side in input voxels [default: the model's field of view plus the longest offset].")
+@click.option("--mask", default=None, help="Zarr mask of the input's shape; blocks without foreground are skipped.")
 @click.option("--voxel-size", type=FLOATS, default=None,
               help="Input voxel size in nm (z,y,x) [default: from the zarr metadata].")
+@click.option("--workers", type=click.IntRange(0), default=1, show_default=True,
+              help="Dask worker processes on this machine (0: run in this process).")
+@click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def segment(input_path, output, model, voxel_size, device, overwrite):
-    """Segment a zarr volume into objects (OME-Zarr labels, 0 = background)."""
-    from .pipeline import segment_volume
-    report = _run(segment_volume, input_path, output, model, voxel_size=voxel_size, device=device,
-                  overwrite=overwrite, command=_command_line())
+def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, stitch, device, overwrite):
+    """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background)."""
+    from .blockwise import segment_blockwise
+    report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
+                  mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
+                  stitch=stitch, command=_command_line())
     click.echo(_format_report(report))
 
 
@@ -208,11 +219,22 @@ def info(checkpoint):
 
 def _format_report(report: dict) -> str:
     lines = [f"wrote {report['output']}: {report['objects']} objects, shape {tuple(report['shape'])}"]
+    if "blocks" in report:
+        lines.append(f"{report['blocks']} blocks of {tuple(report['block_shape'])}, halo {tuple(report['halo'])}, "
+                     f"{report['merges']} merges across faces, {report.get('workers', 1)} worker(s)")
     total = sum(report["seconds"].values()) or 1.0
-    lines.append(f"{'stage':<10}{'seconds':>9}{'share':>8}")
+    mvox = float(np.prod(report["shape"])) / 1e6
+    lines.append(f"{'stage':<10}{'seconds':>9}{'share':>8}{'Mvox/s':>9}")
     for stage, s in report["seconds"].items():
-        lines.append(f"{stage:<10}{s:>9.2f}{100 * s / total:>7.0f}%")
+        rate = f"{mvox / s:>9.2f}" if s > 0 else f"{'-':>9}"
+        lines.append(f"{stage:<10}{s:>9.2f}{100 * s / total:>7.0f}%{rate}")
+    lines.append(f"total {report['total_seconds']:.1f} s wall, peak RSS {_peak_rss_mib():.0f} MiB (this process)")
     return "\n".join(lines)
+
+
+def _peak_rss_mib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():

@@ -14,7 +14,7 @@ import numpy as np
 from . import io
 from .errors import SpocoInputError
 from .evaluation import evaluate_segmentation, format_metrics
-from .pipeline import segment_volume
+from .blockwise import segment_blockwise
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "vnc_sample.npz")
 
@@ -25,14 +25,14 @@ def write_sample(path: str, overwrite: bool = False) -> tuple[str, str]:
     attrs = {"voxel_size": [float(v) for v in d["voxel_size_nm"]],
              "source": "Drosophila VNC ssTEM, Gerhard et al. 2013, doi:10.6084/m9.figshare.856713, "
                        "CC BY-NC-SA 3.0"}
-    raw = io.create_array(os.path.join(path, "raw"), d["raw"], chunks=(1, 512, 512), attrs=attrs,
+    io.create_array(os.path.join(path, "raw"), d["raw"], chunks=(1, 512, 512), attrs=attrs,
                           overwrite=overwrite)
     io.create_array(os.path.join(path, "labels"), d["labels"], chunks=(1, 512, 512), attrs=attrs,
                     overwrite=overwrite)
     return os.path.join(path, "raw"), os.path.join(path, "labels")
 
 
-def run_demo(out: str | None = None, device: str = "auto", overwrite: bool = False) -> dict:
+def run_demo(out: str | None = None, device: str = "auto", overwrite: bool = False, workers: int = 2) -> dict:
     out = out or tempfile.mkdtemp(prefix="spoco-vol-demo-")
     sample = os.path.join(out, "vnc_sample.zarr")
     labels_out = os.path.join(out, "vnc_sample_labels.zarr")
@@ -41,8 +41,8 @@ def run_demo(out: str | None = None, device: str = "auto", overwrite: bool = Fal
             raise SpocoInputError(f"{p} exists from an earlier demo (use --overwrite or another --out)")
     os.makedirs(out, exist_ok=True)
     raw_path, gt_path = write_sample(sample, overwrite=overwrite)
-    report = segment_volume(raw_path, labels_out, device=device, overwrite=overwrite,
-                            command="spoco-vol demo")
+    report = segment_blockwise(raw_path, labels_out, device=device, overwrite=overwrite,
+                               block_shape=[7, 256, 256], workers=workers, command="spoco-vol demo")
     pred = np.asarray(io.open_volume(labels_out)[...])
     gt = np.asarray(io.open_volume(gt_path)[...])
     metrics = evaluate_segmentation(pred, gt, per_section=True)

@@ -1,12 +1,10 @@
-"""Whole-volume segmentation: zarr in, OME-Zarr labels out, in one process.
-
-This is the plain path (the volume is held in memory); the blockwise dask pipeline for
-volumes larger than memory builds on the same per-stage functions.
+"""Segmenting one in-memory array (a block, or a small volume) and the helpers around it:
+resampling to the model's voxel size and back, output checks, OME-Zarr metadata.
+The blockwise driver (blockwise.py) calls ``segment_array`` once per block.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Sequence
 
@@ -25,9 +23,9 @@ RESAMPLE_TOLERANCE = 0.2  # voxel sizes within 20% of the model's are used as th
 
 
 def model_scale(input_vs: Sequence[float] | None, model_vs: Sequence[float] | None,
-                spatial_axes: Sequence[int]) -> list[float]:
+                spatial_axes: Sequence[int], ndim: int | None = None) -> list[float]:
     """Zoom factor per axis that brings the input to the model's voxel size (1 = as is)."""
-    ndim = len(input_vs) if input_vs else len(spatial_axes)
+    ndim = ndim or (len(input_vs) if input_vs else max(spatial_axes) + 1)
     scale = [1.0] * ndim
     if not input_vs or not model_vs:
         return scale
@@ -86,26 +84,6 @@ def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float]
     group.attrs["spoco_vol"] = attrs
 
 
-def write_ome_zarr_labels(path: str, labels: np.ndarray, voxel_size: Sequence[float] | None,
-                          attrs: dict, overwrite: bool) -> None:
-    """OME-Zarr image group with dataset "0"; written beside, then moved into place, so a
-    crash never leaves a half-written output and an old output survives until the end."""
-    tmp = path.rstrip(os.sep) + f".tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    # OME-Zarr 0.4 is defined on zarr format 2, which every OME-Zarr reader (napari) opens.
-    group = zarr.open_group(tmp, mode="w", zarr_format=2)
-    chunks = tuple(min(s, c) for s, c in zip(labels.shape, (1 if labels.ndim == 3 else 512, 512, 512)[-labels.ndim:]))
-    group.create_array("0", data=labels, chunks=chunks)
-    write_ome_metadata(group, labels.ndim, voxel_size, attrs)
-    if os.path.exists(path):
-        if not overwrite:
-            shutil.rmtree(tmp)
-            raise SpocoInputError(f"output {path} exists (use --overwrite to replace it)")
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
                   strides: Sequence[int] | None = None, timings: dict | None = None,
                   net=None, keep_embeddings: bool = False):
@@ -123,7 +101,7 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
         raise SpocoInputError(f"the model is {dims}D but the input is {raw.ndim}D")
     io.check_finite(raw, "input")
     spatial_axes = list(range(raw.ndim - dims, raw.ndim))
-    scale = model_scale(input_voxel_size, ckpt.get("voxel_size"), spatial_axes)
+    scale = model_scale(input_voxel_size, ckpt.get("voxel_size"), spatial_axes, raw.ndim)
     t = time.perf_counter()
     small = resample_raw(raw.astype(np.float32), scale)
     image = transforms.normalize(small, ckpt["normalization"])
@@ -158,40 +136,3 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
         timings["segment"] = timings.get("segment", 0) + time.perf_counter() - t
     labels = restore_labels(out, raw.shape)
     return (labels, embeddings) if keep_embeddings else labels
-
-
-def segment_volume(input_path: str, output: str | None = None, model: str | None = None, *,
-                   voxel_size: Sequence[float] | None = None, device: str = "auto",
-                   overwrite: bool = False, command: str = "") -> dict:
-    """Segment a zarr volume and write OME-Zarr labels; returns a report dict."""
-    t0 = time.perf_counter()
-    arr = io.open_volume(input_path)
-    io.validate_volume(arr, f"input {input_path}")
-    output = output or (io._split_store_path(input_path)[0].rstrip(os.sep).removesuffix(".zarr") + "_labels.zarr")
-    check_output_path(output, input_path, overwrite)
-    ckpt = model_mod.load_checkpoint(model or BUNDLED_MODEL)
-    vs = list(voxel_size) if voxel_size else io.read_voxel_size(input_path)
-    if vs is not None and len(vs) != arr.ndim:
-        raise SpocoInputError(f"--voxel-size needs {arr.ndim} values for this {arr.ndim}D input")
-    timings: dict = {}
-    t = time.perf_counter()
-    raw = np.asarray(arr[...])
-    timings["read"] = time.perf_counter() - t
-    labels = segment_array(raw, ckpt, input_voxel_size=vs, device=device, timings=timings)
-    n_objects = int(labels.max())
-    labels = labels.astype(np.uint32 if n_objects < 2 ** 32 else np.uint64)
-    t = time.perf_counter()
-    report = {"objects": n_objects, "shape": list(arr.shape), "voxel_size": vs,
-              "model": model or BUNDLED_MODEL, "model_sha256": model_mod.checkpoint_checksum(ckpt),
-              "command": command, "version": _version()}
-    write_ome_zarr_labels(output, labels, vs, report, overwrite)
-    timings["write"] = time.perf_counter() - t
-    report["seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    report["total_seconds"] = round(time.perf_counter() - t0, 3)
-    report["output"] = output
-    return report
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__

@@ -6,12 +6,10 @@ import pytest
 import torch
 import zarr
 
-from spoco_vol import io
 from spoco_vol.errors import SpocoInputError
-from spoco_vol.model import UNet, checkpoint_checksum, make_checkpoint, save_checkpoint
+from spoco_vol.model import UNet, make_checkpoint, save_checkpoint
 from spoco_vol.pipeline import (
-    check_output_path, model_scale, resample_raw, restore_labels, segment_array, segment_volume,
-    write_ome_zarr_labels,
+    check_output_path, model_scale, resample_raw, restore_labels, segment_array,
 )
 
 
@@ -33,7 +31,8 @@ def test_model_scale_2d_model_on_3d_input():
 def test_model_scale_3d_and_unknown():
     assert model_scale([20, 4, 16], [40, 8, 8], [0, 1, 2]) == [0.5, 0.5, 2.0]
     assert model_scale([40, 4, 4], None, [1, 2]) == [1.0, 1.0, 1.0]
-    assert model_scale(None, [8, 8], [1, 2]) == [1.0, 1.0]
+    assert model_scale(None, [8, 8], [1, 2], 3) == [1.0, 1.0, 1.0]  # 2D model, 3D input
+    assert model_scale(None, [8, 8], [0, 1]) == [1.0, 1.0]
 
 
 # ------------------------------------------------------------------------ resampling
@@ -137,67 +136,7 @@ def test_check_output_path_refuses_output_containing_input(tmp_path):
         check_output_path(str(tmp_path / "data"), inp, overwrite=True)
 
 
-# ------------------------------------------------------------------------ OME-Zarr output
-
-def test_write_ome_zarr_labels_3d(tmp_path):
-    labels = np.random.default_rng(0).integers(0, 9, (3, 6, 5)).astype(np.uint32)
-    path = str(tmp_path / "seg.zarr")
-    write_ome_zarr_labels(path, labels, [40, 4, 4], {"objects": 8, "command": "x"}, overwrite=False)
-    assert sorted(os.listdir(tmp_path)) == ["seg.zarr"]  # no temporary left behind
-    group = zarr.open_group(path, mode="r")
-    ms = group.attrs["multiscales"]
-    assert [a["name"] for a in ms[0]["axes"]] == ["z", "y", "x"]
-    assert all(a["type"] == "space" and a["unit"] == "nanometer" for a in ms[0]["axes"])
-    assert ms[0]["datasets"] == [{"path": "0", "coordinateTransformations": [
-        {"type": "scale", "scale": [40, 4, 4]}]}]
-    assert group.attrs["spoco_vol"] == {"objects": 8, "command": "x"}
-    arr = zarr.open_array(os.path.join(path, "0"), mode="r")  # plain zarr reads dataset 0
-    assert arr.dtype == np.uint32
-    np.testing.assert_array_equal(arr[...], labels)
-    # and spoco-vol's own reader understands it
-    np.testing.assert_array_equal(io.open_volume(path)[...], labels)
-    assert io.read_voxel_size(path) == [40.0, 4.0, 4.0]
-
-
-def test_write_ome_zarr_labels_2d_without_voxel_size(tmp_path):
-    labels = np.arange(12, dtype=np.uint64).reshape(3, 4)
-    path = str(tmp_path / "seg.zarr")
-    write_ome_zarr_labels(path, labels, None, {}, overwrite=False)
-    ms = zarr.open_group(path, mode="r").attrs["multiscales"]
-    assert [a["name"] for a in ms[0]["axes"]] == ["y", "x"]
-    assert ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]
-    np.testing.assert_array_equal(zarr.open_array(path + "/0", mode="r")[...], labels)
-
-
-def test_write_ome_zarr_labels_existing_output(tmp_path):
-    path = tmp_path / "seg.zarr"
-    path.mkdir()
-    (path / "precious.txt").write_text("keep me")
-    labels = np.ones((4, 4), np.uint32)
-    with pytest.raises(SpocoInputError, match="exists"):
-        write_ome_zarr_labels(str(path), labels, None, {}, overwrite=False)
-    assert os.listdir(path) == ["precious.txt"]
-    assert (path / "precious.txt").read_text() == "keep me"
-    assert sorted(os.listdir(tmp_path)) == ["seg.zarr"]  # temporary removed
-    write_ome_zarr_labels(str(path), labels, None, {}, overwrite=True)
-    assert not (path / "precious.txt").exists()
-    np.testing.assert_array_equal(zarr.open_array(str(path / "0"), mode="r")[...], labels)
-    assert sorted(os.listdir(tmp_path)) == ["seg.zarr"]
-
-
-def test_write_ome_zarr_labels_conforms_to_ngff(tmp_path):
-    path = str(tmp_path / "seg.zarr")
-    write_ome_zarr_labels(path, np.ones((2, 4, 4), np.uint32), [40, 4, 4], {}, overwrite=False)
-    group = zarr.open_group(path, mode="r")
-    zarr_format = group.metadata.zarr_format
-    if zarr_format == 2:
-        assert group.attrs["multiscales"][0]["version"] == "0.4"
-    else:
-        ome = group.attrs.get("ome", {})
-        assert ome.get("version") == "0.5" and ome.get("multiscales")
-
-
-# ------------------------------------------------------------------------ end to end
+# ------------------------------------------------------------------------ arrays
 
 def _tiny_checkpoint(tmp_path, voxel_size=None, inference=None):
     torch.manual_seed(0)
@@ -209,81 +148,6 @@ def _tiny_checkpoint(tmp_path, voxel_size=None, inference=None):
     path = tmp_path / "model.pt"
     save_checkpoint(ckpt, path)
     return str(path), ckpt
-
-
-def _input_volume(tmp_path, data, name="vol.zarr"):
-    arr = zarr.create_array(str(tmp_path / name), shape=data.shape, dtype=data.dtype,
-                            chunks=(1, *data.shape[1:]))
-    arr[...] = data
-    return str(tmp_path / name)
-
-
-def test_segment_volume_end_to_end(tmp_path):
-    data = np.random.default_rng(0).integers(0, 256, (2, 64, 64)).astype(np.uint8)
-    data[:, 16:40, 16:40] = 200
-    inp = _input_volume(tmp_path, data)
-    model, ckpt = _tiny_checkpoint(tmp_path)
-    report = segment_volume(inp, model=model, device="cpu", command="spoco-vol segment test")
-    out = str(tmp_path / "vol_labels.zarr")  # default output name beside the input
-    assert report["output"] == out
-    group = zarr.open_group(out, mode="r")
-    assert "multiscales" in group.attrs
-    labels = zarr.open_array(out + "/0", mode="r")
-    assert labels.shape == (2, 64, 64)
-    assert np.dtype(labels.dtype).kind == "u"
-    lab = labels[...]
-    assert int(lab.max()) == report["objects"] >= 1
-    # per-section objects get ids unique over the volume
-    assert not (set(np.unique(lab[0])) - {0}) & (set(np.unique(lab[1])) - {0})
-    assert report["shape"] == [2, 64, 64]
-    assert report["model_sha256"] == checkpoint_checksum(ckpt)
-    assert group.attrs["spoco_vol"]["model_sha256"] == checkpoint_checksum(ckpt)
-    assert group.attrs["spoco_vol"]["command"] == "spoco-vol segment test"
-    np.testing.assert_array_equal(io.open_volume(inp)[...], data)  # input untouched
-    # a second run refuses to overwrite, the output is kept
-    with pytest.raises(SpocoInputError, match="exists"):
-        segment_volume(inp, model=model, device="cpu")
-    np.testing.assert_array_equal(zarr.open_array(out + "/0", mode="r")[...], lab)
-
-
-def test_segment_volume_resamples_to_model_voxel_size(tmp_path):
-    data = np.random.default_rng(1).integers(0, 256, (1, 60, 60)).astype(np.uint8)
-    inp = _input_volume(tmp_path, data)
-    model, _ = _tiny_checkpoint(tmp_path, voxel_size=[9.2, 9.2])
-    out = str(tmp_path / "seg.zarr")
-    report = segment_volume(inp, out, model, voxel_size=[40, 4.6, 4.6], device="cpu")
-    labels = zarr.open_array(out + "/0", mode="r")[...]
-    assert labels.shape == (1, 60, 60)
-    assert report["voxel_size"] == [40, 4.6, 4.6]
-    assert io.read_voxel_size(out) == [40.0, 4.6, 4.6]  # output on the input grid
-    # labels were made on a 30x30 grid: constant over each 2x2 block
-    blocks = labels[0].reshape(30, 2, 30, 2)
-    assert (blocks == blocks[:, :1, :, :1]).all()
-
-
-def test_segment_volume_refuses_nan(tmp_path):
-    data = np.zeros((2, 32, 32), np.float32)
-    data[1, 5, 7] = np.nan
-    inp = _input_volume(tmp_path, data)
-    model, _ = _tiny_checkpoint(tmp_path)
-    before = sorted(os.listdir(tmp_path))
-    out = str(tmp_path / "seg.zarr")
-    with pytest.raises(SpocoInputError, match="NaN"):
-        segment_volume(inp, out, model, device="cpu")
-    assert not os.path.exists(out)
-    assert sorted(os.listdir(tmp_path)) == before  # no temporary either
-
-
-def test_segment_volume_input_errors(tmp_path):
-    model, _ = _tiny_checkpoint(tmp_path)
-    with pytest.raises(SpocoInputError, match="not found"):
-        segment_volume(str(tmp_path / "missing.zarr"), model=model, device="cpu")
-    inp = _input_volume(tmp_path, np.zeros((2, 16, 16), np.uint8))
-    with pytest.raises(SpocoInputError, match="needs 3 values"):
-        segment_volume(inp, str(tmp_path / "o.zarr"), model, voxel_size=[4, 4], device="cpu")
-    with pytest.raises(SpocoInputError, match="checkpoint not found"):
-        segment_volume(inp, str(tmp_path / "o.zarr"), str(tmp_path / "nope.pt"), device="cpu")
-    assert not os.path.exists(tmp_path / "o.zarr")
 
 
 def test_segment_array_dimension_errors(tmp_path):

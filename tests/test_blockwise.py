@@ -1,0 +1,132 @@
+"""Blockwise segmentation (spoco_vol.blockwise): OME-Zarr output, errors, and agreement
+with a single block covering the whole volume."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from spoco_vol import io
+from spoco_vol.blockwise import required_halo, segment_blockwise
+from spoco_vol.errors import SpocoInputError
+from spoco_vol.model import UNet, checkpoint_checksum, load_checkpoint, make_checkpoint, save_checkpoint
+from spoco_vol.pipeline import BUNDLED_MODEL
+
+SHORT_OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
+
+
+def test_output_is_ome_zarr_that_plain_zarr_and_napari_conventions_read(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (3, 40, 36)).astype(np.uint8)
+    inp = _input_volume(tmp_path, data)
+    model, _ = _tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
+    out = str(tmp_path / "seg.zarr")
+    segment_blockwise(inp, out, model, voxel_size=[40, 4, 4], device="cpu", workers=0,
+                      block_shape=[2, 20, 20], halo=[0, 12, 12])
+    assert sorted(os.listdir(tmp_path)) == sorted(["vol.zarr", "seg.zarr", "model.pt"])  # no .partial left
+    group = zarr.open_group(out, mode="r")
+    assert group.metadata.zarr_format == 2
+    ms = group.attrs["multiscales"]
+    assert ms[0]["version"] == "0.4"
+    assert [a["name"] for a in ms[0]["axes"]] == ["z", "y", "x"]
+    assert all(a["type"] == "space" and a["unit"] == "nanometer" for a in ms[0]["axes"])
+    assert ms[0]["datasets"] == [{"path": "0", "coordinateTransformations": [
+        {"type": "scale", "scale": [40, 4, 4]}]}]
+    arr = zarr.open_array(os.path.join(out, "0"), mode="r")  # plain zarr reads dataset 0
+    assert arr.shape == data.shape and arr.chunks == (2, 20, 20)  # chunks = block grid
+    assert sorted(group.keys()) == ["0"]  # fragments and side files are gone
+    lab = arr[...]
+    ids = np.unique(lab[lab > 0])
+    assert (ids == np.arange(1, len(ids) + 1)).all()  # consecutive 1..N
+    assert io.read_voxel_size(out) == [40.0, 4.0, 4.0]
+
+
+# ------------------------------------------------------------------------ end to end
+
+def _tiny_checkpoint(tmp_path, voxel_size=None, inference=None):
+    torch.manual_seed(0)
+    net = UNet(dims=2, features=(4, 8), embedding_dim=4)
+    ckpt = make_checkpoint(net, delta_v=0.5, delta_d=2.0,
+                           normalization={"mean": 0.0, "std": 1.0, "kind": "zscore"},
+                           voxel_size=voxel_size, training_data="none", training_command="test",
+                           inference=inference or {})
+    path = tmp_path / "model.pt"
+    save_checkpoint(ckpt, path)
+    return str(path), ckpt
+
+
+def _input_volume(tmp_path, data, name="vol.zarr"):
+    arr = zarr.create_array(str(tmp_path / name), shape=data.shape, dtype=data.dtype,
+                            chunks=(1, *data.shape[1:]))
+    arr[...] = data
+    return str(tmp_path / name)
+
+
+def test_segment_end_to_end(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (2, 64, 64)).astype(np.uint8)
+    data[:, 16:40, 16:40] = 200
+    inp = _input_volume(tmp_path, data)
+    model, ckpt = _tiny_checkpoint(tmp_path)
+    report = segment_blockwise(inp, model=model, device="cpu", workers=0, command="spoco-vol segment test")
+    out = str(tmp_path / "vol_labels.zarr")  # default output name beside the input
+    assert report["output"] == out
+    group = zarr.open_group(out, mode="r")
+    assert "multiscales" in group.attrs
+    labels = zarr.open_array(out + "/0", mode="r")
+    assert labels.shape == (2, 64, 64)
+    assert np.dtype(labels.dtype).kind == "u"
+    lab = labels[...]
+    assert int(lab.max()) == report["objects"] >= 1
+    # per-section objects get ids unique over the volume
+    assert not (set(np.unique(lab[0])) - {0}) & (set(np.unique(lab[1])) - {0})
+    assert report["shape"] == [2, 64, 64]
+    assert report["model_sha256"] == checkpoint_checksum(ckpt)
+    assert group.attrs["spoco_vol"]["model_sha256"] == checkpoint_checksum(ckpt)
+    assert group.attrs["spoco_vol"]["command"] == "spoco-vol segment test"
+    np.testing.assert_array_equal(io.open_volume(inp)[...], data)  # input untouched
+    # a second run refuses to overwrite, the output is kept
+    with pytest.raises(SpocoInputError, match="exists"):
+        segment_blockwise(inp, model=model, device="cpu", workers=0)
+    np.testing.assert_array_equal(zarr.open_array(out + "/0", mode="r")[...], lab)
+
+
+def test_segment_resamples_to_model_voxel_size(tmp_path):
+    data = np.random.default_rng(1).integers(0, 256, (1, 60, 60)).astype(np.uint8)
+    inp = _input_volume(tmp_path, data)
+    model, _ = _tiny_checkpoint(tmp_path, voxel_size=[9.2, 9.2])
+    out = str(tmp_path / "seg.zarr")
+    report = segment_blockwise(inp, out, model, voxel_size=[40, 4.6, 4.6], device="cpu", workers=0)
+    labels = zarr.open_array(out + "/0", mode="r")[...]
+    assert labels.shape == (1, 60, 60)
+    assert report["voxel_size"] == [40, 4.6, 4.6]
+    assert io.read_voxel_size(out) == [40.0, 4.6, 4.6]  # output on the input grid
+    # labels were made on a 30x30 grid: constant over each 2x2 block
+    blocks = labels[0].reshape(30, 2, 30, 2)
+    assert (blocks == blocks[:, :1, :, :1]).all()
+
+
+def test_segment_refuses_nan(tmp_path):
+    data = np.zeros((2, 32, 32), np.float32)
+    data[1, 5, 7] = np.nan
+    inp = _input_volume(tmp_path, data)
+    model, _ = _tiny_checkpoint(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    out = str(tmp_path / "seg.zarr")
+    with pytest.raises(SpocoInputError, match="NaN"):
+        segment_blockwise(inp, out, model, device="cpu", workers=0)
+    assert not os.path.exists(out)
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary either
+
+
+def test_segment_input_errors(tmp_path):
+    model, _ = _tiny_checkpoint(tmp_path)
+    with pytest.raises(SpocoInputError, match="not found"):
+        segment_blockwise(str(tmp_path / "missing.zarr"), model=model, device="cpu", workers=0)
+    inp = _input_volume(tmp_path, np.zeros((2, 16, 16), np.uint8))
+    with pytest.raises(SpocoInputError, match="needs 3 values"):
+        segment_blockwise(inp, str(tmp_path / "o.zarr"), model, voxel_size=[4, 4], device="cpu", workers=0)
+    with pytest.raises(SpocoInputError, match="checkpoint not found"):
+        segment_blockwise(inp, str(tmp_path / "o.zarr"), str(tmp_path / "nope.pt"), device="cpu", workers=0)
+    assert not os.path.exists(tmp_path / "o.zarr")
+
+
