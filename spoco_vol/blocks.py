@@ -29,12 +29,18 @@ class Block:
 
 
 class BlockGrid:
-    """Blocks of ``block_shape`` tiling ``shape``; the last block along an axis may be smaller."""
+    """Blocks of ``block_shape`` tiling ``shape``; the last block along an axis may be smaller.
+    A read ROI is the core plus at least ``halo`` per side, clipped to the volume."""
 
-    def __init__(self, shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int]):
+    def __init__(self, shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int],
+                 align: Sequence[int] | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.block_shape = tuple(int(b) for b in block_shape)
         self.halo = tuple(int(h) for h in halo)
+        # Read ROIs start on multiples of ``align``: a U-Net with total pooling P is only
+        # shift-equivariant for shifts by multiples of P, so a block read from an
+        # unaligned origin would see different pooled features than the whole volume.
+        self.align = tuple(int(a) for a in align) if align is not None else (1,) * len(self.shape)
         if not (len(self.shape) == len(self.block_shape) == len(self.halo)):
             raise SpocoInputError(f"block shape {self.block_shape} and halo {self.halo} need "
                                   f"{len(self.shape)} values for a {len(self.shape)}D volume")
@@ -48,7 +54,8 @@ class BlockGrid:
     def block(self, index: Sequence[int]) -> Block:
         index = tuple(int(i) for i in index)
         core = tuple(slice(i * b, min((i + 1) * b, s)) for i, b, s in zip(index, self.block_shape, self.shape))
-        read = tuple(slice(max(c.start - h, 0), min(c.stop + h, s)) for c, h, s in zip(core, self.halo, self.shape))
+        read = tuple(slice(max((c.start - h) // a * a, 0), min(c.stop + h, s))
+                     for c, h, s, a in zip(core, self.halo, self.shape, self.align))
         linear = int(np.ravel_multi_index(index, self.grid_shape))
         return Block(index, linear, core, read)
 

@@ -47,6 +47,19 @@ def required_halo(ckpt: dict, input_ndim: int, scale: Sequence[float]) -> list[i
     return [int(np.ceil(h / s)) if s else h for h, s in zip(halo, scale)]
 
 
+def read_alignment(ckpt: dict, input_ndim: int, scale: Sequence[float]) -> list[int]:
+    """Input voxels on whose multiples a read ROI must start so that the block sees the
+    same pooling grid (and resampling grid) as the whole volume."""
+    net = model_mod.model_from_checkpoint(ckpt)
+    dims = ckpt["architecture"]["dims"]
+    align = [1] * (input_ndim - dims) + list(net.shape_multiple)
+    for a, s in enumerate(scale):
+        f = 1 / s
+        if abs(f - round(f)) < 1e-6:  # integer downsampling keeps an exact grid
+            align[a] *= int(round(f))
+    return align
+
+
 def default_block_shape(shape: Sequence[int], model_dims: int) -> list[int]:
     base = [8, 512, 512] if model_dims == 2 else [64, 256, 256]
     return [min(s, b) for s, b in zip(shape, base[-len(shape):])]
@@ -234,7 +247,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         if block_shape[a] < min(arr.shape[a], max(halo[a], 1)):
             raise SpocoInputError(f"block shape {block_shape[a]} along axis {a} is smaller than the "
                                   f"halo {halo[a]} it needs")
-    grid = BlockGrid(arr.shape, block_shape, halo)
+    grid = BlockGrid(arr.shape, block_shape, halo, align=read_alignment(ckpt, arr.ndim, scale))
     stitch_axes = spatial_axes if stitch else []
     depth = max(1, min([halo[a] for a in stitch_axes] + [min(block_shape)], default=1)) if stitch_axes else 1
 

@@ -50,9 +50,15 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     dims = model.dims
     if image.ndim != dims:
         raise SpocoInputError(f"a {dims}D model cannot predict a {image.ndim}D image")
-    tile_shape = list(tile_shape or [min(s, 512 if dims == 2 else 96) for s in image.shape])
-    context = list(context or [0] * dims)
     mult = model.shape_multiple
+    tile_shape = list(tile_shape or [512 if dims == 2 else 96] * dims)
+    if context is None:
+        from .model import receptive_halo
+        context = receptive_halo(model)
+    # Tiles and their context start on multiples of the total pooling: the U-Net is only
+    # shift-equivariant for such shifts, so tiles then agree with an untiled prediction.
+    tile_shape = [-(-t // m) * m for t, m in zip(tile_shape, mult)]
+    context = [-(-c // m) * m for c, m in zip(context, mult)]
     out = np.empty((model.embedding_dim, *image.shape), dtype=np.float32)
     model = model.to(device).eval()
     starts = [_tile_starts(s, t) for s, t in zip(image.shape, tile_shape)]

@@ -33,3 +33,10 @@ def test_bad_grid_parameters():
         BlockGrid((8, 8), (4,), (1, 1))
     with pytest.raises(SpocoInputError):
         BlockGrid((8, 8), (0, 4), (1, 1))
+
+
+def test_read_rois_start_on_the_alignment_grid():
+    grid = BlockGrid((40, 100), (10, 30), (3, 7), align=(1, 16))
+    for b in grid:
+        assert b.read[1].start % 16 == 0
+        assert b.core[1].start - b.read[1].start >= min(7, b.core[1].start)  # still at least the halo
