@@ -108,9 +108,12 @@ def _face_affinity(emb: np.ndarray, read_shape: Sequence[int], block: Block, axi
 
 def segment_block(block: Block, *, input_path: str, model_path: str, work: str, grid: BlockGrid,
                   voxel_size, device: str, depth: int, stitch_axes: Sequence[int],
-                  mask_path: str | None = None) -> dict:
+                  mask_path: str | None = None, threads: int | None = None) -> dict:
     """Pass 1 for one block: fragments into ``work/fragments``, face evidence beside it."""
     timings = dict.fromkeys(STAGES, 0.0)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
     t = time.perf_counter()
     ckpt, net = _load_model(model_path)
     raw = np.asarray(io.open_volume(input_path)[block.read])
@@ -272,7 +275,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
             blocks = list(grid)
             common = dict(input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
                           voxel_size=vs, device=device, depth=depth, stitch_axes=stitch_axes,
-                          mask_path=os.path.abspath(mask) if mask else None)
+                          mask_path=os.path.abspath(mask) if mask else None,
+                          threads=max(1, (os.cpu_count() or 1) // max(workers, 1)))
             t = time.perf_counter()
             results = _compute([dask.delayed(segment_block, pure=False)(b, **common) for b in blocks], client)
             wall_segment = time.perf_counter() - t
