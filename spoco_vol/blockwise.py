@@ -325,3 +325,24 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     report["output"] = output
     return report
+
+
+def format_report(report: dict) -> str:
+    """The end-of-run table: per stage seconds of work, share and Mvox/s; objects; memory."""
+    lines = [f"wrote {report['output']}: {report['objects']} objects, shape {tuple(report['shape'])}"]
+    if "blocks" in report:
+        lines.append(f"{report['blocks']} blocks of {tuple(report['block_shape'])}, halo {tuple(report['halo'])}, "
+                     f"{report['merges']} merges across faces, {report.get('workers', 1)} worker(s)")
+    total = sum(report["seconds"].values()) or 1.0
+    mvox = float(np.prod(report["shape"])) / 1e6
+    lines.append(f"{'stage':<10}{'seconds':>9}{'share':>8}{'Mvox/s':>9}")
+    for stage, s in report["seconds"].items():
+        rate = f"{mvox / s:>9.2f}" if s > 0 else f"{'-':>9}"
+        lines.append(f"{stage:<10}{s:>9.2f}{100 * s / total:>7.0f}%{rate}")
+    lines.append(f"total {report['total_seconds']:.1f} s wall, peak RSS {_peak_rss_mib():.0f} MiB (this process)")
+    return "\n".join(lines)
+
+
+def _peak_rss_mib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

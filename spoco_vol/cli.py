@@ -5,7 +5,6 @@ import json
 import shlex
 
 import click
-import numpy as np
 
 from .errors import SpocoInputError
 
@@ -165,11 +164,11 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, stitch, device, overwrite):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background)."""
-    from .blockwise import segment_blockwise
+    from .blockwise import format_report, segment_blockwise
     report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, command=_command_line())
-    click.echo(_format_report(report))
+    click.echo(format_report(report))
 
 
 @cli.command()
@@ -205,6 +204,25 @@ def demo(out, device, overwrite):
 
 
 @cli.command()
+@click.option("--model", required=True, help="Checkpoint to calibrate.")
+@click.option("--raw", required=True, help="Raw zarr array with labeled objects (held out from training).")
+@click.option("--labels", required=True, help="Labels of --raw (0 = background).")
+@click.option("--out", required=True, type=click.Path(), help="Where to write the calibrated checkpoint.")
+@click.option("--z-range", type=INTS, default=None, help="Use sections START,STOP of --raw only.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def calibrate(model, raw, labels, out, z_range, device, overwrite):
+    """Re-measure a model's background embedding and radius on labeled data (AP@0.5)."""
+    import os
+    from .training import recalibrate_checkpoint
+    if os.path.exists(out) and not overwrite:
+        raise InputError(f"{out} exists (use --overwrite to replace it)")
+    result = _run(recalibrate_checkpoint, model, raw, labels, out,
+                  z_range=tuple(z_range) if z_range else None, device=device)
+    click.echo(json.dumps(result, indent=2))
+
+
+@cli.command()
 @click.argument("checkpoint", required=False)
 def info(checkpoint):
     """Show what a checkpoint holds [default: the bundled model]."""
@@ -215,26 +233,6 @@ def info(checkpoint):
     shown["sha256"] = checkpoint_checksum(ck)
     shown["parameters"] = int(sum(v.numel() for v in ck["state_dict"].values()))
     click.echo(json.dumps(shown, indent=2, default=str))
-
-
-def _format_report(report: dict) -> str:
-    lines = [f"wrote {report['output']}: {report['objects']} objects, shape {tuple(report['shape'])}"]
-    if "blocks" in report:
-        lines.append(f"{report['blocks']} blocks of {tuple(report['block_shape'])}, halo {tuple(report['halo'])}, "
-                     f"{report['merges']} merges across faces, {report.get('workers', 1)} worker(s)")
-    total = sum(report["seconds"].values()) or 1.0
-    mvox = float(np.prod(report["shape"])) / 1e6
-    lines.append(f"{'stage':<10}{'seconds':>9}{'share':>8}{'Mvox/s':>9}")
-    for stage, s in report["seconds"].items():
-        rate = f"{mvox / s:>9.2f}" if s > 0 else f"{'-':>9}"
-        lines.append(f"{stage:<10}{s:>9.2f}{100 * s / total:>7.0f}%{rate}")
-    lines.append(f"total {report['total_seconds']:.1f} s wall, peak RSS {_peak_rss_mib():.0f} MiB (this process)")
-    return "\n".join(lines)
-
-
-def _peak_rss_mib() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():

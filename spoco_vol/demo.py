@@ -14,7 +14,7 @@ import numpy as np
 from . import io
 from .errors import SpocoInputError
 from .evaluation import evaluate_segmentation, format_metrics
-from .blockwise import segment_blockwise
+from .blockwise import format_report, segment_blockwise
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "vnc_sample.npz")
 
@@ -48,7 +48,7 @@ def run_demo(out: str | None = None, device: str = "auto", overwrite: bool = Fal
     metrics = evaluate_segmentation(pred, gt, per_section=True)
     text = "\n".join([
         f"sample:  {raw_path}  {tuple(report['shape'])} at {report['voxel_size']} nm (VNC sections 13-19, held out)",
-        f"labels:  {labels_out}  ({report['objects']} objects, {report['total_seconds']:.1f} s)",
+        format_report(report),
         "accuracy against the ground truth (2D objects per section):",
         format_metrics(metrics),
     ])

@@ -172,6 +172,32 @@ def _validation_patches(val_vols, cfg: TrainConfig, normalization: dict, seed: i
     return out
 
 
+def _validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixels: int = 2 ** 20):
+    """Whole held-out sections (2D models) or a central crop of each held-out volume (3D),
+    on the model grid, normalised: for calibrating the background after training."""
+    out = []
+    for v in val_vols:
+        z0, z1 = v.z_range or (0, v.shape3d[0])
+        ds = cfg.downsample
+        if cfg.dims == 2:
+            for z in range(z0, z1):
+                raw = np.asarray(v.raw[z] if v.raw.ndim == 3 else v.raw[...], np.float32)[None]
+                lab = np.asarray(v.labels[z] if v.labels.ndim == 3 else v.labels[...]).astype(np.int64)[None]
+                raw, lab = data.downsample_raw(raw, ds), data.downsample_labels(lab, ds)
+                side = int(np.sqrt(max_pixels))
+                out.append((transforms.normalize(raw[0, :side, :side], normalization), lab[0, :side, :side]))
+                if len(out) >= 8:
+                    return out
+        else:
+            shape = [min(n, c * f) for n, c, f in zip((z1 - z0, *v.shape3d[1:]), (64, 256, 256), ds)]
+            start = [z0 + (z1 - z0 - shape[0]) // 2] + [(n - s) // 2 for n, s in zip(v.shape3d[1:], shape[1:])]
+            sl = tuple(slice(a, a + s) for a, s in zip(start, shape))
+            raw = data.downsample_raw(np.asarray(v.raw[sl], np.float32), ds)
+            lab = data.downsample_labels(np.asarray(v.labels[sl]).astype(np.int64), ds)
+            out.append((transforms.normalize(raw, normalization), lab))
+    return out
+
+
 def _validate(net, loss_fn, patches, device, amp):
     if not patches:
         return None
@@ -187,29 +213,30 @@ def _validate(net, loss_fn, patches, device, amp):
     return total / len(patches)
 
 
-def calibrate_background(net, patches, device, amp, delta_v: float, delta_d: float) -> dict:
+def calibrate_background(net, images, device, amp, delta_v: float, delta_d: float,
+                         min_size: int = 0) -> dict:
     """The background embedding and the pixel radius around it, for inference.
 
     The embedding is the mode of the label-0 pixels' embeddings: start at their median,
     then a few mean-shift steps over the pixels within delta_d, so that a minority of
     unannotated objects in the unlabeled region does not pull it off. The radius is the
-    one that best separates annotated-object pixels from label-0 pixels on the held-out
-    patches (balanced accuracy), searched between delta_v and 2*delta_d: a model
-    trained to convergence puts it near delta_d, a shorter training further out.
+    one whose segmentation of the held-out images (normalised raw, labels) scores the
+    best AP@0.5, searched from delta_v to 2*delta_d + delta_v (objects are pushed 2*delta_d
+    from the background). Whole sections beat random patches here: objects cut by a
+    patch border bias the choice.
     Returns {} when the patches have no label 0 (dense labels: no background).
     """
-    fg, bg = [], []
+    from .affinities import default_offsets
+    from .evaluation import average_precision
+    from .segmentation import segment_embeddings
+    from .inference import predict_embeddings
     net.eval()
-    with torch.no_grad():
-        for raw, lab in patches:
-            with autocast_context(device, amp):
-                e = net(_to_batch(raw[None], device)).float()[0]
-            e = e.reshape(e.shape[0], -1).T.cpu()
-            flat = torch.from_numpy(lab.reshape(-1))
-            bg.append(e[flat == 0])
-            fg.append(e[flat != 0])
+    embs = [predict_embeddings(net, raw, device=device, amp=amp) for raw, _ in images]
+    labels = [lab for _, lab in images]
     net.train()
-    bg, fg = torch.cat(bg), torch.cat(fg)
+    flat = np.concatenate([e.reshape(e.shape[0], -1) for e in embs], axis=1).T
+    is_bg = np.concatenate([lab.reshape(-1) == 0 for lab in labels])
+    bg = torch.from_numpy(flat[is_bg])
     if len(bg) == 0:
         return {}
     center = bg.median(dim=0).values
@@ -218,13 +245,27 @@ def calibrate_background(net, patches, device, amp, delta_v: float, delta_d: flo
         if len(near) == 0:
             break
         center = near.mean(dim=0)
-    radius = delta_d
-    if len(fg):
-        d_bg, d_fg = (bg - center).norm(dim=1), (fg - center).norm(dim=1)
-        grid = torch.linspace(delta_v, 2 * delta_d, 57)
-        score = torch.stack([(d_fg >= r).float().mean() + (d_bg < r).float().mean() for r in grid])
-        radius = float(grid[int(score.argmax())])
-    return {"background_embedding": [float(v) for v in center], "background_radius": radius}
+    background = [float(v) for v in center]
+    dims = embs[0].ndim - 1
+    offsets = default_offsets(dims)
+    gt = np.stack(labels) if dims == 2 else np.concatenate(labels)
+
+    def score(radius: float) -> float:
+        segs = [segment_embeddings(e, offsets, delta_d, strides=[2] * dims, background_embedding=background,
+                                   background_radius=radius, min_size=min_size) for e in embs]
+        # patches never share ids: offset each so the pooled stack has distinct objects
+        stack, top = [], 0
+        for seg in segs:
+            stack.append(np.where(seg > 0, seg + top, 0))
+            top += int(seg.max())
+        pred = np.stack(stack) if dims == 2 else np.concatenate(stack)
+        return average_precision(pred, gt, per_section=True)["ap@0.5"]
+
+    grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, 0.25)
+    scores = [score(float(r)) for r in grid]
+    radius = float(grid[int(np.argmax(scores))])
+    return {"background_embedding": background, "background_radius": radius,
+            "background_radius_val_ap": float(max(scores))}
 
 
 def _rng_state(rng: np.random.Generator, gen: torch.Generator) -> dict:
@@ -279,6 +320,8 @@ def train(cfg: TrainConfig) -> dict:
     ds = list(cfg.downsample)
     if len(ds) != 3:
         raise SpocoInputError("--downsample takes three factors (z y x)")
+    # Specks below a quarter of the smallest annotated objects (1st percentile) are noise.
+    min_size = max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4))
     rng = np.random.default_rng(cfg.seed)
     sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, ds, rng=rng)
     val_patches = _validation_patches(val_vols, cfg, normalization, cfg.seed)
@@ -340,7 +383,7 @@ def train(cfg: TrainConfig) -> dict:
                               "seconds": round(elapsed, 1), "downsample": ds,
                               "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size}}
         inference = {"downsample": ds,
-                     "min_size": max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4)),
+                     "min_size": min_size,
                      **(background or {})}
         ck = model_mod.make_checkpoint(
             net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
@@ -421,14 +464,15 @@ def train(cfg: TrainConfig) -> dict:
         return {"stopped_at": it, "iterations": cfg.iterations, "resume_with": "--resume"}
 
     # Inference needs to know which embeddings mean "background": measure it once per model.
-    bg_patches = val_patches or _validation_patches(train_vols, cfg, normalization, cfg.seed)
-    background = calibrate_background(net, bg_patches, device, cfg.amp, cfg.delta_v, cfg.delta_d)
+    bg_images = _validation_images(val_vols, cfg, normalization) or \
+        [(raw, lab) for raw, lab in _validation_patches(train_vols, cfg, normalization, cfg.seed)]
+    background = calibrate_background(net, bg_images, device, cfg.amp, cfg.delta_v, cfg.delta_d, min_size)
     best_path = os.path.join(cfg.out, "best.pt")
     if os.path.exists(best_path):
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         best_net = model_mod.model_from_checkpoint(best).to(device)
-        best["inference"].update(calibrate_background(best_net, bg_patches, device, cfg.amp,
-                                                      cfg.delta_v, cfg.delta_d))
+        best["inference"].update(calibrate_background(best_net, bg_images, device, cfg.amp,
+                                                      cfg.delta_v, cfg.delta_d, min_size))
         model_mod.save_checkpoint(best, best_path)
     model_mod.save_checkpoint(checkpoint(cfg.iterations, True, background), os.path.join(cfg.out, "latest.pt"))
     _plot_log(log_path, os.path.join(cfg.out, "loss.png"))
@@ -454,3 +498,28 @@ def _truncate_log(log_path: str, iteration: int):
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(keep)
     shutil.move(tmp, log_path)
+
+
+def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
+                           z_range: tuple[int, int] | None = None, device: str = "auto",
+                           amp: bool = True) -> dict:
+    """Re-measure a checkpoint's background embedding and radius on labeled held-out data
+    (whole sections, as at the end of training) and save it as ``out``."""
+    ckpt = model_mod.load_checkpoint(model_path)
+    vol = data.open_training_volume(raw, labels)
+    vol.z_range = z_range
+    tr = ckpt.get("training", {})
+    dims = ckpt["architecture"]["dims"]
+    cfg = TrainConfig(raw=[raw], labels=[labels], out=out, dims=dims,
+                      patch_shape=tr.get("patch_shape", [256] * dims),
+                      downsample=ckpt.get("inference", {}).get("downsample", [1, 1, 1]))
+    val = _validation_images([vol], cfg, ckpt["normalization"])
+    if not any(lab.any() for _, lab in val):
+        raise SpocoInputError(f"no annotated object in {labels}")
+    dev = resolve_device(device)
+    net = model_mod.model_from_checkpoint(ckpt).to(dev)
+    ckpt["inference"].update(calibrate_background(net, val, dev, amp, ckpt["delta_v"], ckpt["delta_d"],
+                                                  ckpt["inference"].get("min_size", 0)))
+    ckpt.pop("training_state", None)
+    model_mod.save_checkpoint(ckpt, out)
+    return {k: v for k, v in ckpt["inference"].items() if k != "background_embedding"}
