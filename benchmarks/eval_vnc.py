@@ -28,7 +28,7 @@ def main():
     raw = np.asarray(io.open_volume(a.test + "/raw")[...])
     gt = np.asarray(io.open_volume(a.test + "/labels")[...])
     vs = io.read_voxel_size(a.test + "/raw")
-    header = f"{'checkpoint':<34}{'AP@0.5':>8}{'AP@0.5 fg':>10}{'mAP':>7}{'ARand':>7}{'VOI':>7}{'#pred':>7}{'#gt':>6}{'sec':>7}"
+    header = f"{'checkpoint':<34}{'AP@0.5':>8}{'AP@0.5 fg':>10}{'mAP':>7}{'prec':>6}{'recall':>7}{'ARand':>7}{'VOI':>7}{'#pred':>7}{'#gt':>6}{'sec':>7}"
     print(header)
     for path in a.checkpoints:
         ck = load_checkpoint(path)
@@ -39,7 +39,7 @@ def main():
         sec = time.perf_counter() - t
         m = evaluate_segmentation(pred, gt, per_section=True)
         fg = evaluate_segmentation(foreground_restricted(pred, gt), gt, per_section=True)
-        print(f"{path[-34:]:<34}{m['ap@0.5']:>8.3f}{fg['ap@0.5']:>10.3f}{m['map']:>7.3f}{m['arand']:>7.3f}"
+        print(f"{path[-34:]:<34}{m['ap@0.5']:>8.3f}{fg['ap@0.5']:>10.3f}{m['map']:>7.3f}{m['precision']:>6.2f}{m['recall']:>7.2f}{m['arand']:>7.3f}"
               f"{m['voi']:>7.2f}{m['n_pred']:>7}{m['n_gt']:>6}{sec:>7.1f}", flush=True)
 
 
