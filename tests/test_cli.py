@@ -77,6 +77,8 @@ def test_segment_bad_inputs(blob_volume, tmp_path, tiny_model):
     assert "1D" in one_error_line(seg(root + "/one_d"))
     io.create_array(root + "/four_d", np.zeros((2, 2, 8, 8), np.uint8))
     assert "4D" in one_error_line(seg(root + "/four_d"))
+    io.create_array(root + "/empty", np.zeros((0, 8, 8), np.uint8), chunks=(1, 8, 8))
+    assert "empty" in one_error_line(seg(root + "/empty"))
     nan = np.ones((2, 32, 32), np.float32)
     nan[0, 3, 3] = np.nan
     io.create_array(root + "/nan", nan)
@@ -94,6 +96,12 @@ def test_segment_bad_inputs(blob_volume, tmp_path, tiny_model):
     io.create_array(root + "/two_d", np.zeros((32, 32), np.uint8))
     assert "3D" in one_error_line(invoke("segment", "--input", root + "/two_d", "--output", out,
                                          "--model", str(tmp_path / "m3.pt")))
+    rgb = UNet(dims=2, in_channels=3, features=(4, 8))
+    save_checkpoint(make_checkpoint(rgb, delta_v=0.5, delta_d=2.0, normalization={"mean": 0, "std": 1},
+                                    voxel_size=None, training_data="x", training_command="x"),
+                    str(tmp_path / "rgb.pt"))
+    assert "channels" in one_error_line(invoke("segment", "--input", raw, "--output", out,
+                                               "--model", str(tmp_path / "rgb.pt")))
     assert not os.path.exists(out), "no output may be left behind by bad input"
     assert "inside the input" in one_error_line(
         invoke("segment", "--input", raw, "--output", root + "/labels_out", "--model", tiny_model))
