@@ -1,14 +1,10 @@
 """Shared fixtures: small synthetic zarr volumes and a tiny training configuration."""
-import os
-
 import numpy as np
 import pytest
+import torch
 
 from spoco_vol import io
-
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-VNC = os.path.join(SHARED_DATA, "vnc_mito", "stack1.npz")
-
+from spoco_vol.model import UNet, make_checkpoint, save_checkpoint
 
 def synthetic_blobs(shape=(4, 64, 64), n=6, seed=0):
     """Bright discs (per-section objects) on a dark noisy background, with their labels."""
@@ -37,3 +33,16 @@ def blob_volume(tmp_path):
     io.create_array(path + "/labels", labels, chunks=(1, 64, 64), attrs=attrs)
     return path + "/raw", path + "/labels"
 
+
+
+def tiny_checkpoint(tmp_path, voxel_size=None, inference=None):
+    """An untrained 2D checkpoint saved as tmp_path/model.pt: (path, checkpoint dict)."""
+    torch.manual_seed(0)
+    net = UNet(dims=2, features=(4, 8), embedding_dim=4)
+    ckpt = make_checkpoint(net, delta_v=0.5, delta_d=2.0,
+                           normalization={"mean": 0.0, "std": 1.0, "kind": "zscore"},
+                           voxel_size=voxel_size, training_data="none", training_command="test",
+                           inference=inference or {})
+    path = tmp_path / "model.pt"
+    save_checkpoint(ckpt, path)
+    return str(path), ckpt

@@ -4,14 +4,14 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from spoco_vol import io
 from spoco_vol.blockwise import required_halo, segment_blockwise
 from spoco_vol.errors import SpocoInputError
-from spoco_vol.model import UNet, checkpoint_checksum, load_checkpoint, make_checkpoint, save_checkpoint
+from spoco_vol.model import checkpoint_checksum, load_checkpoint
 from spoco_vol.pipeline import BUNDLED_MODEL
+from conftest import tiny_checkpoint
 
 SHORT_OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
 
@@ -19,7 +19,7 @@ SHORT_OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
 def test_output_is_ome_zarr_that_plain_zarr_and_napari_conventions_read(tmp_path):
     data = np.random.default_rng(0).integers(0, 256, (3, 40, 36)).astype(np.uint8)
     inp = _input_volume(tmp_path, data)
-    model, _ = _tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
+    model, _ = tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
     out = str(tmp_path / "seg.zarr")
     segment_blockwise(inp, out, model, voxel_size=[40, 4, 4], device="cpu", workers=0,
                       block_shape=[2, 20, 20], halo=[0, 12, 12])
@@ -43,18 +43,6 @@ def test_output_is_ome_zarr_that_plain_zarr_and_napari_conventions_read(tmp_path
 
 # ------------------------------------------------------------------------ end to end
 
-def _tiny_checkpoint(tmp_path, voxel_size=None, inference=None):
-    torch.manual_seed(0)
-    net = UNet(dims=2, features=(4, 8), embedding_dim=4)
-    ckpt = make_checkpoint(net, delta_v=0.5, delta_d=2.0,
-                           normalization={"mean": 0.0, "std": 1.0, "kind": "zscore"},
-                           voxel_size=voxel_size, training_data="none", training_command="test",
-                           inference=inference or {})
-    path = tmp_path / "model.pt"
-    save_checkpoint(ckpt, path)
-    return str(path), ckpt
-
-
 def _input_volume(tmp_path, data, name="vol.zarr"):
     arr = zarr.create_array(str(tmp_path / name), shape=data.shape, dtype=data.dtype,
                             chunks=(1, *data.shape[1:]))
@@ -66,7 +54,7 @@ def test_segment_end_to_end(tmp_path):
     data = np.random.default_rng(0).integers(0, 256, (2, 64, 64)).astype(np.uint8)
     data[:, 16:40, 16:40] = 200
     inp = _input_volume(tmp_path, data)
-    model, ckpt = _tiny_checkpoint(tmp_path)
+    model, ckpt = tiny_checkpoint(tmp_path)
     report = segment_blockwise(inp, model=model, device="cpu", workers=0, command="spoco-vol segment test")
     out = str(tmp_path / "vol_labels.zarr")  # default output name beside the input
     assert report["output"] == out
@@ -93,7 +81,7 @@ def test_segment_end_to_end(tmp_path):
 def test_segment_resamples_to_model_voxel_size(tmp_path):
     data = np.random.default_rng(1).integers(0, 256, (1, 60, 60)).astype(np.uint8)
     inp = _input_volume(tmp_path, data)
-    model, _ = _tiny_checkpoint(tmp_path, voxel_size=[9.2, 9.2])
+    model, _ = tiny_checkpoint(tmp_path, voxel_size=[9.2, 9.2])
     out = str(tmp_path / "seg.zarr")
     report = segment_blockwise(inp, out, model, voxel_size=[40, 4.6, 4.6], device="cpu", workers=0)
     labels = zarr.open_array(out + "/0", mode="r")[...]
@@ -109,7 +97,7 @@ def test_segment_refuses_nan(tmp_path):
     data = np.zeros((2, 32, 32), np.float32)
     data[1, 5, 7] = np.nan
     inp = _input_volume(tmp_path, data)
-    model, _ = _tiny_checkpoint(tmp_path)
+    model, _ = tiny_checkpoint(tmp_path)
     before = sorted(os.listdir(tmp_path))
     out = str(tmp_path / "seg.zarr")
     with pytest.raises(SpocoInputError, match="NaN"):
@@ -119,7 +107,7 @@ def test_segment_refuses_nan(tmp_path):
 
 
 def test_segment_input_errors(tmp_path):
-    model, _ = _tiny_checkpoint(tmp_path)
+    model, _ = tiny_checkpoint(tmp_path)
     with pytest.raises(SpocoInputError, match="not found"):
         segment_blockwise(str(tmp_path / "missing.zarr"), model=model, device="cpu", workers=0)
     inp = _input_volume(tmp_path, np.zeros((2, 16, 16), np.uint8))
@@ -153,7 +141,7 @@ def test_blockwise_equals_single_block_on_real_em(tmp_path):
 
 def test_halo_and_block_shape_checks(tmp_path):
     inp = _input_volume(tmp_path, np.zeros((2, 64, 64), np.uint8))
-    model, ckpt = _tiny_checkpoint(tmp_path)
+    model, ckpt = tiny_checkpoint(tmp_path)
     need = required_halo(load_checkpoint(model), 3, [1.0, 1.0, 1.0])
     assert need[0] == 0 and need[1] == need[2] >= 27  # 2D model: no context across sections
     with pytest.raises(SpocoInputError, match="shorter than the longest affinity offset"):
@@ -170,7 +158,7 @@ def test_masked_and_empty_blocks_are_written_zero(tmp_path):
     data = np.full((2, 64, 64), 120, np.uint8)
     data[:, :, 32:] = 0  # raw entirely 0 in the right half
     inp = _input_volume(tmp_path, data)
-    model, _ = _tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
+    model, _ = tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
     mask = np.zeros((2, 64, 64), np.uint8)
     mask[:, 32:, :32] = 1  # only the lower-left block has foreground in the mask
     io.create_array(str(tmp_path / "mask.zarr"), mask)

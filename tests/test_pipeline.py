@@ -3,14 +3,14 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from spoco_vol.errors import SpocoInputError
-from spoco_vol.model import UNet, make_checkpoint, save_checkpoint
+from spoco_vol.model import UNet, make_checkpoint
 from spoco_vol.pipeline import (
     check_output_path, model_scale, resample_raw, restore_labels, segment_array,
 )
+from conftest import tiny_checkpoint
 
 
 # ------------------------------------------------------------------------ model scale
@@ -138,20 +138,8 @@ def test_check_output_path_refuses_output_containing_input(tmp_path):
 
 # ------------------------------------------------------------------------ arrays
 
-def _tiny_checkpoint(tmp_path, voxel_size=None, inference=None):
-    torch.manual_seed(0)
-    net = UNet(dims=2, features=(4, 8), embedding_dim=4)
-    ckpt = make_checkpoint(net, delta_v=0.5, delta_d=2.0,
-                           normalization={"mean": 0.0, "std": 1.0, "kind": "zscore"},
-                           voxel_size=voxel_size, training_data="none", training_command="test",
-                           inference=inference or {})
-    path = tmp_path / "model.pt"
-    save_checkpoint(ckpt, path)
-    return str(path), ckpt
-
-
 def test_segment_array_dimension_errors(tmp_path):
-    _, ckpt = _tiny_checkpoint(tmp_path)
+    _, ckpt = tiny_checkpoint(tmp_path)
     with pytest.raises(SpocoInputError, match="must be 2D or 3D"):
         segment_array(np.zeros((2, 2, 8, 8), np.float32), ckpt, device="cpu")
     ckpt3 = make_checkpoint(UNet(dims=3, features=(4, 8)), delta_v=0.5, delta_d=2.0,
@@ -162,7 +150,7 @@ def test_segment_array_dimension_errors(tmp_path):
 
 
 def test_segment_array_2d(tmp_path):
-    _, ckpt = _tiny_checkpoint(tmp_path)
+    _, ckpt = tiny_checkpoint(tmp_path)
     raw = np.random.default_rng(0).random((32, 48)).astype(np.float32)
     a = segment_array(raw, ckpt, device="cpu")
     assert a.shape == (32, 48) and a.dtype == np.uint64 and a.min() >= 1
@@ -170,6 +158,6 @@ def test_segment_array_2d(tmp_path):
 
 
 def test_segment_array_small_image(tmp_path):
-    _, ckpt = _tiny_checkpoint(tmp_path)
+    _, ckpt = tiny_checkpoint(tmp_path)
     raw = np.random.default_rng(0).random((20, 24)).astype(np.float32)
     assert segment_array(raw, ckpt, device="cpu").shape == (20, 24)
