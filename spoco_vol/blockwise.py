@@ -27,7 +27,8 @@ from . import __version__, io, model as model_mod
 from .affinities import default_offsets
 from .blocks import Block, BlockGrid
 from .errors import SpocoInputError
-from .pipeline import (BUNDLED_MODEL, check_output_path, model_scale, segment_array, write_ome_metadata)
+from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, model_scale, segment_array,
+                       write_ome_metadata)
 from .stitching import block_id_offset, merge_table, relabel_block, stitch_faces
 
 STAGES = ("read", "predict", "segment", "write", "stitch", "relabel")
@@ -216,7 +217,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     t_start = time.perf_counter()
     arr = io.open_volume(input_path)
     io.validate_volume(arr, f"input {input_path}")
-    output = output or (io._split_store_path(input_path)[0].rstrip(os.sep).removesuffix(".zarr") + "_labels.zarr")
+    output = output or default_output_path(input_path)
     check_output_path(output, input_path, overwrite)
     model_path = os.path.abspath(model or BUNDLED_MODEL)
     ckpt = model_mod.load_checkpoint(model_path)

@@ -26,6 +26,11 @@ def _split_store_path(path: str) -> tuple[str, str]:
     return path, ""
 
 
+def store_root(path: str | os.PathLike) -> str:
+    """The zarr store a volume path lives in: ``a/vol.zarr/raw`` -> ``a/vol.zarr``."""
+    return _split_store_path(os.fspath(path))[0]
+
+
 def _is_zarr_node(path: str) -> bool:
     return os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, f)) for f in ("zarr.json", ".zarray", ".zgroup"))

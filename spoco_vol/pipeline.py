@@ -57,9 +57,14 @@ def restore_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return labels[np.ix_(*idx)]
 
 
+def default_output_path(input_path: str) -> str:
+    """``<input store>_labels.zarr`` beside the input."""
+    return io.store_root(input_path).rstrip(os.sep).removesuffix(".zarr") + "_labels.zarr"
+
+
 def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
     out = os.path.abspath(output)
-    inp = os.path.abspath(io._split_store_path(input_path)[0])
+    inp = os.path.abspath(io.store_root(input_path))
     if out == inp or out.startswith(inp + os.sep):
         raise SpocoInputError(f"output {output} lies inside the input {input_path}")
     if inp.startswith(out + os.sep):
