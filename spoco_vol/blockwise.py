@@ -27,8 +27,8 @@ from . import __version__, io, model as model_mod
 from .affinities import default_offsets
 from .blocks import Block, BlockGrid
 from .errors import SpocoInputError
-from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, model_scale, segment_array,
-                       write_ome_metadata)
+from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, model_grid_index, model_scale,
+                       segment_array, write_ome_metadata)
 from .stitching import block_id_offset, merge_table, relabel_block, stitch_faces
 
 STAGES = ("read", "predict", "segment", "write", "stitch", "relabel")
@@ -88,18 +88,17 @@ def _in_read(block: Block, region: tuple[slice, ...]) -> tuple[slice, ...]:
 
 
 def _face_affinity(emb: np.ndarray, read_shape: Sequence[int], block: Block, axis: int,
-                   delta_d: float) -> np.ndarray:
+                   delta_d: float, scale: Sequence[float]) -> np.ndarray:
     """Affinity between the core's last plane and the next plane along ``axis``, on the
     input grid (embeddings sampled nearest-neighbour from the model grid)."""
     last = block.core[axis].stop - 1 - block.read[axis].start
     idx = []
     for a, (n, m) in enumerate(zip(read_shape, emb.shape[1:])):
         if a == axis:
-            planes = np.array([last, last + 1])
-            idx.append(np.minimum((planes * m) // n, m - 1))
+            idx.append(model_grid_index(np.array([last, last + 1]), n, m, scale[a]))
         else:
             cs = block.core_in_read[a]
-            idx.append(np.minimum((np.arange(cs.start, cs.stop) * m) // n, m - 1))
+            idx.append(model_grid_index(np.arange(cs.start, cs.stop), n, m, scale[a]))
     e = emb[(slice(None), *np.ix_(*idx))]
     e0 = np.take(e, 0, axis=axis + 1)
     e1 = np.take(e, 1, axis=axis + 1)
@@ -131,6 +130,8 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
     else:
         labels, emb = segment_array(raw, ckpt, input_voxel_size=voxel_size, device=device,
                                     timings=timings, net=net, keep_embeddings=True)
+        dims = ckpt["architecture"]["dims"]
+        scale = model_scale(voxel_size, ckpt.get("voxel_size"), list(range(raw.ndim - dims, raw.ndim)), raw.ndim)
         t = time.perf_counter()
         # Core objects get this block's id range; halo-only objects get 0 (not ours).
         core_local = labels[block.core_in_read]
@@ -156,7 +157,7 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
                 region = _face_region(block, a, side, depth)
                 faces[f"halo_{a}_{'p' if side > 0 else 'm'}"] = to_global(labels[_in_read(block, region)])
                 if side > 0:
-                    faces[f"aff_{a}"] = _face_affinity(emb, raw.shape, block, a, ckpt["delta_d"])
+                    faces[f"aff_{a}"] = _face_affinity(emb, raw.shape, block, a, ckpt["delta_d"], scale)
         timings["stitch"] += time.perf_counter() - t
     t = time.perf_counter()
     frag[block.core] = core
@@ -253,19 +254,18 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                                   f"halo {halo[a]} it needs")
     grid = BlockGrid(arr.shape, block_shape, halo, align=read_alignment(ckpt, arr.ndim, scale))
     stitch_axes = spatial_axes if stitch else []
-    depth = max(1, min([halo[a] for a in stitch_axes] + [min(block_shape)], default=1)) if stitch_axes else 1
+    depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes], default=1))
 
     work = output.rstrip(os.sep) + ".partial"
     if os.path.exists(work):
         shutil.rmtree(work)
-    group = zarr.open_group(work, mode="w", zarr_format=2)
-    group.create_array("fragments", shape=arr.shape, dtype="uint64", chunks=tuple(block_shape), fill_value=0)
-    os.makedirs(os.path.join(work, "blocks"))
-    n_vox = int(np.prod([g * b for g, b in zip(grid.grid_shape, block_shape)]))
-    out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
-    group.create_array("0", shape=arr.shape, dtype=out_dtype, chunks=tuple(block_shape), fill_value=0)
-
     try:
+        group = zarr.open_group(work, mode="w", zarr_format=2)
+        group.create_array("fragments", shape=arr.shape, dtype="uint64", chunks=tuple(block_shape), fill_value=0)
+        os.makedirs(os.path.join(work, "blocks"))
+        n_vox = int(np.prod([g * b for g, b in zip(grid.grid_shape, block_shape)]))
+        out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
+        group.create_array("0", shape=arr.shape, dtype=out_dtype, chunks=tuple(block_shape), fill_value=0)
         own_cluster = None
         if client is None and workers > 0:
             from distributed import Client, LocalCluster
@@ -298,31 +298,29 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
             if own_cluster is not None:
                 client.close()
                 own_cluster.close()
-
+        n_objects = int(max((int(t.max()) for t in tables if len(t)), default=0))
+        work_seconds = dict.fromkeys(STAGES, 0.0)
+        for r in results:
+            for k, v in r["timings"].items():
+                work_seconds[k] += v
+        work_seconds["relabel"] = float(sum(relabel_times))
+        report = {"objects": n_objects, "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
+                  "model_sha256": model_mod.checkpoint_checksum(ckpt), "command": command,
+                  "version": __version__,
+                  "block_shape": block_shape, "halo": halo, "blocks": len(grid), "merges": int(len(edges)),
+                  "workers": workers,
+                  "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
+                                   "relabel": round(wall_relabel, 3)},
+                  "seconds": {k: round(v, 3) for k, v in work_seconds.items()}}
+        shutil.rmtree(os.path.join(work, "blocks"))
+        shutil.rmtree(os.path.join(work, "fragments"))  # a v2 group lists no children: removing is enough
+        write_ome_metadata(zarr.open_group(work, mode="r+"), arr.ndim, vs, report)
+        if os.path.exists(output):
+            shutil.rmtree(output)  # check_output_path allowed it: a zarr store, and --overwrite
+        os.replace(work, output)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # bad input found inside a block: leave nothing behind
+        shutil.rmtree(work, ignore_errors=True)  # any failure, bad input inside a block included
         raise
-
-    n_objects = int(max((int(t.max()) for t in tables if len(t)), default=0))
-    work_seconds = dict.fromkeys(STAGES, 0.0)
-    for r in results:
-        for k, v in r["timings"].items():
-            work_seconds[k] += v
-    work_seconds["relabel"] = float(sum(relabel_times))
-    report = {"objects": n_objects, "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
-              "model_sha256": model_mod.checkpoint_checksum(ckpt), "command": command,
-              "version": __version__,
-              "block_shape": block_shape, "halo": halo, "blocks": len(grid), "merges": int(len(edges)),
-              "workers": workers,
-              "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
-                               "relabel": round(wall_relabel, 3)},
-              "seconds": {k: round(v, 3) for k, v in work_seconds.items()}}
-    shutil.rmtree(os.path.join(work, "blocks"))
-    shutil.rmtree(os.path.join(work, "fragments"))  # a v2 group lists no children: removing is enough
-    write_ome_metadata(zarr.open_group(work, mode="r+"), arr.ndim, vs, report)
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.replace(work, output)
     report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     report["output"] = output
     return report

@@ -31,6 +31,11 @@ def store_root(path: str | os.PathLike) -> str:
     return _split_store_path(os.fspath(path))[0]
 
 
+def is_zarr_store(path: str) -> bool:
+    """A directory holding zarr (v2 or v3) metadata."""
+    return _is_zarr_node(path)
+
+
 def _is_zarr_node(path: str) -> bool:
     return os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, f)) for f in ("zarr.json", ".zarray", ".zgroup"))

@@ -49,12 +49,25 @@ def resample_raw(raw: np.ndarray, scale: Sequence[float]) -> np.ndarray:
     return ndimage.zoom(raw, scale, order=1)
 
 
-def restore_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour labels back on the input grid of ``shape``."""
+def restore_labels(labels: np.ndarray, shape: Sequence[int],
+                   scale: Sequence[float] | None = None) -> np.ndarray:
+    """Nearest-neighbour labels back on the input grid of ``shape`` (``scale`` as given to
+    resample_raw: integer downsampling then maps each input voxel to its own block)."""
     if tuple(labels.shape) == tuple(shape):
         return labels
-    idx = [np.minimum((np.arange(n) * (m / n)).astype(np.int64), m - 1) for n, m in zip(shape, labels.shape)]
-    return labels[np.ix_(*idx)]
+    scale = scale or [None] * len(shape)
+    return labels[np.ix_(*(model_grid_index(np.arange(n), n, m, s)
+                           for n, m, s in zip(shape, labels.shape, scale)))]
+
+
+def model_grid_index(i: np.ndarray, n: int, m: int, scale: float | None = None) -> np.ndarray:
+    """Model-grid index of input index ``i`` on an axis of n input and m model voxels:
+    block membership i // f for integer downsampling by f = 1/scale, nearest otherwise."""
+    if scale:
+        f = 1 / scale
+        if abs(f - round(f)) < 1e-6 and round(f) >= 1:
+            return np.minimum(i // int(round(f)), m - 1)
+    return np.minimum((i * (m / n)).astype(np.int64), m - 1)
 
 
 def default_output_path(input_path: str) -> str:
@@ -71,6 +84,11 @@ def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
         raise SpocoInputError(f"output {output} contains the input {input_path}")
     if os.path.exists(out) and not overwrite:
         raise SpocoInputError(f"output {output} exists (use --overwrite to replace it)")
+    if os.path.exists(out) and not io.is_zarr_store(out):
+        raise SpocoInputError(f"output {output} exists and is not a zarr store: not replacing it")
+    partial = out + ".partial"  # the work directory, removed before a run
+    if inp == partial or inp.startswith(partial + os.sep):
+        raise SpocoInputError(f"input {input_path} lies in the output's work directory {partial}")
     parent = os.path.dirname(out) or "."
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise SpocoInputError(f"cannot write output {output}: {parent} is not a writable directory")
@@ -139,5 +157,5 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
         else:
             out[z] = lab
         timings["segment"] = timings.get("segment", 0) + time.perf_counter() - t
-    labels = restore_labels(out, raw.shape)
+    labels = restore_labels(out, raw.shape, scale)
     return (labels, embeddings) if keep_embeddings else labels

@@ -88,10 +88,28 @@ def test_check_output_path_ok(tmp_path):
 
 def test_check_output_path_exists(tmp_path):
     inp = _input(tmp_path)
-    (tmp_path / "out.zarr").mkdir()
+    zarr.open_group(str(tmp_path / "out.zarr"), mode="w")
     with pytest.raises(SpocoInputError, match="exists .*--overwrite"):
         check_output_path(str(tmp_path / "out.zarr"), inp, overwrite=False)
     check_output_path(str(tmp_path / "out.zarr"), inp, overwrite=True)
+    # --overwrite never replaces something that is not a zarr store (a data folder, a file)
+    (tmp_path / "my_data").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    for other in ("my_data", "notes.txt"):
+        with pytest.raises(SpocoInputError, match="not a zarr store"):
+            check_output_path(str(tmp_path / other), inp, overwrite=True)
+    # nor works in a directory that holds the input
+    with pytest.raises(SpocoInputError, match="work directory"):
+        check_output_path(str(tmp_path / "run.zarr"), str(tmp_path / "run.zarr.partial" / "raw"),
+                          overwrite=True)
+
+
+def test_restore_labels_exact_for_integer_factors():
+    labels = np.array([[1, 2]])
+    assert restore_labels(labels, (1, 4)).tolist() == [[1, 1, 2, 2]]
+    # factor 3 with a remainder: input 0-2 -> model 0, input 3 -> model 1 (not [0, 0, 1, 1])
+    assert restore_labels(np.array([[5, 6]]), (1, 4), [1, 1 / 3]).tolist() == [[5, 5, 5, 6]]
+    assert restore_labels(np.array([[5, 6]]), (1, 4)).tolist() == [[5, 5, 6, 6]]  # no factor: nearest
 
 
 def test_check_output_path_inside_input(tmp_path):
