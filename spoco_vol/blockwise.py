@@ -231,6 +231,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     vs = list(voxel_size) if voxel_size else io.read_voxel_size(input_path)
     if vs is not None and len(vs) != arr.ndim:
         raise SpocoInputError(f"--voxel-size needs {arr.ndim} values for this {arr.ndim}D input")
+    if vs is not None and not all(np.isfinite(v) and v > 0 for v in vs):
+        raise SpocoInputError(f"voxel size must be positive, got {vs}")
     if mask:
         m = io.open_volume(mask, "mask")
         if tuple(m.shape) != tuple(arr.shape):

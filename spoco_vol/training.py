@@ -248,18 +248,17 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     background = [float(v) for v in center]
     dims = embs[0].ndim - 1
     offsets = default_offsets(dims)
-    gt = np.stack(labels) if dims == 2 else np.concatenate(labels)
+    # Only images with annotated objects can score a radius (an empty one rewards deleting all).
+    scored = [(e, lab) for e, lab in zip(embs, labels) if lab.any()]
+    if not scored:
+        return {"background_embedding": background, "background_radius": delta_d}
 
     def score(radius: float) -> float:
-        segs = [segment_embeddings(e, offsets, delta_d, strides=[2] * dims, background_embedding=background,
-                                   background_radius=radius, min_size=min_size) for e in embs]
-        # patches never share ids: offset each so the pooled stack has distinct objects
-        stack, top = [], 0
-        for seg in segs:
-            stack.append(np.where(seg > 0, seg + top, 0))
-            top += int(seg.max())
-        pred = np.stack(stack) if dims == 2 else np.concatenate(stack)
-        return average_precision(pred, gt, per_section=True)["ap@0.5"]
+        # images may differ in shape: score each, then average
+        return float(np.mean([average_precision(
+            segment_embeddings(e, offsets, delta_d, strides=[2] * dims, background_embedding=background,
+                               background_radius=radius, min_size=min_size), lab)["ap@0.5"]
+            for e, lab in scored]))
 
     grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, 0.25)
     scores = [score(float(r)) for r in grid]
@@ -304,10 +303,29 @@ def _plot_log(log_path: str, png_path: str):
     plt.close(fig)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train (or fine-tune, or resume) a SPOCO model; returns a summary dict."""
+def _check_parameters(cfg: TrainConfig) -> None:
+    """Numbers that would fail deep inside the loop fail here, before --out is touched."""
     if cfg.dims not in (2, 3):
         raise SpocoInputError("--dims must be 2 or 3")
+    if not 0 < cfg.threshold < 1:
+        raise SpocoInputError(f"--threshold must be in (0, 1), got {cfg.threshold}")
+    if cfg.delta_v <= 0 or cfg.delta_d <= 0:
+        raise SpocoInputError("--delta-v and --delta-d must be positive")
+    if cfg.embedding_dim < 1 or not cfg.features or min(cfg.features) < 1:
+        raise SpocoInputError("--embedding-dim and --features must be positive")
+    if len(cfg.downsample) != 3 or min(cfg.downsample) < 1:
+        raise SpocoInputError("--downsample takes three factors >= 1 (z y x)")
+    if cfg.dims == 2 and cfg.downsample[0] != 1:
+        raise SpocoInputError("a 2D model is trained on single sections: the z factor of --downsample must be 1")
+    if cfg.voxel_size is not None and not all(np.isfinite(v) and v > 0 for v in cfg.voxel_size):
+        raise SpocoInputError(f"--voxel-size must be positive, got {list(cfg.voxel_size)}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise SpocoInputError(f"--out {cfg.out} exists and is not a directory")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or fine-tune, or resume) a SPOCO model; returns a summary dict."""
+    _check_parameters(cfg)
     init_ckpt = model_mod.load_checkpoint(cfg.init) if cfg.init else None
     _check_out_dir(cfg)
     train_vols, val_vols, normalization, info = _prepare_volumes(cfg)
@@ -318,8 +336,6 @@ def train(cfg: TrainConfig) -> dict:
                                   f"channel(s); this run needs {cfg.dims}D with 1")
         normalization = dict(init_ckpt["normalization"])  # keep the representation's input scale
     ds = list(cfg.downsample)
-    if len(ds) != 3:
-        raise SpocoInputError("--downsample takes three factors (z y x)")
     # Specks below a quarter of the smallest annotated objects (1st percentile) are noise.
     min_size = max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4))
     rng = np.random.default_rng(cfg.seed)
@@ -444,11 +460,6 @@ def train(cfg: TrainConfig) -> dict:
                          "" if val_loss is None else f"{val_loss:.6g}"])
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
         bar.update(1)
-        stopping = cfg.stop_after is not None and it - start_it >= cfg.stop_after and it < cfg.iterations
-        if stopping:
-            log_f.flush()
-            model_mod.save_checkpoint(checkpoint(it, True), os.path.join(cfg.out, "latest.pt"))
-            break
         if checkpoint_due:
             t_save = time.perf_counter()
             # Without held-out data the newest model is the best one we can name.
@@ -458,6 +469,12 @@ def train(cfg: TrainConfig) -> dict:
             log_f.flush()
             model_mod.save_checkpoint(checkpoint(it, True), os.path.join(cfg.out, "latest.pt"))
             t_last += time.perf_counter() - t_save  # checkpoint I/O is not training time
+        stopping = cfg.stop_after is not None and it - start_it >= cfg.stop_after and it < cfg.iterations
+        if stopping:
+            if not checkpoint_due:
+                log_f.flush()
+                model_mod.save_checkpoint(checkpoint(it, True), os.path.join(cfg.out, "latest.pt"))
+            break
     bar.close()
     log_f.close()
     if stopping:
@@ -465,7 +482,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # Inference needs to know which embeddings mean "background": measure it once per model.
     bg_images = _validation_images(val_vols, cfg, normalization) or \
-        [(raw, lab) for raw, lab in _validation_patches(train_vols, cfg, normalization, cfg.seed)]
+        _validation_patches(train_vols, cfg, normalization, cfg.seed)
     background = calibrate_background(net, bg_images, device, cfg.amp, cfg.delta_v, cfg.delta_d, min_size)
     best_path = os.path.join(cfg.out, "best.pt")
     if os.path.exists(best_path):

@@ -65,6 +65,34 @@ def test_resume_continues_exactly(blob_volume, tmp_path):
     assert [r["total"] for r in la] == [r["total"] for r in lb]
 
 
+def test_resume_after_a_stop_at_a_checkpoint_iteration(blob_volume, tmp_path):
+    """Stopping exactly where validation runs must still record that best model."""
+    raw, labels = blob_volume
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(train_args(raw, labels, straight, "--iterations", "6")).exit_code == 0
+    assert run(train_args(raw, labels, split, "--iterations", "6", "--stop-after", "3")).exit_code == 0
+    assert run(train_args(raw, labels, split, "--iterations", "6", "--resume")).exit_code == 0
+    for name in ("best.pt", "latest.pt"):
+        a = torch.load(os.path.join(straight, name), weights_only=True)
+        b = torch.load(os.path.join(split, name), weights_only=True)
+        assert a["training"]["iterations"] == b["training"]["iterations"]
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
+
+
+def test_bad_parameters_write_nothing(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    out = str(tmp_path / "out")
+    for extra, word in ((["--threshold", "1.5"], "threshold"), (["--downsample", "1,0,1"], "downsample"),
+                        (["--downsample", "2,1,1"], "z factor"), (["--voxel-size", "0,1,1"], "voxel-size"),
+                        (["--delta-v", "0"], "delta-v")):
+        r = CliRunner().invoke(cli, train_args(raw, labels, out, *extra))
+        assert r.exit_code == 2 and word in r.output and not os.path.exists(out), (extra, r.output)
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(cli, train_args(raw, labels, str(tmp_path / "afile")))
+    assert r.exit_code == 2 and "not a directory" in r.output
+
+
 def test_object_fraction_keeps_seeded_subset(blob_volume, tmp_path):
     raw, labels = blob_volume
     out = str(tmp_path / "sparse")
