@@ -89,6 +89,10 @@ def _prepare_volumes(cfg: TrainConfig):
         if len(cfg.val_raw) != len(cfg.val_labels):
             raise SpocoInputError("give one --val-labels for every --val-raw")
         val_vols = [data.open_training_volume(r, l, cfg.voxel_size) for r, l in zip(cfg.val_raw, cfg.val_labels)]
+        for v in val_vols:
+            if v.raw.ndim == 2 and cfg.dims == 3:
+                raise SpocoInputError(f"a 3D model cannot be validated on the 2D volume {v.name}")
+            data.volume_statistics(v)  # catches NaN/inf before training starts
     elif cfg.val_sections > 0:
         # Hold out the last sections of each 3D volume (thick-section EM: z is the split axis).
         for v in train_vols:
@@ -164,6 +168,8 @@ def _validation_patches(val_vols, cfg: TrainConfig, normalization: dict, seed: i
         sampler = data.PatchSampler(val_vols, cfg.patch_shape, cfg.dims, cfg.downsample,
                                     rng=np.random.default_rng(seed + 10_000))
     except SpocoInputError:
+        if cfg.val_raw:
+            raise  # the user named validation data: it must be usable
         return []
     out = []
     for _ in range(cfg.val_patches):
@@ -382,8 +388,14 @@ def train(cfg: TrainConfig) -> dict:
                 os.remove(os.path.join(cfg.out, f))
     log_path = os.path.join(cfg.out, "log.csv")
     if cfg.resume:
-        st = torch.load(os.path.join(cfg.out, "latest.pt"), map_location="cpu", weights_only=True)
-        ts = st["training_state"]
+        st = model_mod.load_checkpoint(os.path.join(cfg.out, "latest.pt"))
+        ts = st.get("training_state")
+        saved = st.get("training", {})
+        if ts is None or st["architecture"] != net.config or saved.get("mode") != mode \
+                or list(saved.get("patch_shape", [])) != list(cfg.patch_shape) \
+                or saved.get("batch_size") != cfg.batch_size:
+            raise SpocoInputError(f"--resume: {cfg.out}/latest.pt was written by a different configuration "
+                                  "(architecture, mode, patch shape or batch size); rerun with those options")
         net.load_state_dict(st["state_dict"])
         if use_g:
             g_net.load_state_dict(ts["momentum_state"])

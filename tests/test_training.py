@@ -93,6 +93,14 @@ def test_bad_parameters_write_nothing(blob_volume, tmp_path):
     assert r.exit_code == 2 and "not a directory" in r.output
 
 
+def test_resume_refuses_a_different_configuration(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    assert run(train_args(raw, labels, out, "--iterations", "4", "--stop-after", "2")).exit_code == 0
+    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "4", "--resume", "--batch-size", "3"))
+    assert r.exit_code == 2 and "different configuration" in r.output
+
+
 def test_object_fraction_keeps_seeded_subset(blob_volume, tmp_path):
     raw, labels = blob_volume
     out = str(tmp_path / "sparse")
