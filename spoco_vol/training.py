@@ -535,7 +535,17 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     """Re-measure a checkpoint's background embedding and radius on labeled held-out data
     (whole sections, as at the end of training) and save it as ``out``."""
     ckpt = model_mod.load_checkpoint(model_path)
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SpocoInputError(f"cannot write the calibrated checkpoint to {out}")
     vol = data.open_training_volume(raw, labels)
+    if ckpt["architecture"]["dims"] > vol.raw.ndim:
+        raise SpocoInputError(f"the model is {ckpt['architecture']['dims']}D but {raw} is {vol.raw.ndim}D")
+    if z_range is not None:
+        nz = vol.shape3d[0]
+        if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= nz or vol.raw.ndim != 3:
+            raise SpocoInputError(f"--z-range needs START,STOP with 0 <= START < STOP <= {nz} on a 3D volume")
+        z_range = (int(z_range[0]), int(z_range[1]))
     vol.z_range = z_range
     tr = ckpt.get("training", {})
     dims = ckpt["architecture"]["dims"]

@@ -180,3 +180,18 @@ def test_training_without_validation_data_still_checkpoints(tmp_path):
     assert r.exit_code == 0, r.output
     assert os.path.isfile(out + "/best.pt") and os.path.isfile(out + "/latest.pt")
     assert not any(row["val_loss"] for row in csv.DictReader(open(out + "/log.csv")))
+
+
+def test_calibrate_command(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    assert run(train_args(raw, labels, out, "--iterations", "2")).exit_code == 0
+    cal = str(tmp_path / "cal.pt")
+    r = run(["calibrate", "--model", out + "/best.pt", "--raw", raw, "--labels", labels, "--z-range", "3,4",
+             "--out", cal])
+    assert r.exit_code == 0, r.output
+    ck = load_checkpoint(cal)
+    assert 0.5 <= ck["inference"]["background_radius"] <= 4.5 and "training_state" not in ck
+    bad = CliRunner().invoke(cli, ["calibrate", "--model", out + "/best.pt", "--raw", raw, "--labels", labels,
+                                   "--z-range", "3", "--out", str(tmp_path / "c2.pt")])
+    assert bad.exit_code == 2 and "--z-range" in bad.output
