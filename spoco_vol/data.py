@@ -39,8 +39,7 @@ def iter_slabs(arr, step: int | None = None, z_range: tuple[int, int] | None = N
         yield slice(z, min(z1, z + step)), np.asarray(arr[z:min(z1, z + step)])
 
 
-def open_training_volume(raw_path: str, labels_path: str, voxel_size=None,
-                         z_range: tuple[int, int] | None = None) -> TrainingVolume:
+def open_training_volume(raw_path: str, labels_path: str, voxel_size=None) -> TrainingVolume:
     raw = io.open_volume(raw_path, "raw")
     labels = io.open_volume(labels_path, "labels")
     io.validate_volume(raw, f"raw {raw_path}")
@@ -51,7 +50,7 @@ def open_training_volume(raw_path: str, labels_path: str, voxel_size=None,
     vs = list(voxel_size) if voxel_size else io.read_voxel_size(raw_path)
     if vs is not None and len(vs) != raw.ndim:
         raise SpocoInputError(f"voxel size {vs} does not match the {raw.ndim}D raw {raw_path}")
-    return TrainingVolume(name=raw_path, raw=raw, labels=labels, voxel_size=vs, z_range=z_range)
+    return TrainingVolume(name=raw_path, raw=raw, labels=labels, voxel_size=vs)
 
 
 def volume_statistics(vol: TrainingVolume) -> dict:

@@ -194,13 +194,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, state_key: str = "state_dict") -> UNet:
+def model_from_checkpoint(ckpt: dict) -> UNet:
     try:
         model = build_model(ckpt["architecture"])
     except (TypeError, ValueError) as exc:
         raise SpocoInputError(f"checkpoint architecture is invalid: {exc}") from None
     try:
-        model.load_state_dict(ckpt[state_key])
+        model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         raise SpocoInputError(f"checkpoint weights do not fit its architecture: {str(exc).splitlines()[0]}") from None
     model.eval()
