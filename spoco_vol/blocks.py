@@ -63,12 +63,48 @@ class BlockGrid:
         for index in itertools.product(*(range(g) for g in self.grid_shape)):
             yield self.block(index)
 
-    def faces(self, axes: Sequence[int] | None = None) -> Iterator[tuple[Block, Block, int]]:
-        """Each pair of face-adjacent blocks once, as (lower, upper, axis)."""
+    def blocks(self, roi: Sequence[slice] | None = None) -> list[Block]:
+        """The blocks whose core overlaps ``roi`` (all blocks without one), in C order."""
+        return [b for b in self if roi is None or intersect(b.core, roi) is not None]
+
+    def faces(self, axes: Sequence[int] | None = None,
+              roi: Sequence[slice] | None = None) -> Iterator[tuple[Block, Block, int]]:
+        """Each pair of face-adjacent blocks (both overlapping ``roi``) once, as (lower, upper, axis)."""
         axes = range(len(self.shape)) if axes is None else axes
-        for block in self:
+        for block in self.blocks(roi):
             for a in axes:
                 if block.index[a] + 1 < self.grid_shape[a]:
                     nxt = list(block.index)
                     nxt[a] += 1
-                    yield block, self.block(nxt), a
+                    upper = self.block(nxt)
+                    if roi is None or intersect(upper.core, roi) is not None:
+                        yield block, upper, a
+
+
+def intersect(a: Sequence[slice], b: Sequence[slice]) -> tuple[slice, ...] | None:
+    """The overlap of two regions, or None when they do not overlap."""
+    out = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+    return out if all(s.start < s.stop for s in out) else None
+
+
+def parse_roi(text: str, shape: Sequence[int]) -> tuple[slice, ...]:
+    """``"z0:z1,y0:y1,x0:x1"`` (input voxels, start inclusive, stop exclusive; an empty
+    bound means the volume's edge, so ``":,100:300,:"`` restricts y only) -> slices."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != len(shape):
+        raise SpocoInputError(f"--roi needs {len(shape)} ranges like 0:64 for this {len(shape)}D input, "
+                              f"got {text!r}")
+    roi = []
+    for a, (part, n) in enumerate(zip(parts, shape)):
+        bounds = part.split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            start = int(bounds[0]) if bounds[0].strip() else 0
+            stop = int(bounds[1]) if bounds[1].strip() else n
+        except ValueError:
+            raise SpocoInputError(f"--roi: {part!r} is not a range like 0:64") from None
+        if not 0 <= start < stop <= n:
+            raise SpocoInputError(f"--roi range {start}:{stop} along axis {a} is empty or outside 0:{n}")
+        roi.append(slice(start, stop))
+    return tuple(roi)

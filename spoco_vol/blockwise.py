@@ -25,13 +25,13 @@ import zarr
 
 from . import __version__, io, model as model_mod
 from .affinities import default_offsets
-from .blocks import Block, BlockGrid
+from .blocks import Block, BlockGrid, intersect, parse_roi
 from .errors import SpocoInputError
 from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, model_grid_index, model_scale,
                        segment_array, write_ome_metadata)
 from .stitching import block_id_offset, merge_table, relabel_block, stitch_faces
 
-STAGES = ("read", "predict", "segment", "write", "stitch", "relabel")
+STAGES = ("read", "predict", "affinities", "watershed", "stitch", "relabel", "write")
 
 
 # ----------------------------------------------------------------------------- planning
@@ -106,10 +106,41 @@ def _face_affinity(emb: np.ndarray, read_shape: Sequence[int], block: Block, axi
     return np.square(np.clip(1 - d / (2 * delta_d), 0, None)).astype(np.float32)
 
 
+def _zero_outside(arr: np.ndarray, region: tuple[slice, ...], roi: tuple[slice, ...] | None) -> np.ndarray:
+    """``arr`` covers the volume ``region``; voxels outside ``roi`` become 0."""
+    if roi is None:
+        return arr
+    out = np.zeros_like(arr)
+    inside = intersect(region, roi)
+    if inside is not None:
+        sl = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))
+        out[sl] = arr[sl]
+    return out
+
+
+def embedding_factors(scale: Sequence[float]) -> list[int] | None:
+    """Input voxels per model voxel along each axis, or None if the model grid is not an
+    integer downsampling of the input grid (then saved embeddings would not tile)."""
+    inv = [1 / s for s in scale]
+    if all(abs(i - round(i)) < 1e-6 and round(i) >= 1 for i in inv):
+        return [int(round(i)) for i in inv]
+    return None
+
+
+def _write_embeddings(emb: np.ndarray, block: Block, factors: Sequence[int], path: str) -> None:
+    """The core's embeddings (model grid) into the chunk of ``path`` that holds it."""
+    in_read = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core_in_read, factors))
+    in_vol = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core, factors))
+    zarr.open_array(path, mode="r+")[(slice(None),) + in_vol] = emb[(slice(None),) + in_read].astype(np.float16)
+
+
 def segment_block(block: Block, *, input_path: str, model_path: str, work: str, grid: BlockGrid,
                   voxel_size, device: str, depth: int, stitch_axes: Sequence[int],
-                  mask_path: str | None = None, threads: int | None = None) -> dict:
-    """Pass 1 for one block: fragments into ``work/fragments``, face evidence beside it."""
+                  mask_path: str | None = None, threads: int | None = None,
+                  roi: tuple[slice, ...] | None = None, save_embeddings: bool = False) -> dict:
+    """Pass 1 for one block: fragments into ``work/fragments``, face evidence beside it
+    (and with ``save_embeddings`` the core's embeddings into ``work/embeddings``).
+    Voxels outside ``roi`` are background."""
     timings = dict.fromkeys(STAGES, 0.0)
     if threads:
         import torch
@@ -132,7 +163,12 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
                                     timings=timings, net=net, keep_embeddings=True)
         dims = ckpt["architecture"]["dims"]
         scale = model_scale(voxel_size, ckpt.get("voxel_size"), list(range(raw.ndim - dims, raw.ndim)), raw.ndim)
+        if save_embeddings:
+            t = time.perf_counter()
+            _write_embeddings(emb, block, embedding_factors(scale), os.path.join(work, "embeddings"))
+            timings["write"] += time.perf_counter() - t
         t = time.perf_counter()
+        labels = _zero_outside(labels, block.read, roi)
         # Core objects get this block's id range; halo-only objects get 0 (not ours).
         core_local = labels[block.core_in_read]
         ids = np.unique(core_local[core_local != 0])
@@ -166,11 +202,17 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
     np.savez(tmp, n_objects=np.int64(n), **faces)
     os.replace(tmp, side_file)  # the side file doubles as the block's done marker
     timings["write"] += time.perf_counter() - t
-    return {"block": block.linear, "objects": n, "timings": timings}
+    return {"block": block.linear, "objects": n, "timings": timings, "peak_rss_mib": _peak_rss_mib()}
 
 
-def stitch_block_pair(lower: Block, upper: Block, axis: int, *, work: str, depth: int) -> np.ndarray:
+def stitch_block_pair(lower: Block, upper: Block, axis: int, *, work: str, depth: int) -> dict:
     """Pass 2 for one face: merge edges between the two blocks' fragments."""
+    t = time.perf_counter()
+    edges = _face_edges(lower, upper, axis, work=work, depth=depth)
+    return {"edges": edges, "seconds": time.perf_counter() - t}
+
+
+def _face_edges(lower: Block, upper: Block, axis: int, *, work: str, depth: int) -> np.ndarray:
     a = np.load(os.path.join(work, "blocks", f"{lower.linear}.npz"))
     b = np.load(os.path.join(work, "blocks", f"{upper.linear}.npz"))
     if int(a["n_objects"]) == 0 or int(b["n_objects"]) == 0:
@@ -185,13 +227,13 @@ def stitch_block_pair(lower: Block, upper: Block, axis: int, *, work: str, depth
                         axis_first(b[f"halo_{axis}_m"]), axis_first(lower_core), a[f"aff_{axis}"])
 
 
-def relabel_one_block(block: Block, table: np.ndarray, *, work: str, grid: BlockGrid, dtype: str) -> float:
+def relabel_one_block(block: Block, table: np.ndarray, *, work: str, grid: BlockGrid, dtype: str) -> dict:
     """Pass 3 for one block: final ids, written chunk-aligned into dataset "0"."""
     t = time.perf_counter()
     frag = np.asarray(zarr.open_array(os.path.join(work, "fragments"), mode="r")[block.core])
     out = relabel_block(frag, block.linear, grid.block_shape, table, dtype=np.dtype(dtype))
     zarr.open_array(os.path.join(work, "0"), mode="r+")[block.core] = out
-    return time.perf_counter() - t
+    return {"seconds": time.perf_counter() - t, "peak_rss_mib": _peak_rss_mib()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -209,11 +251,17 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       block_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
                       mask: str | None = None, voxel_size: Sequence[float] | None = None,
                       workers: int = 1, device: str = "auto", overwrite: bool = False,
-                      stitch: bool = True, client=None, command: str = "") -> dict:
+                      stitch: bool = True, roi: str | Sequence[slice] | None = None,
+                      save_embeddings: bool = False, client=None, command: str = "") -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
     processes is started, or with ``workers=0`` everything runs in this process.
+    ``roi``: only this region (``"z0:z1,y0:y1,x0:x1"`` or slices) is segmented; the output
+    keeps the input's shape and is 0 elsewhere. Blocks keep the whole volume's grid, so
+    inside the ROI the objects are those of a whole-volume run, cut at the ROI's border.
+    ``save_embeddings``: also keep the embeddings (float16, model grid) as the output's
+    ``embeddings`` array, (E, *model-grid shape), one chunk per block.
     """
     t_start = time.perf_counter()
     arr = io.open_volume(input_path)
@@ -254,6 +302,17 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         if block_shape[a] < min(arr.shape[a], max(halo[a], 1)):
             raise SpocoInputError(f"block shape {block_shape[a]} along axis {a} is smaller than the "
                                   f"halo {halo[a]} it needs")
+    if isinstance(roi, str):
+        roi = parse_roi(roi, arr.shape)
+    roi = tuple(roi) if roi is not None else None
+    factors = embedding_factors(scale)
+    if save_embeddings:
+        if factors is None:
+            raise SpocoInputError(f"--save-embeddings needs the model grid to be an integer downsampling of "
+                                  f"the input (zoom {scale})")
+        if any(b % f for b, f in zip(block_shape, factors)):
+            raise SpocoInputError(f"--save-embeddings: the block shape {tuple(block_shape)} must be a multiple "
+                                  f"of the model's downsampling {tuple(factors)}")
     grid = BlockGrid(arr.shape, block_shape, halo, align=read_alignment(ckpt, arr.ndim, scale))
     stitch_axes = spatial_axes if stitch else []
     depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes], default=1))
@@ -268,6 +327,14 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         n_vox = int(np.prod([g * b for g, b in zip(grid.grid_shape, block_shape)]))
         out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
         group.create_array("0", shape=arr.shape, dtype=out_dtype, chunks=tuple(block_shape), fill_value=0)
+        if save_embeddings:
+            e_dim = ckpt["architecture"]["embedding_dim"]
+            emb_arr = group.create_array(
+                "embeddings", shape=(e_dim, *(-(-n // f) for n, f in zip(arr.shape, factors))), dtype="float16",
+                chunks=(e_dim, *(b // f for b, f in zip(block_shape, factors))), fill_value=0)
+            emb_arr.attrs["spoco_vol"] = {
+                "description": "SPOCO pixel embeddings (E, *spatial) on the model grid; 0 in skipped blocks",
+                "input_voxels_per_element": factors, "delta_v": ckpt["delta_v"], "delta_d": ckpt["delta_d"]}
         own_cluster = None
         if client is None and workers > 0:
             from distributed import Client, LocalCluster
@@ -275,8 +342,9 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                                        dashboard_address=None)
             client = Client(own_cluster)
         try:
-            blocks = list(grid)
-            common = dict(input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
+            blocks = grid.blocks(roi)
+            common = dict(roi=roi, save_embeddings=save_embeddings,
+                          input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
                           voxel_size=vs, device=device, depth=depth, stitch_axes=stitch_axes,
                           mask_path=os.path.abspath(mask) if mask else None,
                           threads=max(1, (os.cpu_count() or 1) // max(workers, 1)))
@@ -285,16 +353,22 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
             wall_segment = time.perf_counter() - t
             results.sort(key=lambda r: r["block"])
             t = time.perf_counter()
-            pairs = list(grid.faces(stitch_axes))
-            edge_lists = _compute([dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
-                                   for lo, up, ax in pairs], client)
-            edges = np.concatenate(edge_lists) if edge_lists else np.zeros((0, 2), np.uint64)
-            tables = merge_table([r["objects"] for r in results], block_shape, edges)
+            pairs = list(grid.faces(stitch_axes, roi))
+            face_results = _compute([dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
+                                     for lo, up, ax in pairs], client)
+            edges = (np.concatenate([f["edges"] for f in face_results]) if face_results
+                     else np.zeros((0, 2), np.uint64))
+            t_merge = time.perf_counter()
+            objects_per_block = [0] * len(grid)  # blocks outside the ROI hold no objects
+            for r in results:
+                objects_per_block[r["block"]] = r["objects"]
+            tables = merge_table(objects_per_block, block_shape, edges)
+            merge_seconds = time.perf_counter() - t_merge
             wall_stitch = time.perf_counter() - t
             t = time.perf_counter()
-            relabel_times = _compute([dask.delayed(relabel_one_block, pure=False)(b, tab, work=work, grid=grid,
+            relabel_results = _compute([dask.delayed(relabel_one_block, pure=False)(b, tab, work=work, grid=grid,
                                                                                  dtype=out_dtype)
-                                      for b, tab in zip(blocks, tables)], client)
+                                      for b in blocks for tab in [tables[b.linear]]], client)
             wall_relabel = time.perf_counter() - t
         finally:
             if own_cluster is not None:
@@ -305,15 +379,23 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         for r in results:
             for k, v in r["timings"].items():
                 work_seconds[k] += v
-        work_seconds["relabel"] = float(sum(relabel_times))
+        work_seconds["relabel"] = float(sum(r["seconds"] for r in relabel_results))
+        work_seconds["stitch"] += float(sum(f["seconds"] for f in face_results)) + merge_seconds
+        # Block tasks run in worker processes (or here, with workers=0): their peak is what
+        # a block costs; this process's own peak covers the merge table.
+        worker_peak = max(r["peak_rss_mib"] for r in results + relabel_results)
         report = {"objects": n_objects, "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
                   "model_sha256": model_mod.checkpoint_checksum(ckpt), "command": command,
                   "version": __version__,
-                  "block_shape": block_shape, "halo": halo, "blocks": len(grid), "merges": int(len(edges)),
+                  "block_shape": block_shape, "halo": halo, "blocks": len(blocks), "merges": int(len(edges)),
+                  "roi": [[r.start, r.stop] for r in roi] if roi else None,
+                  "voxels": int(np.prod([r.stop - r.start for r in roi])) if roi else int(np.prod(arr.shape)),
+                  "embeddings": "embeddings" if save_embeddings else None,
                   "workers": workers,
                   "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
                                    "relabel": round(wall_relabel, 3)},
-                  "seconds": {k: round(v, 3) for k, v in work_seconds.items()}}
+                  "seconds": {k: round(v, 3) for k, v in work_seconds.items()},
+                  "peak_rss_mib": {"worker": round(worker_peak, 1), "client": round(_peak_rss_mib(), 1)}}
         shutil.rmtree(os.path.join(work, "blocks"))
         shutil.rmtree(os.path.join(work, "fragments"))  # a v2 group lists no children: removing is enough
         write_ome_metadata(zarr.open_group(work, mode="r+"), arr.ndim, vs, report)
@@ -335,12 +417,14 @@ def format_report(report: dict) -> str:
         lines.append(f"{report['blocks']} blocks of {tuple(report['block_shape'])}, halo {tuple(report['halo'])}, "
                      f"{report['merges']} merges across faces, {report.get('workers', 1)} worker(s)")
     total = sum(report["seconds"].values()) or 1.0
-    mvox = float(np.prod(report["shape"])) / 1e6
+    mvox = float(report.get("voxels") or np.prod(report["shape"])) / 1e6
     lines.append(f"{'stage':<10}{'seconds':>9}{'share':>8}{'Mvox/s':>9}")
     for stage, s in report["seconds"].items():
         rate = f"{mvox / s:>9.2f}" if s > 0 else f"{'-':>9}"
         lines.append(f"{stage:<10}{s:>9.2f}{100 * s / total:>7.0f}%{rate}")
-    lines.append(f"total {report['total_seconds']:.1f} s wall, peak RSS {_peak_rss_mib():.0f} MiB (this process)")
+    peak = report.get("peak_rss_mib", {})
+    lines.append(f"total {report['total_seconds']:.1f} s wall; peak RSS {peak.get('worker', float('nan')):.0f} MiB "
+                 f"per worker, {_peak_rss_mib():.0f} MiB in this process")
     return "\n".join(lines)
 
 

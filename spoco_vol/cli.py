@@ -100,6 +100,11 @@ def cli():
 @click.option("--consistency-weight", type=float, default=1.0, show_default=True,
               help="Weight of the embedding-consistency term (0 disables the momentum network).")
 @click.option("--unlabeled-weight", type=float, default=1.0, show_default=True, help="Weight of the unlabeled push.")
+@click.option("--background-weight", type=float, default=0.0, show_default=True,
+              help="Sparse mode: weight of the pseudo-background term (the unlabeled pixels at the mode "
+                   "of the momentum network's embeddings are pulled into one cluster).")
+@click.option("--background-warmup", type=click.IntRange(0), default=0, show_default=True,
+              help="Iterations before the pseudo-background term starts.")
 @click.option("--momentum", type=float, default=0.999, show_default=True, help="EMA momentum m of network g.")
 @click.option("--downsample", type=INTS, default="1,1,1", show_default=True,
               help="Input voxels per model pixel (z,y,x), e.g. 1,2,2 to train at half XY resolution.")
@@ -121,7 +126,7 @@ def cli():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fraction, mode, init, lr,
           schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
-          consistency_weight, unlabeled_weight, momentum, downsample, voxel_size, val_raw, val_labels,
+          consistency_weight, unlabeled_weight, background_weight, background_warmup, momentum, downsample, voxel_size, val_raw, val_labels,
           val_sections, val_every, elastic, seed, device, amp, resume, stop_after, overwrite, quiet):
     """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
     from .training import TrainConfig, train as train_fn
@@ -135,7 +140,8 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
                       mode=mode, init=init, lr=lr, schedule=schedule, features=features, norm=norm,
                       pool_factors=pool_factors, embedding_dim=embedding_dim, delta_v=delta_v,
                       delta_d=delta_d, threshold=threshold, w_consistency=consistency_weight,
-                      w_unlabeled=unlabeled_weight, momentum=momentum, downsample=downsample,
+                      w_unlabeled=unlabeled_weight, w_background=background_weight,
+                      background_warmup=background_warmup, momentum=momentum, downsample=downsample,
                       voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
                       val_sections=val_sections, val_every=val_every, elastic=elastic, seed=seed,
                       device=device, amp=amp, resume=resume, stop_after=stop_after, overwrite=overwrite,
@@ -161,13 +167,20 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
               help="Dask worker processes on this machine (0: run in this process).")
 @click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--roi", default=None,
+              help="Segment only this region, z0:z1,y0:y1,x0:x1 in input voxels (stop exclusive; an empty "
+                   "bound is the edge, e.g. ':,0:1024,:'); the output keeps the input's shape, 0 outside.")
+@click.option("--save-embeddings", is_flag=True,
+              help="Also keep the embeddings (float16, model grid) as the output's 'embeddings' array. "
+                   "Large: 32 bytes per model voxel with E=16.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, stitch, device, overwrite):
+def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, stitch, device, roi,
+            save_embeddings, overwrite):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background)."""
     from .blockwise import format_report, segment_blockwise
     report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
-                  stitch=stitch, command=_command_line())
+                  stitch=stitch, roi=roi, save_embeddings=save_embeddings, command=_command_line())
     click.echo(format_report(report))
 
 

@@ -15,6 +15,9 @@ Embeddings are (B,E,Y,X) or (B,E,Z,Y,X), labels (B,Y,X) or (B,Z,Y,X) of integer 
 - UnlabeledPushLoss  L_U: unlabeled pixels at least delta_d from every object mean.
 - ConsistencyLoss    L_cons: Dice between soft masks around the same anchor pixel in the
                      f space and in the (detached) momentum network's g space.
+- PseudoBackgroundLoss  (an addition, sparse mode only, off by default) the unlabeled
+                     pixels at the mode of the momentum network's embeddings form one
+                     pseudo-object: pulled together, pushed from every annotated object.
 - SpocoLoss          the weighted sum; make_momentum_network / update_momentum_network
                      keep g as the exponential moving average of f.
 
@@ -251,28 +254,99 @@ class ConsistencyLoss(nn.Module):
         return torch.stack(losses).mean()
 
 
+def embedding_mode(x: Tensor, radius: float, steps: int = 10) -> Tensor:
+    """The densest point of (N,E) embeddings: their median, then mean-shift steps over
+    the points within ``radius``, so a minority cluster cannot pull it off."""
+    center = x.median(dim=0).values
+    for _ in range(steps):
+        near = x[(x - center).norm(dim=1) < radius]
+        if len(near) == 0:
+            break
+        center = near.mean(dim=0)
+    return center
+
+
+class PseudoBackgroundLoss(nn.Module):
+    """Background as a pseudo-object in the positive-unlabeled setting.
+
+    Nothing in L_U or L_cons asks the unlabeled background to form ONE cluster, so the
+    Mutex Watershed breaks it into fragments. In EM, background is most of the unlabeled
+    region: the unlabeled pixels whose momentum-network (g) embedding lies within
+    ``radius`` of the mode of g over the unlabeled region are taken as background. Their
+    f embeddings are pulled to their mean (hinge delta_v), and that mean is pushed
+    2*delta_d from every annotated object's mean. g (detached, slow-moving) chooses the
+    pixels, so the choice does not chase f. Unannotated objects that look like annotated
+    ones sit far from the mode and are left alone.
+    """
+
+    def __init__(self, delta_v: float = 0.5, delta_d: float = 2.0, radius: Optional[float] = None,
+                 ignore_label: int = 0, min_pixels: int = 16):
+        super().__init__()
+        self.delta_v, self.delta_d = delta_v, delta_d
+        self.radius = delta_d if radius is None else radius
+        self.ignore_label, self.min_pixels = ignore_label, min_pixels
+
+    def pseudo_mask(self, g: Tensor, u: Tensor) -> Tensor:
+        """(N,) bool: unlabeled pixels (u) whose g embedding (E,N) is at the background mode."""
+        gu = g[:, u].t().float()
+        center = embedding_mode(gu, self.radius)
+        mask = torch.zeros_like(u)
+        mask[u] = (gu - center).norm(dim=1) < self.radius
+        return mask
+
+    def forward(self, f_embeddings: Tensor, g_embeddings: Tensor, labels: Tensor) -> Tensor:
+        if f_embeddings.shape != g_embeddings.shape:
+            raise SpocoInputError(f"f {tuple(f_embeddings.shape)} and g {tuple(g_embeddings.shape)} differ")
+        f, lab = _flat(f_embeddings, labels)
+        g = g_embeddings.detach().reshape(f.shape)
+        zero = f_embeddings.sum() * 0
+        losses = []
+        for b in range(f.shape[0]):
+            u = lab[b] == self.ignore_label
+            if u.sum() < self.min_pixels:
+                losses.append(zero)
+                continue
+            bg = self.pseudo_mask(g[b], u)
+            if bg.sum() < self.min_pixels:
+                losses.append(zero)
+                continue
+            x = f[b][:, bg].t()
+            mu = x.mean(dim=0)
+            pull = (((x - mu).norm(dim=1) - self.delta_v).clamp(min=0) ** 2).mean()
+            obj = _objects(f[b], lab[b], self.ignore_label)
+            push = zero
+            if len(obj.counts):
+                d = (obj.mu - mu).norm(dim=1)
+                push = ((2 * self.delta_d - d).clamp(min=0) ** 2).mean()
+            losses.append(pull + push)
+        return torch.stack(losses).mean()
+
+
 class SpocoLoss(nn.Module):
     def __init__(self, mode: str = "sparse", delta_v: float = 0.5, delta_d: float = 2.0, threshold: float = 0.9,
                  w_pull: float = 1.0, w_push: float = 1.0, w_reg: float = 0.001, w_instance: float = 1.0,
-                 w_unlabeled: float = 1.0, w_consistency: float = 1.0, anchor: str = "mean"):
+                 w_unlabeled: float = 1.0, w_consistency: float = 1.0, anchor: str = "mean",
+                 w_background: float = 0.0):
         super().__init__()
         if mode not in ("sparse", "full"):
             raise ValueError(f"mode must be 'sparse' or 'full', got {mode!r}")
         self.mode = mode
         ignore = 0 if mode == "sparse" else None
         self.weights = dict(pull=w_pull, push=w_push, reg=w_reg, instance=w_instance,
-                            unlabeled=w_unlabeled if mode == "sparse" else 0.0, consistency=w_consistency)
+                            unlabeled=w_unlabeled if mode == "sparse" else 0.0, consistency=w_consistency,
+                            background=w_background if mode == "sparse" else 0.0)
         self.pull = PullLoss(delta_v, ignore)
         self.push = PushLoss(delta_d, ignore)
         self.reg = RegularizerLoss(ignore)
         self.instance = InstanceDiceLoss(delta_v, threshold, ignore, anchor)
         self.unlabeled = UnlabeledPushLoss(delta_d, ignore)
         self.consistency = ConsistencyLoss(delta_v, threshold, ignore_label=ignore)
+        self.background = PseudoBackgroundLoss(delta_v, delta_d)
 
     def forward(self, f_embeddings: Tensor, labels: Tensor, g_embeddings: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Returns (total, terms); terms holds each computed WEIGHTED term, detached.
-        Terms with weight 0 (and consistency without g) are skipped and absent."""
+        Terms with weight 0 (and consistency/background without g) are skipped and absent."""
         compute = dict(
             pull=lambda: self.pull(f_embeddings, labels),
             push=lambda: self.push(f_embeddings, labels),
@@ -280,12 +354,13 @@ class SpocoLoss(nn.Module):
             instance=lambda: self.instance(f_embeddings, labels, generator),
             unlabeled=lambda: self.unlabeled(f_embeddings, labels),
             consistency=lambda: self.consistency(f_embeddings, g_embeddings, labels, generator),
+            background=lambda: self.background(f_embeddings, g_embeddings, labels),
         )
         total = f_embeddings.sum() * 0
         terms: Dict[str, Tensor] = {}
         for name, fn in compute.items():
             w = self.weights[name]
-            if w == 0 or (name == "consistency" and g_embeddings is None):
+            if w == 0 or (name in ("consistency", "background") and g_embeddings is None):
                 continue
             value = w * fn()
             terms[name] = value.detach()

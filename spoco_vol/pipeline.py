@@ -144,11 +144,11 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
         timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
         if keep_embeddings:
             embeddings[(slice(None),) + ((z,) if dims < raw.ndim else ())] = emb
-        t = time.perf_counter()
         lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
                                  background_embedding=inf.get("background_embedding"),
                                  background_radius=inf.get("background_radius"),
-                                 min_size=inf.get("min_size", 0))
+                                 min_size=inf.get("min_size", 0), timings=timings)
+        t = time.perf_counter()
         # Per-section objects get ids unique over the volume.
         lab[lab > 0] += np.uint64(next_id)
         next_id = int(lab.max()) if lab.max() > 0 else next_id
@@ -156,6 +156,8 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
             out[...] = lab
         else:
             out[z] = lab
-        timings["segment"] = timings.get("segment", 0) + time.perf_counter() - t
+        timings["watershed"] = timings.get("watershed", 0) + time.perf_counter() - t
+    t = time.perf_counter()
     labels = restore_labels(out, raw.shape, scale)
+    timings["write"] = timings.get("write", 0) + time.perf_counter() - t  # back to the input grid
     return (labels, embeddings) if keep_embeddings else labels

@@ -5,6 +5,7 @@ labels out (0 = background), deterministic (regular strides, never random ones).
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import fastremap
@@ -81,7 +82,8 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]], delta_d: float, *,
                        strides: Sequence[int] | None = None,
                        background_embedding: Sequence[float] | None = None,
-                       background_radius: float | None = None, min_size: int = 0) -> np.ndarray:
+                       background_radius: float | None = None, min_size: int = 0,
+                       timings: dict | None = None) -> np.ndarray:
     """Embeddings (E, *spatial) -> consecutive labels 1..N (uint64), 0 = background.
 
     Pixels within ``background_radius`` (default delta_d, halfway between the background
@@ -89,13 +91,18 @@ def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]],
     background before the watershed runs; the checkpoint stores a radius calibrated on
     held-out patches.
     """
+    timings = timings if timings is not None else {}
+    t = time.perf_counter()
     radius = delta_d if background_radius is None else background_radius
     mask = None
     if background_embedding is not None:
         mask = background_distance(embeddings, background_embedding) >= radius
     affs = embedding_affinities(embeddings, offsets, delta_d)
+    t1 = time.perf_counter()
+    timings["affinities"] = timings.get("affinities", 0.0) + t1 - t
     labels = mutex_watershed(affs, offsets, strides, mask=mask)
     labels = remove_background(labels, embeddings, background_embedding, radius=radius)
     labels = remove_small(labels, min_size)
     labels, _ = fastremap.renumber(labels, in_place=True)
+    timings["watershed"] = timings.get("watershed", 0.0) + time.perf_counter() - t1
     return labels.astype(np.uint64, copy=False)

@@ -24,7 +24,7 @@ from . import data, losses, model as model_mod, transforms
 from .errors import SpocoInputError
 from .inference import resolve_device, autocast_context
 
-LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency")
+LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency", "background")
 
 
 @dataclasses.dataclass
@@ -52,6 +52,8 @@ class TrainConfig:
     w_consistency: float = 1.0
     w_unlabeled: float = 1.0
     w_instance: float = 1.0
+    w_background: float = 0.0              # pseudo-background term (sparse mode; needs g)
+    background_warmup: int = 0             # iterations before it starts (g must mean something)
     momentum: float = 0.999
     downsample: Sequence[int] = (1, 1, 1)  # input voxels per model pixel, (z, y, x)
     voxel_size: Sequence[float] | None = None
@@ -245,13 +247,7 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     bg = torch.from_numpy(flat[is_bg])
     if len(bg) == 0:
         return {}
-    center = bg.median(dim=0).values
-    for _ in range(10):
-        near = bg[(bg - center).norm(dim=1) < delta_d]
-        if len(near) == 0:
-            break
-        center = near.mean(dim=0)
-    background = [float(v) for v in center]
+    background = [float(v) for v in losses.embedding_mode(bg, delta_d)]
     dims = embs[0].ndim - 1
     offsets = default_offsets(dims)
     # Only images with annotated objects can score a radius (an empty one rewards deleting all).
@@ -364,11 +360,12 @@ def train(cfg: TrainConfig) -> dict:
         raise SpocoInputError(f"--patch-shape {tuple(cfg.patch_shape)} must be a multiple of {mult}")
     net.to(device).train()
     mode = cfg.mode if cfg.mode != "auto" else ("full" if cfg.object_fraction >= 1 else "sparse")
-    use_g = cfg.w_consistency > 0
+    use_g = cfg.w_consistency > 0 or cfg.w_background > 0
     g_net = losses.make_momentum_network(net) if use_g else None
     loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
                                threshold=cfg.threshold, w_consistency=cfg.w_consistency,
-                               w_unlabeled=cfg.w_unlabeled, w_instance=cfg.w_instance)
+                               w_unlabeled=cfg.w_unlabeled, w_instance=cfg.w_instance,
+                               w_background=cfg.w_background)
     val_loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
                                    threshold=cfg.threshold, w_consistency=0)
     lr = cfg.lr if cfg.lr is not None else (2e-5 if cfg.init else 2e-4)
@@ -447,6 +444,7 @@ def train(cfg: TrainConfig) -> dict:
         if use_g:
             with torch.no_grad(), autocast_context(device, cfg.amp):
                 g_emb = g_net(_to_batch(graws, device)).float()
+        loss_fn.weights["background"] = cfg.w_background if (mode == "sparse" and it > cfg.background_warmup) else 0.0
         total, terms = loss_fn(emb.float(), y, g_embeddings=g_emb, generator=gen)
         opt.zero_grad(set_to_none=True)
         total.backward()

@@ -40,3 +40,18 @@ def test_read_rois_start_on_the_alignment_grid():
     for b in grid:
         assert b.read[1].start % 16 == 0
         assert b.core[1].start - b.read[1].start >= min(7, b.core[1].start)  # still at least the halo
+
+
+def test_parse_roi_and_blocks_in_roi():
+    from spoco_vol.blocks import parse_roi
+    assert parse_roi("1:3,:,10:", (4, 50, 60)) == (slice(1, 3), slice(0, 50), slice(10, 60))
+    for bad, msg in (("0:2,0:5", "needs 3 ranges"), ("0:2,5:5,:", "empty"), ("0:2,0:99,:", "outside"),
+                     ("0:2,a:b,:", "not a range"), ("0:2,3,:", "not a range")):
+        with pytest.raises(SpocoInputError, match=msg):
+            parse_roi(bad, (4, 50, 60))
+    grid = BlockGrid((4, 50, 60), (2, 20, 20), (0, 4, 4))
+    roi = parse_roi(":,25:45,0:20", grid.shape)
+    assert [b.index for b in grid.blocks(roi)] == [(0, 1, 0), (0, 2, 0), (1, 1, 0), (1, 2, 0)]
+    pairs = [(lo.index, up.index, a) for lo, up, a in grid.faces([1, 2], roi)]
+    assert pairs == [((0, 1, 0), (0, 2, 0), 1), ((1, 1, 0), (1, 2, 0), 1)]
+    assert len(grid.blocks(None)) == len(grid)

@@ -167,3 +167,52 @@ def test_masked_and_empty_blocks_are_written_zero(tmp_path):
                       mask=str(tmp_path / "mask.zarr"))
     lab = np.asarray(io.open_volume(out)[...])
     assert not lab[:, :32, :].any() and not lab[:, :, 32:].any()
+
+
+def test_roi_gives_the_whole_runs_objects_inside_and_zero_outside(tmp_path):
+    """Real EM sample: a run restricted to an unaligned ROI touches only the blocks
+    overlapping it, writes nothing outside it, and inside it finds the whole run's objects."""
+    from spoco_vol.demo import write_sample
+    from spoco_vol.evaluation import variation_of_information
+    raw, _ = write_sample(str(tmp_path / "sample.zarr"))
+    full_out, roi_out = str(tmp_path / "full.zarr"), str(tmp_path / "roi.zarr")
+    segment_blockwise(raw, full_out, BUNDLED_MODEL, block_shape=[7, 256, 256], workers=0, device="cpu")
+    report = segment_blockwise(raw, roi_out, BUNDLED_MODEL, block_shape=[7, 256, 256], workers=0,
+                               device="cpu", roi="2:6,100:300,0:200")
+    assert report["blocks"] == 2 and report["roi"] == [[2, 6], [100, 300], [0, 200]]
+    full = np.asarray(io.open_volume(full_out)[...])
+    part = np.asarray(io.open_volume(roi_out)[...])
+    inside = (slice(2, 6), slice(100, 300), slice(0, 200))
+    outside = np.ones(part.shape, bool)
+    outside[inside] = False
+    assert not part[outside].any() and part[inside].any()
+    ids = np.unique(part[part > 0])
+    assert (ids == np.arange(1, len(ids) + 1)).all()
+    voi = variation_of_information(part[inside], full[inside])
+    assert voi["voi"] <= 0.02, voi  # objects may only differ where they leave and re-enter the ROI
+
+
+def test_saved_embeddings_tile_the_model_grid_like_a_single_block(tmp_path):
+    """--save-embeddings: float16 embeddings on the model grid (here XY downsampled by 2),
+    one chunk per block, equal to the whole volume's embeddings."""
+    from spoco_vol.pipeline import segment_array
+    data = np.random.default_rng(2).integers(0, 256, (2, 60, 76)).astype(np.uint8)
+    inp = _input_volume(tmp_path, data)
+    model, ckpt = tiny_checkpoint(tmp_path, voxel_size=[8.0, 8.0], inference={"offsets": SHORT_OFFSETS})
+    out = str(tmp_path / "seg.zarr")
+    report = segment_blockwise(inp, out, model, voxel_size=[40, 4, 4], device="cpu", workers=0,
+                               block_shape=[1, 32, 32], halo=[0, 16, 16], save_embeddings=True)
+    emb = zarr.open_array(out + "/embeddings", mode="r")
+    assert emb.shape == (4, 2, 30, 38) and emb.chunks == (4, 1, 16, 16) and emb.dtype == np.float16
+    assert emb.attrs["spoco_vol"]["input_voxels_per_element"] == [1, 2, 2]
+    assert report["embeddings"] == "embeddings"
+    _, whole = segment_array(data, load_checkpoint(model), input_voxel_size=[40, 4, 4], device="cpu",
+                             keep_embeddings=True)
+    np.testing.assert_allclose(emb[...].astype(np.float32), whole, atol=0.02, rtol=0.01)
+    with pytest.raises(SpocoInputError, match="multiple of the model's downsampling"):
+        segment_blockwise(inp, str(tmp_path / "o.zarr"), model, voxel_size=[40, 4, 4], device="cpu",
+                          workers=0, block_shape=[1, 31, 32], halo=[0, 16, 16], save_embeddings=True)
+    with pytest.raises(SpocoInputError, match="integer downsampling"):
+        segment_blockwise(inp, str(tmp_path / "o.zarr"), model, voxel_size=[40, 5.5, 5.5], device="cpu",
+                          workers=0, save_embeddings=True)
+    assert not os.path.exists(tmp_path / "o.zarr")

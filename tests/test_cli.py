@@ -61,7 +61,7 @@ def test_segment_writes_ome_zarr(blob_volume, tmp_path, tiny_model):
     assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [50.0, 10.0, 10.0]
     assert g.attrs["spoco_vol"]["model_sha256"]
-    for stage in ("read", "predict", "segment", "write"):
+    for stage in ("read", "predict", "affinities", "watershed", "stitch", "relabel", "write", "worker"):
         assert stage in r.output
 
 
@@ -102,6 +102,8 @@ def test_segment_bad_inputs(blob_volume, tmp_path, tiny_model):
                     str(tmp_path / "rgb.pt"))
     assert "channels" in one_error_line(invoke("segment", "--input", raw, "--output", out,
                                                "--model", str(tmp_path / "rgb.pt")))
+    assert "--roi" in one_error_line(seg(raw, "--roi", "0:2,0:999,:"))
+    assert "--roi" in one_error_line(seg(raw, "--roi", "0:2,0:8"))
     assert not os.path.exists(out), "no output may be left behind by bad input"
     assert "inside the input" in one_error_line(
         invoke("segment", "--input", raw, "--output", root + "/labels_out", "--model", tiny_model))

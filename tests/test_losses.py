@@ -9,7 +9,7 @@ from torch import nn
 
 from spoco_vol.errors import SpocoInputError
 from spoco_vol.losses import (
-    ConsistencyLoss, InstanceDiceLoss, PullLoss, PushLoss, RegularizerLoss, SpocoLoss,
+    ConsistencyLoss, InstanceDiceLoss, PseudoBackgroundLoss, PullLoss, PushLoss, RegularizerLoss, SpocoLoss,
     UnlabeledPushLoss, _objects, _soft_mask, make_momentum_network, update_momentum_network,
 )
 
@@ -420,3 +420,64 @@ def test_label_values_and_dtypes_do_not_matter(cls):
     huge = torch.where(lab > 0, lab * 10 ** 9 + 7, 0)  # sparse ids: the torch.unique path
     for other in (huge, lab.to(torch.int32), lab.to(torch.uint8)):
         assert cls()(emb, other).item() == pytest.approx(expected, rel=1e-9)
+
+
+# ---------------------------------------------------------------- pseudo-background
+def _background_scene(spread=0.0, seed=0):
+    """One item 10x10, 2D embeddings padded to 4: an annotated object (label 1) at
+    (10,0,0,0); the unlabeled region holds background at the origin (70 px) and an
+    unannotated object at (0,10,0,0) (10 px). ``spread`` scatters the background."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.zeros(1, 10, 10, dtype=torch.long)
+    lab[0, :2] = 1
+    emb = torch.zeros(1, 4, 10, 10, dtype=torch.float64)
+    emb[0, 0, :2] = 10.0
+    emb[0, 1, 9] = 10.0  # the unannotated object: row 9
+    bg = torch.zeros(10, 10, dtype=torch.bool)
+    bg[2:9] = True
+    emb[0, :, bg] += spread * torch.randn(4, int(bg.sum()), generator=g, dtype=torch.float64)
+    return emb, lab, bg
+
+
+def test_pseudo_background_mask_is_the_unlabeled_mode():
+    emb, lab, bg = _background_scene(spread=0.3)
+    mask = PseudoBackgroundLoss().pseudo_mask(emb[0].reshape(4, -1), lab[0].reshape(-1) == 0)
+    # the background pixels, not the annotated object and not the unannotated one
+    assert torch.equal(mask.reshape(10, 10), bg)
+
+
+def test_pseudo_background_compact_far_is_zero_spread_is_large():
+    emb, lab, _ = _background_scene(spread=0.0)
+    assert PseudoBackgroundLoss()(emb, emb.clone(), lab).item() == pytest.approx(0.0, abs=1e-12)
+    spread, _, _ = _background_scene(spread=1.0)
+    assert PseudoBackgroundLoss()(spread, spread.clone(), lab).item() > 0.05
+    near = emb.clone()
+    near[0, 0, :2] = 1.0  # the annotated object sits next to the background mode: pushed
+    assert PseudoBackgroundLoss()(near, near.clone(), lab).item() > 5
+
+
+def test_pseudo_background_gradient_reaches_f_not_g_and_g_chooses():
+    emb, lab, bg = _background_scene(spread=1.0)
+    f = emb.clone().requires_grad_(True)
+    g = emb.clone().requires_grad_(True)
+    PseudoBackgroundLoss()(f, g, lab).backward()
+    assert g.grad is None
+    grad = f.grad[0].abs().sum(0)
+    assert grad[bg].sum() > 0 and grad[9].sum() == 0  # the unannotated object is left alone
+    # the pixels are chosen in g space: a g that puts everything at one point picks all of U
+    flat = torch.zeros_like(emb)
+    f2 = emb.clone().requires_grad_(True)
+    PseudoBackgroundLoss()(f2, flat, lab).backward()
+    assert f2.grad[0, :, 9].abs().sum() > 0
+
+
+def test_pseudo_background_in_spoco_loss():
+    emb, lab, g = _spoco_inputs()
+    gen = torch.Generator
+    on = SpocoLoss(w_background=1.0)(emb, lab, g, gen().manual_seed(0))[1]
+    assert on["background"].item() == pytest.approx(PseudoBackgroundLoss()(emb, g, lab).item())
+    twice = SpocoLoss(w_background=2.0)(emb, lab, g, gen().manual_seed(0))[1]
+    assert twice["background"].item() == pytest.approx(2 * on["background"].item())
+    assert "background" not in SpocoLoss(w_background=1.0)(emb, lab)[1]  # needs g
+    assert "background" not in SpocoLoss("full", w_background=1.0)(emb, lab, g, gen().manual_seed(0))[1]
+    assert "background" not in SpocoLoss()(emb, lab, g, gen().manual_seed(0))[1]  # off by default
