@@ -29,8 +29,10 @@ from .blocks import Block, BlockGrid, intersect, parse_roi
 from .errors import SpocoInputError
 from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, model_grid_index, model_scale,
                        segment_array, write_ome_metadata)
-from .stitching import block_id_offset, merge_table, relabel_block, stitch_faces
+from . import stitching
+from .stitching import block_id_offset, merge_table, relabel_block, section_overlap_edges, stitch_faces
 
+LINK_OVERLAP = 0.5  # default --link-overlap; see benchmarks/RESULTS.md
 STAGES = ("read", "predict", "affinities", "watershed", "stitch", "relabel", "write")
 
 
@@ -137,10 +139,12 @@ def _write_embeddings(emb: np.ndarray, block: Block, factors: Sequence[int], pat
 def segment_block(block: Block, *, input_path: str, model_path: str, work: str, grid: BlockGrid,
                   voxel_size, device: str, depth: int, stitch_axes: Sequence[int],
                   mask_path: str | None = None, threads: int | None = None,
-                  roi: tuple[slice, ...] | None = None, save_embeddings: bool = False) -> dict:
+                  roi: tuple[slice, ...] | None = None, save_embeddings: bool = False,
+                  link_overlap: float | None = None) -> dict:
     """Pass 1 for one block: fragments into ``work/fragments``, face evidence beside it
     (and with ``save_embeddings`` the core's embeddings into ``work/embeddings``).
-    Voxels outside ``roi`` are background."""
+    Voxels outside ``roi`` are background. With ``link_overlap`` (2D model on a 3D volume)
+    the per-section objects of the read region are first linked across sections."""
     timings = dict.fromkeys(STAGES, 0.0)
     if threads:
         import torch
@@ -169,6 +173,8 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
             timings["write"] += time.perf_counter() - t
         t = time.perf_counter()
         labels = _zero_outside(labels, block.read, roi)
+        if link_overlap is not None:
+            labels = stitching.link_sections(labels, link_overlap)
         # Core objects get this block's id range; halo-only objects get 0 (not ours).
         core_local = labels[block.core_in_read]
         ids = np.unique(core_local[core_local != 0])
@@ -227,6 +233,17 @@ def _face_edges(lower: Block, upper: Block, axis: int, *, work: str, depth: int)
                         axis_first(b[f"halo_{axis}_m"]), axis_first(lower_core), a[f"aff_{axis}"])
 
 
+def link_block_pair(lower: Block, upper: Block, *, work: str, min_overlap: float) -> dict:
+    """Pass 2 for one z-face with --link-sections: link edges between the lower block's
+    last core section and the upper block's first (both already written fragments)."""
+    t = time.perf_counter()
+    frag = zarr.open_array(os.path.join(work, "fragments"), mode="r")
+    last = np.asarray(frag[_face_region(upper, 0, -1, 1)])[0]
+    first = np.asarray(frag[_face_region(lower, 0, +1, 1)])[0]
+    edges = section_overlap_edges(last, first, min_overlap)
+    return {"edges": edges, "seconds": time.perf_counter() - t}
+
+
 def relabel_one_block(block: Block, table: np.ndarray, *, work: str, grid: BlockGrid, dtype: str) -> dict:
     """Pass 3 for one block: final ids, written chunk-aligned into dataset "0"."""
     t = time.perf_counter()
@@ -252,7 +269,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       mask: str | None = None, voxel_size: Sequence[float] | None = None,
                       workers: int = 1, device: str = "auto", overwrite: bool = False,
                       stitch: bool = True, roi: str | Sequence[slice] | None = None,
-                      save_embeddings: bool = False, client=None, command: str = "") -> dict:
+                      save_embeddings: bool = False, link_sections: bool = False,
+                      link_overlap: float = LINK_OVERLAP, client=None, command: str = "") -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -262,6 +280,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     inside the ROI the objects are those of a whole-volume run, cut at the ROI's border.
     ``save_embeddings``: also keep the embeddings (float16, model grid) as the output's
     ``embeddings`` array, (E, *model-grid shape), one chunk per block.
+    ``link_sections``: with a 2D model on a 3D volume, join per-section objects across
+    sections when their overlap covers at least ``link_overlap`` of the smaller one.
     """
     t_start = time.perf_counter()
     arr = io.open_volume(input_path)
@@ -302,6 +322,12 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         if block_shape[a] < min(arr.shape[a], max(halo[a], 1)):
             raise SpocoInputError(f"block shape {block_shape[a]} along axis {a} is smaller than the "
                                   f"halo {halo[a]} it needs")
+    if link_sections:
+        if not (dims == 2 and arr.ndim == 3):
+            raise SpocoInputError("--link-sections joins the sections of a 2D model's result: it needs a 2D "
+                                  f"model and a 3D input (got a {dims}D model, {arr.ndim}D input)")
+        if not 0 < link_overlap <= 1:
+            raise SpocoInputError(f"--link-overlap takes a fraction in (0, 1], got {link_overlap}")
     if isinstance(roi, str):
         roi = parse_roi(roi, arr.shape)
     roi = tuple(roi) if roi is not None else None
@@ -343,7 +369,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
             client = Client(own_cluster)
         try:
             blocks = grid.blocks(roi)
-            common = dict(roi=roi, save_embeddings=save_embeddings,
+            common = dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link_overlap if link_sections else None,
                           input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
                           voxel_size=vs, device=device, depth=depth, stitch_axes=stitch_axes,
                           mask_path=os.path.abspath(mask) if mask else None,
@@ -354,8 +380,12 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
             results.sort(key=lambda r: r["block"])
             t = time.perf_counter()
             pairs = list(grid.faces(stitch_axes, roi))
-            face_results = _compute([dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
-                                     for lo, up, ax in pairs], client)
+            face_tasks = [dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
+                          for lo, up, ax in pairs]
+            if link_sections:  # sections meet across z faces too
+                face_tasks += [dask.delayed(link_block_pair, pure=False)(lo, up, work=work, min_overlap=link_overlap)
+                               for lo, up, _ in grid.faces([0], roi)]
+            face_results = _compute(face_tasks, client)
             edges = (np.concatenate([f["edges"] for f in face_results]) if face_results
                      else np.zeros((0, 2), np.uint64))
             t_merge = time.perf_counter()
@@ -390,7 +420,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                   "block_shape": block_shape, "halo": halo, "blocks": len(blocks), "merges": int(len(edges)),
                   "roi": [[r.start, r.stop] for r in roi] if roi else None,
                   "voxels": int(np.prod([r.stop - r.start for r in roi])) if roi else int(np.prod(arr.shape)),
-                  "embeddings": "embeddings" if save_embeddings else None,
+                  "embeddings": "embeddings" if save_embeddings else None, "link_overlap": link_overlap if link_sections else None,
                   "workers": workers,
                   "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
                                    "relabel": round(wall_relabel, 3)},

@@ -173,14 +173,20 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--save-embeddings", is_flag=True,
               help="Also keep the embeddings (float16, model grid) as the output's 'embeddings' array. "
                    "Large: 32 bytes per model voxel with E=16.")
+@click.option("--link-sections", is_flag=True,
+              help="2D model on a 3D volume: join per-section objects across sections by overlap.")
+@click.option("--link-overlap", type=float, default=0.5, show_default=True,
+              help="With --link-sections: the fraction of the smaller object two objects of consecutive "
+                   "sections must share to be joined.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, stitch, device, roi,
-            save_embeddings, overwrite):
+            save_embeddings, link_sections, link_overlap, overwrite):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background)."""
     from .blockwise import format_report, segment_blockwise
     report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
-                  stitch=stitch, roi=roi, save_embeddings=save_embeddings, command=_command_line())
+                  stitch=stitch, roi=roi, save_embeddings=save_embeddings,
+                  link_sections=link_sections, link_overlap=link_overlap, command=_command_line())
     click.echo(format_report(report))
 
 

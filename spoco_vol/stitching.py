@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import fastremap
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -84,6 +85,42 @@ def stitch_faces(lower_halo: np.ndarray, upper_core: np.ndarray, upper_halo: np.
         if agreement >= min_agreement and aff.get(key, 0.0) >= min_affinity:
             edges.append(key)
     return np.array(sorted(edges), dtype=np.uint64).reshape(-1, 2)
+
+
+def section_overlap_edges(lower: np.ndarray, upper: np.ndarray, min_overlap: float) -> np.ndarray:
+    """Link edges (n, 2) between the objects of two consecutive sections (2D arrays):
+    (a, b) when their overlap covers at least ``min_overlap`` of the smaller of the two.
+    Relative to the smaller object, so a small piece joins the large one it sits on."""
+    pairs, counts = _pair_counts(lower, upper)
+    if not len(pairs):
+        return pairs
+    sl, su = _sizes(lower), _sizes(upper)
+    smaller = np.array([min(sl[a], su[b]) for a, b in pairs.tolist()], dtype=np.float64)
+    return pairs[counts / smaller >= min_overlap]
+
+
+def link_sections(labels: np.ndarray, min_overlap: float) -> np.ndarray:
+    """Per-section objects of a (Z, Y, X) array -> 3D objects: objects of consecutive
+    sections that overlap (see ``section_overlap_edges``) become one. Ids of the result
+    are those of each linked group's first object in (section, id) order, so the input's
+    id ranges (and so the block id scheme) are kept."""
+    edges = [section_overlap_edges(labels[z], labels[z + 1], min_overlap) for z in range(labels.shape[0] - 1)]
+    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64)
+    if not len(edges):
+        return labels
+    # first occurrence order of the ids, section by section
+    ids = np.concatenate([np.unique(labels[z][labels[z] != 0]) for z in range(labels.shape[0])])
+    ids = ids[np.sort(np.unique(ids, return_index=True)[1])]
+    index = {int(v): i for i, v in enumerate(ids.tolist())}
+    rows = np.array([index[int(a)] for a in edges[:, 0]])
+    cols = np.array([index[int(b)] for b in edges[:, 1]])
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(len(ids), len(ids)))
+    _, comp = connected_components(graph, directed=False)
+    first = np.full(comp.max() + 1, -1, np.int64)
+    for i in range(len(ids) - 1, -1, -1):  # components take their first member's id
+        first[comp[i]] = i
+    new_ids = ids[first[comp]]
+    return fastremap.remap(labels, dict(zip(ids.tolist(), new_ids.tolist())), preserve_missing_labels=True)
 
 
 def merge_table(objects_per_block: Sequence[int], block_shape: Sequence[int],
