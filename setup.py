@@ -24,6 +24,7 @@ setup(
         "matplotlib",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest"]},
+    # ome-zarr: the OME-Zarr reader napari-ome-zarr is built on (the output's reader check)
+    extras_require={"test": ["pytest", "ome-zarr"]},
     entry_points={"console_scripts": ["spoco-vol=spoco_vol.cli:main"]},
 )

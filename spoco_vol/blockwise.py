@@ -270,11 +270,14 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       workers: int = 1, device: str = "auto", overwrite: bool = False,
                       stitch: bool = True, roi: str | Sequence[slice] | None = None,
                       save_embeddings: bool = False, link_sections: bool = False,
-                      link_overlap: float = LINK_OVERLAP, client=None, command: str = "") -> dict:
+                      link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
+                      client=None, command: str = "") -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
     processes is started, or with ``workers=0`` everything runs in this process.
+    ``threads_per_worker``: torch threads of each block task [default: the cores divided
+    among the workers].
     ``roi``: only this region (``"z0:z1,y0:y1,x0:x1"`` or slices) is segmented; the output
     keeps the input's shape and is 0 elsewhere. Blocks keep the whole volume's grid, so
     inside the ROI the objects are those of a whole-volume run, cut at the ROI's border.
@@ -373,7 +376,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                           input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
                           voxel_size=vs, device=device, depth=depth, stitch_axes=stitch_axes,
                           mask_path=os.path.abspath(mask) if mask else None,
-                          threads=max(1, (os.cpu_count() or 1) // max(workers, 1)))
+                          threads=threads_per_worker or max(1, (os.cpu_count() or 1) // max(workers, 1)))
             t = time.perf_counter()
             results = _compute([dask.delayed(segment_block, pure=False)(b, **common) for b in blocks], client)
             wall_segment = time.perf_counter() - t

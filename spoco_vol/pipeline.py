@@ -95,7 +95,7 @@ def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
 
 
 def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float] | None, attrs: dict) -> None:
-    """OME-Zarr 0.4 multiscales (one level, dataset "0") plus our run report."""
+    """OME-Zarr 0.4 multiscales (one level, dataset "0"), marked as a label image, plus our run report."""
     axes = ["z", "y", "x"][-ndim:]
     vs = list(voxel_size) if voxel_size else [1.0] * ndim
     group.attrs["multiscales"] = [{
@@ -104,6 +104,9 @@ def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float]
         "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in axes],
         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": vs}]}],
     }]
+    # "image-label" marks the image as a label image: OME-Zarr readers (ome-zarr-py, and
+    # napari-ome-zarr on top of it) then open it as a labels layer, not as intensities.
+    group.attrs["image-label"] = {"version": "0.4"}
     group.attrs["spoco_vol"] = attrs
 
 

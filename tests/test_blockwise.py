@@ -39,6 +39,15 @@ def test_output_is_ome_zarr_that_plain_zarr_and_napari_conventions_read(tmp_path
     ids = np.unique(lab[lab > 0])
     assert (ids == np.arange(1, len(ids) + 1)).all()  # consecutive 1..N
     assert io.read_voxel_size(out) == [40.0, 4.0, 4.0]
+    # what napari-ome-zarr does with it: ome-zarr's reader finds a label image (so a
+    # labels layer) whose level 0 is the labels, with the scale and axes above
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    node = list(Reader(parse_url(out))())[0]
+    assert node.load(Label) is not None
+    assert np.array_equal(np.asarray(node.data[0]), lab)
+    assert node.metadata["coordinateTransformations"][0] == [{"type": "scale", "scale": [40, 4, 4]}]
+    assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"]
 
 
 # ------------------------------------------------------------------------ end to end
