@@ -21,6 +21,7 @@ import time
 
 import fastremap
 import numpy as np
+import torch
 from bioimage_cpp.segmentation import mutex_watershed as library_mws
 from distributed import Client, LocalCluster
 
@@ -53,7 +54,7 @@ def watershed_overhead(raw, vs, ckpt_path):
     t_lib = t_ours = t_aff = 0.0
     vox = 0
     for sec in image:
-        emb = predict_embeddings(net, sec, device="cpu")
+        emb = predict_embeddings(net, sec, device=torch.device("cpu"))
         affs = embedding_affinities(emb, offsets, ckpt["delta_d"])
         mask = background_distance(emb, inf["background_embedding"]) >= inf["background_radius"]
         weights = affs.astype(np.float32, copy=True)

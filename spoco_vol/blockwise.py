@@ -177,19 +177,16 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
             labels = stitching.link_sections(labels, link_overlap)
         # Core objects get this block's id range; halo-only objects get 0 (not ours).
         core_local = labels[block.core_in_read]
-        ids = np.unique(core_local[core_local != 0])
-        lut_keys = ids
-        lut_vals = np.arange(1, len(ids) + 1, dtype=np.uint64) + np.uint64(block_id_offset(block.linear, grid.block_shape))
+        ids = np.unique(core_local)
+        ids = ids[ids != 0]
         n = len(ids)
+        # Block-local labels are small (at most the segments of one block): a dense lookup
+        # table maps them in one gather.
+        lut = np.zeros(int(labels.max()) + 1, np.uint64)
+        lut[ids] = np.arange(1, n + 1, dtype=np.uint64) + np.uint64(block_id_offset(block.linear, grid.block_shape))
 
         def to_global(arr):
-            out = np.zeros(arr.shape, np.uint64)
-            if n:
-                pos = np.searchsorted(lut_keys, arr)
-                pos = np.minimum(pos, n - 1)
-                hit = (lut_keys[pos] == arr) & (arr != 0)
-                out[hit] = lut_vals[pos[hit]]
-            return out
+            return lut[arr]
         core = to_global(core_local)
         for a in stitch_axes:
             for side in (-1, 1):

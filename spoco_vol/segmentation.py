@@ -15,31 +15,29 @@ from bioimage_cpp.segmentation import mutex_watershed as _bioimage_mws
 from .affinities import embedding_affinities, number_of_attractive
 
 
+def library_weights(affinities: np.ndarray, offsets: Sequence[Sequence[int]], copy: bool = True) -> np.ndarray:
+    """SPOCO affinities w (1 = same object) -> bioimage-cpp's weights: "higher = stronger"
+    on both kinds of channel, so w on the attractive channels and 1 - w on the mutex ones
+    (passing w everywhere merges everything)."""
+    n_attr = number_of_attractive(offsets)
+    weights = affinities.astype(np.float32, copy=copy)
+    weights[n_attr:] = 1.0 - weights[n_attr:]
+    return weights
+
+
 def mutex_watershed(affinities: np.ndarray, offsets: Sequence[Sequence[int]],
-                    strides: Sequence[int] | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+                    strides: Sequence[int] | None = None, mask: np.ndarray | None = None,
+                    weights: np.ndarray | None = None) -> np.ndarray:
     """Mutex Watershed on SPOCO affinities w (1 = same object), labels from 1 (uint64).
 
-    bioimage-cpp wants "higher = stronger" on both kinds of channel: w on the attractive
-    channels and 1 - w on the mutex channels (passing w everywhere merges everything).
     Edges that leave the array carry w = 0 and are skipped by the library. Pixels where
-    ``mask`` is False are background (0) and take part in no edge.
+    ``mask`` is False are background (0) and take part in no edge. ``weights``: the
+    affinities already in the library's convention (``library_weights``), if at hand.
     """
-    n_attr = number_of_attractive(offsets)
-    weights = affinities.astype(np.float32, copy=True)
-    weights[n_attr:] = 1.0 - weights[n_attr:]
-    return _bioimage_mws(weights, [list(map(int, o)) for o in offsets], n_attr,
+    weights = library_weights(affinities, offsets) if weights is None else weights
+    return _bioimage_mws(weights, [list(map(int, o)) for o in offsets], number_of_attractive(offsets),
                          strides=list(strides) if strides is not None else None,
                          randomized_strides=False, mask=mask)
-
-
-def segment_means(labels: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mean embedding per id (n, E)) of every label in ``labels``."""
-    flat = labels.reshape(-1)
-    ids, inv = np.unique(flat, return_inverse=True)
-    counts = np.bincount(inv, minlength=len(ids)).astype(np.float64)
-    means = np.stack([np.bincount(inv, weights=ch.reshape(-1), minlength=len(ids)) / counts
-                      for ch in embeddings], axis=1)
-    return ids, means
 
 
 def background_distance(embeddings: np.ndarray, background_embedding: Sequence[float]) -> np.ndarray:
@@ -49,34 +47,28 @@ def background_distance(embeddings: np.ndarray, background_embedding: Sequence[f
     return np.sqrt(np.einsum("...e,...e->...", diff, diff))
 
 
-def remove_background(labels: np.ndarray, embeddings: np.ndarray,
-                      background_embedding: Sequence[float] | None, radius: float) -> np.ndarray:
-    """Set to 0 the segments whose mean embedding lies within ``radius`` of the background's.
+def clean_up_segments(labels: np.ndarray, min_size: int = 0, foreground: np.ndarray | None = None) -> np.ndarray:
+    """Watershed segments -> consecutive labels 1..N (uint64) in order of first
+    occurrence, 0 = background; segments below ``min_size`` voxels (specks at borders)
+    become background. ``foreground``: flat indices of the only pixels that can be
+    nonzero (the watershed's mask), if known: with the background masked the watershed
+    is fast, and a pass over the whole array would cost more than it does.
 
-    With full supervision background is an object with its own cluster; in the sparse
-    setting the checkpoint holds the dominant embedding of the unlabeled region instead.
-    This catches background fragments whose pixels straddle the pixel-level radius.
+    (Background segments are removed by the pixel mask alone. Also removing segments
+    whose mean embedding lies near the background changed no label on VNC, for the full
+    and the 10% models, and cost more than the watershed; see benchmarks/RESULTS.md.)
     """
-    if background_embedding is None:
-        return labels
-    ids, means = segment_means(labels, embeddings)
-    dist = np.linalg.norm(means - np.asarray(background_embedding)[None], axis=1)
-    bg = ids[(dist < radius) & (ids != 0)]
-    if len(bg):
-        labels = labels.copy()
-        labels[np.isin(labels, bg)] = 0
-    return labels
-
-
-def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Objects below ``min_size`` voxels become background (MWS leaves specks at borders)."""
-    if min_size <= 1:
-        return labels
-    ids, counts = fastremap.unique(labels, return_counts=True)
-    small = ids[(counts < min_size) & (ids != 0)]
-    if len(small):
-        labels = fastremap.mask(labels, small)
-    return labels
+    flat = labels.reshape(-1)
+    fg = np.flatnonzero(flat) if foreground is None else foreground
+    ids, first, inv, counts = np.unique(flat[fg], return_index=True, return_inverse=True, return_counts=True)
+    keep = (counts >= max(min_size, 1)) & (ids != 0)
+    order = np.argsort(first, kind="stable")
+    kept = order[keep[order]]
+    rank = np.zeros(len(ids), np.uint64)
+    rank[kept] = np.arange(1, len(kept) + 1, dtype=np.uint64)
+    out = np.zeros(labels.shape, np.uint64)
+    out.reshape(-1)[fg] = rank[inv]
+    return out
 
 
 def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]], delta_d: float, *,
@@ -94,15 +86,14 @@ def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]],
     timings = timings if timings is not None else {}
     t = time.perf_counter()
     radius = delta_d if background_radius is None else background_radius
-    mask = None
+    mask = foreground = None
     if background_embedding is not None:
         mask = background_distance(embeddings, background_embedding) >= radius
-    affs = embedding_affinities(embeddings, offsets, delta_d)
+        foreground = np.flatnonzero(mask)
+    weights = library_weights(embedding_affinities(embeddings, offsets, delta_d, mask), offsets, copy=False)
     t1 = time.perf_counter()
     timings["affinities"] = timings.get("affinities", 0.0) + t1 - t
-    labels = mutex_watershed(affs, offsets, strides, mask=mask)
-    labels = remove_background(labels, embeddings, background_embedding, radius=radius)
-    labels = remove_small(labels, min_size)
-    labels, _ = fastremap.renumber(labels, in_place=True)
+    labels = mutex_watershed(None, offsets, strides, mask=mask, weights=weights)
+    labels = clean_up_segments(labels, min_size, foreground)
     timings["watershed"] = timings.get("watershed", 0.0) + time.perf_counter() - t1
-    return labels.astype(np.uint64, copy=False)
+    return labels

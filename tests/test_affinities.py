@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from spoco_vol.affinities import default_offsets, embedding_affinities, number_of_attractive
+from spoco_vol.affinities import _pair_slices, default_offsets, embedding_affinities, number_of_attractive
 
 
 def test_default_offsets_2d():
@@ -110,3 +110,19 @@ def test_offsets_longer_than_the_axis(offset):
     assert a.shape == (2, 5, 6)
     np.testing.assert_array_equal(a[1], 0)  # no pair lies inside the array
     np.testing.assert_allclose(a[0], brute_force(emb, [[-1, 0]], 1.0)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_masked_affinities_are_the_full_ones_inside_the_mask():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(4, 9, 11)).astype(np.float32)
+    mask = rng.random((9, 11)) > 0.4
+    offsets = default_offsets(2, distances=(3,))
+    full = embedding_affinities(emb, offsets, 1.0)
+    part = embedding_affinities(emb, offsets, 1.0, mask)
+    for c, o in enumerate(offsets):
+        partner = np.zeros_like(mask)  # mask at i + o, False where it leaves the array
+        tgt, src = _pair_slices(mask.shape, o)
+        partner[tgt] = mask[src]
+        both = mask & partner
+        np.testing.assert_array_equal(part[c][both], full[c][both])
+        assert not part[c][~both].any()

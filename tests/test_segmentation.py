@@ -4,7 +4,7 @@ import pytest
 
 from spoco_vol.affinities import default_offsets
 from spoco_vol.segmentation import (
-    mutex_watershed, remove_background, remove_small, segment_embeddings, segment_means,
+    clean_up_segments, mutex_watershed, segment_embeddings,
 )
 
 DELTA_D = 1.0
@@ -113,18 +113,19 @@ def test_remove_small_in_segment_embeddings():
     one_to_one(gt[gt != 4], labels[gt != 4])
 
 
-def test_remove_small_and_background_helpers():
+def test_clean_up_segments():
     lab = np.array([[1, 1, 1, 2], [3, 3, 0, 2], [5, 5, 5, 5]], np.uint64)
-    np.testing.assert_array_equal(remove_small(lab, 3), [[1, 1, 1, 0], [0, 0, 0, 0], [5, 5, 5, 5]])
-    assert remove_small(lab, 1) is lab
-    np.testing.assert_array_equal(lab[0], [1, 1, 1, 2])  # input untouched
-    emb = np.stack([lab.astype(np.float32), np.zeros(lab.shape, np.float32)])
-    ids, means = segment_means(lab, emb)
-    np.testing.assert_array_equal(ids, [0, 1, 2, 3, 5])
-    np.testing.assert_allclose(means, [[0, 0], [1, 0], [2, 0], [3, 0], [5, 0]])
-    out = remove_background(lab, emb, [2.2, 0.0], radius=1.0)  # segments 2 and 3 are close
-    np.testing.assert_array_equal(out, [[1, 1, 1, 0], [0, 0, 0, 0], [5, 5, 5, 5]])
-    assert remove_background(lab, emb, None, radius=1.0) is lab
+    # small segments (2 and 3 have 2 pixels) go, the rest is renumbered in order of appearance
+    out = clean_up_segments(lab, min_size=3)
+    np.testing.assert_array_equal(out, [[1, 1, 1, 0], [0, 0, 0, 0], [2, 2, 2, 2]])
+    assert out.dtype == np.uint64 and lab[0, 3] == 2  # input untouched
+    np.testing.assert_array_equal(clean_up_segments(np.array([[9, 9, 0, 7]], np.uint64)), [[1, 1, 0, 2]])
+    # with the watershed's foreground given, only those pixels are looked at
+    left = np.zeros(lab.shape, bool)
+    left[:, :2] = True
+    np.testing.assert_array_equal(clean_up_segments(lab, 0, np.flatnonzero(left)),
+                                  [[1, 1, 0, 0], [2, 2, 0, 0], [3, 3, 0, 0]])
+    assert not clean_up_segments(np.zeros((2, 2), np.uint64)).any()
 
 
 def test_mutex_watershed_convention():
