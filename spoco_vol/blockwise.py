@@ -32,6 +32,7 @@ from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, mo
 from . import stitching
 from .stitching import block_id_offset, merge_table, relabel_block, section_overlap_edges, stitch_faces
 
+STITCH_DEPTH = 16  # input planes of halo agreement per face
 LINK_OVERLAP = 0.5  # default --link-overlap; see benchmarks/RESULTS.md
 STAGES = ("read", "predict", "affinities", "watershed", "stitch", "relabel", "write")
 
@@ -85,8 +86,9 @@ def _face_region(block: Block, axis: int, side: int, depth: int) -> tuple[slice,
     return tuple(sl)
 
 
-def _in_read(block: Block, region: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, block.read))
+def _relative(region: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``region`` (volume coordinates) as slices of an array that covers ``outer``."""
+    return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, outer))
 
 
 def _face_affinity(emb: np.ndarray, read_shape: Sequence[int], block: Block, axis: int,
@@ -163,8 +165,14 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
         n = 0
         core = np.zeros(block.core_shape, np.uint64)
     else:
+        # Labels are needed for the core and the ``depth`` planes around it that stitching
+        # compares, not for the whole halo.
+        kept = tuple(slice(max(c.start - (depth if a in stitch_axes else 0), r.start),
+                           min(c.stop + (depth if a in stitch_axes else 0), r.stop))
+                     for a, (c, r) in enumerate(zip(block.core, block.read)))
         labels, emb = segment_array(raw, ckpt, input_voxel_size=voxel_size, device=device,
-                                    timings=timings, net=net, keep_embeddings=True)
+                                    timings=timings, net=net, keep_embeddings=True,
+                                    region=_relative(kept, block.read))
         dims = ckpt["architecture"]["dims"]
         scale = model_scale(voxel_size, ckpt.get("voxel_size"), list(range(raw.ndim - dims, raw.ndim)), raw.ndim)
         if save_embeddings:
@@ -172,11 +180,11 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
             _write_embeddings(emb, block, embedding_factors(scale), os.path.join(work, "embeddings"))
             timings["write"] += time.perf_counter() - t
         t = time.perf_counter()
-        labels = _zero_outside(labels, block.read, roi)
+        labels = _zero_outside(labels, kept, roi)
         if link_overlap is not None:
             labels = stitching.link_sections(labels, link_overlap)
         # Core objects get this block's id range; halo-only objects get 0 (not ours).
-        core_local = labels[block.core_in_read]
+        core_local = labels[_relative(block.core, kept)]
         ids = np.unique(core_local)
         ids = ids[ids != 0]
         n = len(ids)
@@ -194,7 +202,7 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
                 if not 0 <= nb < grid.grid_shape[a]:
                     continue
                 region = _face_region(block, a, side, depth)
-                faces[f"halo_{a}_{'p' if side > 0 else 'm'}"] = to_global(labels[_in_read(block, region)])
+                faces[f"halo_{a}_{'p' if side > 0 else 'm'}"] = to_global(labels[_relative(region, kept)])
                 if side > 0:
                     faces[f"aff_{a}"] = _face_affinity(emb, raw.shape, block, a, ckpt["delta_d"], scale)
         timings["stitch"] += time.perf_counter() - t
@@ -341,7 +349,9 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                                   f"of the model's downsampling {tuple(factors)}")
     grid = BlockGrid(arr.shape, block_shape, halo, align=read_alignment(ckpt, arr.ndim, scale))
     stitch_axes = spatial_axes if stitch else []
-    depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes], default=1))
+    # Planes of the neighbour's core whose segmentation is compared: the ones next to the
+    # face, where both blocks see enough context (the far halo is least reliable).
+    depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes] + [STITCH_DEPTH]))
 
     work = output.rstrip(os.sep) + ".partial"
     if os.path.exists(work):

@@ -49,23 +49,26 @@ def resample_raw(raw: np.ndarray, scale: Sequence[float]) -> np.ndarray:
     return ndimage.zoom(raw, scale, order=1)
 
 
-def restore_labels(labels: np.ndarray, shape: Sequence[int],
-                   scale: Sequence[float] | None = None) -> np.ndarray:
+def restore_labels(labels: np.ndarray, shape: Sequence[int], scale: Sequence[float] | None = None,
+                   region: Sequence[slice] | None = None) -> np.ndarray:
     """Nearest-neighbour labels back on the input grid of ``shape`` (``scale`` as given to
-    resample_raw: integer downsampling then maps each input voxel to its own block)."""
+    resample_raw: integer downsampling then maps each input voxel to its own block);
+    only ``region`` of that grid (slices), if given."""
     if tuple(labels.shape) == tuple(shape):
-        return labels
+        return labels if region is None else labels[tuple(region)]
+    region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
     scale = scale or [None] * len(shape)
     factors = [1 / s if s else None for s in scale]
     if all(f is not None and abs(f - round(f)) < 1e-6 and round(f) >= 1 for f in factors):
         # integer downsampling: repeat each model voxel f times and crop (4x faster than a gather)
-        out = labels
-        for a, f in enumerate(factors):
-            if round(f) > 1:
-                out = out.repeat(int(round(f)), axis=a)
-        return out[tuple(slice(0, n) for n in shape)]
-    return labels[np.ix_(*(model_grid_index(np.arange(n), n, m, s)
-                           for n, m, s in zip(shape, labels.shape, scale)))]
+        fs = [int(round(f)) for f in factors]
+        out = labels[tuple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, fs))]
+        for a, f in enumerate(fs):
+            if f > 1:
+                out = out.repeat(f, axis=a)
+        return out[tuple(slice(r.start - r.start // f * f, r.stop - r.start // f * f) for r, f in zip(region, fs))]
+    return labels[np.ix_(*(model_grid_index(np.arange(r.start, r.stop), n, m, s)
+                           for r, n, m, s in zip(region, shape, labels.shape, scale)))]
 
 
 def model_grid_index(i: np.ndarray, n: int, m: int, scale: float | None = None) -> np.ndarray:
@@ -120,11 +123,13 @@ def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float]
 
 def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
                   strides: Sequence[int] | None = None, timings: dict | None = None,
-                  net=None, keep_embeddings: bool = False):
+                  net=None, keep_embeddings: bool = False, region: Sequence[slice] | None = None):
     """Segment an in-memory 2D/3D array with a checkpoint; labels on the input grid.
 
     With ``keep_embeddings`` also returns the embeddings on the model grid,
     (E, *model-grid shape), for callers that need affinities at block faces.
+    ``region``: only these slices of the input grid are returned (a block keeps its core
+    and the planes it stitches with, not its whole halo).
     """
     timings = timings if timings is not None else {}
     arch = ckpt["architecture"]
@@ -169,6 +174,6 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
             out[z] = lab
         timings["write"] = timings.get("write", 0) + time.perf_counter() - t  # assembling the labels
     t = time.perf_counter()
-    labels = restore_labels(out, raw.shape, scale)
+    labels = restore_labels(out, raw.shape, scale, region)
     timings["write"] = timings.get("write", 0) + time.perf_counter() - t  # back to the input grid
     return (labels, embeddings) if keep_embeddings else labels

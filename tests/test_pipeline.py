@@ -179,3 +179,13 @@ def test_segment_array_small_image(tmp_path):
     _, ckpt = tiny_checkpoint(tmp_path)
     raw = np.random.default_rng(0).random((20, 24)).astype(np.float32)
     assert segment_array(raw, ckpt, device="cpu").shape == (20, 24)
+
+
+@pytest.mark.parametrize("scale", [[1.0, 0.5, 0.5], [1.0, 1 / 3, 0.5], [1.0, 0.8, 0.7]])
+def test_restore_labels_of_a_region_is_the_crop_of_the_whole(scale):
+    shape = (2, 61, 47)
+    small = resample_raw(np.zeros(shape, np.float32), scale)
+    lab = np.random.default_rng(1).integers(0, 1000, small.shape).astype(np.uint64)
+    whole = restore_labels(lab, shape, scale)
+    region = (slice(1, 2), slice(7, 38), slice(0, 45))
+    np.testing.assert_array_equal(restore_labels(lab, shape, scale, region), whole[region])
