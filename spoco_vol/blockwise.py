@@ -14,8 +14,11 @@ and is moved into place at the end: an interrupted run never leaves a half-writt
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import shutil
+import signal
 import time
 from typing import Sequence
 
@@ -138,7 +141,29 @@ def _write_embeddings(emb: np.ndarray, block: Block, factors: Sequence[int], pat
     zarr.open_array(path, mode="r+")[(slice(None),) + in_vol] = emb[(slice(None),) + in_read].astype(np.float16)
 
 
-def segment_block(block: Block, *, input_path: str, model_path: str, work: str, grid: BlockGrid,
+def _crash_point(name: str) -> None:
+    """Fault injection for the resume tests: with SPOCO_VOL_CRASH_AT=<name> the process
+    kills itself (SIGKILL, as a node failure would) when it reaches that point."""
+    if os.environ.get("SPOCO_VOL_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _region_text(region: Sequence[slice]) -> str:
+    return ",".join(f"{r.start}:{r.stop}" for r in region)
+
+
+def segment_block(block: Block, **kwargs) -> dict:
+    """Pass 1 for one block (see ``_segment_block``); a failure names the block and its region."""
+    try:
+        return _segment_block(block, **kwargs)
+    except SpocoInputError:
+        raise
+    except Exception as exc:  # e.g. a corrupt chunk: say where, not just what
+        raise SpocoInputError(f"block {block.index} (voxels {_region_text(block.read)}) failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _segment_block(block: Block, *, input_path: str, model_path: str, work: str, grid: BlockGrid,
                   voxel_size, device: str, depth: int, stitch_axes: Sequence[int],
                   mask_path: str | None = None, threads: int | None = None,
                   roi: tuple[slice, ...] | None = None, save_embeddings: bool = False,
@@ -154,7 +179,7 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
     t = time.perf_counter()
     ckpt, net = _load_model(model_path)
     raw = np.asarray(io.open_volume(input_path)[block.read])
-    io.check_finite(raw, "input", f"block {block.index}")
+    io.check_finite(raw, "input", f"block {block.index} (voxels {_region_text(block.read)})")
     skip = not raw.any()
     if mask_path and not skip:
         skip = not np.asarray(io.open_volume(mask_path, "mask")[block.core]).any()
@@ -208,18 +233,36 @@ def segment_block(block: Block, *, input_path: str, model_path: str, work: str, 
         timings["stitch"] += time.perf_counter() - t
     t = time.perf_counter()
     frag[block.core] = core
-    side_file = os.path.join(work, "blocks", f"{block.linear}.npz")
-    tmp = side_file + ".tmp.npz"
-    np.savez(tmp, n_objects=np.int64(n), **faces)
-    os.replace(tmp, side_file)  # the side file doubles as the block's done marker
     timings["write"] += time.perf_counter() - t
-    return {"block": block.linear, "objects": n, "timings": timings, "peak_rss_mib": _peak_rss_mib()}
+    result = {"block": block.linear, "objects": n, "timings": timings, "peak_rss_mib": _peak_rss_mib()}
+    side_file = _side_file(work, block)
+    tmp = side_file + ".tmp.npz"
+    np.savez(tmp, n_objects=np.int64(n), result=np.array(json.dumps(result)), **faces)
+    os.replace(tmp, side_file)  # written last and atomically: the block's done marker
+    _crash_point(f"segment:{block.linear}")
+    return result
+
+
+def _side_file(work: str, block: Block) -> str:
+    return os.path.join(work, "blocks", f"{block.linear}.npz")
+
+
+def _done_result(work: str, block: Block) -> dict | None:
+    """The recorded result of a block finished by an earlier (interrupted) run, or None."""
+    path = _side_file(work, block)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        result = json.loads(str(f["result"]))
+    result["timings"] = dict.fromkeys(result["timings"], 0.0)  # its work was not done by this run
+    return result
 
 
 def stitch_block_pair(lower: Block, upper: Block, axis: int, *, work: str, depth: int) -> dict:
     """Pass 2 for one face: merge edges between the two blocks' fragments."""
     t = time.perf_counter()
     edges = _face_edges(lower, upper, axis, work=work, depth=depth)
+    _crash_point("stitch")
     return {"edges": edges, "seconds": time.perf_counter() - t}
 
 
@@ -246,6 +289,7 @@ def link_block_pair(lower: Block, upper: Block, *, work: str, min_overlap: float
     last = np.asarray(frag[_face_region(upper, 0, -1, 1)])[0]
     first = np.asarray(frag[_face_region(lower, 0, +1, 1)])[0]
     edges = section_overlap_edges(last, first, min_overlap)
+    _crash_point("stitch")
     return {"edges": edges, "seconds": time.perf_counter() - t}
 
 
@@ -255,7 +299,13 @@ def relabel_one_block(block: Block, table: np.ndarray, *, work: str, grid: Block
     frag = np.asarray(zarr.open_array(os.path.join(work, "fragments"), mode="r")[block.core])
     out = relabel_block(frag, block.linear, grid.block_shape, table, dtype=np.dtype(dtype))
     zarr.open_array(os.path.join(work, "0"), mode="r+")[block.core] = out
+    open(_relabel_marker(work, block), "w").close()  # after the chunk is complete
+    _crash_point(f"relabel:{block.linear}")
     return {"seconds": time.perf_counter() - t, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _relabel_marker(work: str, block: Block) -> str:
+    return os.path.join(work, "relabelled", str(block.linear))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -267,6 +317,100 @@ def _compute(tasks: list, client) -> list:
     if client is None:
         return list(dask.compute(*tasks, scheduler="synchronous"))
     return client.gather(client.compute(tasks, retries=2))
+
+
+def _open_work(work: str, run_hash: str, overwrite: bool) -> str:
+    """"new", "resume" (an interrupted run with the same fingerprint) or "finalize" (one
+    that had written its labels and report but not yet moved them into place)."""
+    if not os.path.exists(work):
+        return "new"
+    try:
+        attrs = zarr.open_group(work, mode="r").attrs.asdict()
+        same = attrs.get("spoco_vol_run", {}).get("hash") == run_hash
+    except Exception:  # unreadable: not a run of ours, or killed while writing its metadata
+        attrs, same = {}, False
+    if same:
+        return "finalize" if "spoco_vol" in attrs else "resume"
+    if overwrite:
+        shutil.rmtree(work)
+        return "new"
+    raise SpocoInputError(f"{work} holds an interrupted run with other settings (input, blocks, model or "
+                          "parameters differ): rerun that command to finish it, or use --overwrite to discard it")
+
+
+def _create_work(work: str, shape, block_shape, out_dtype: str, emb_ckpt: dict | None, factors) -> None:
+    group = zarr.open_group(work, mode="w", zarr_format=2)
+    group.create_array("fragments", shape=shape, dtype="uint64", chunks=tuple(block_shape), fill_value=0)
+    group.create_array("0", shape=shape, dtype=out_dtype, chunks=tuple(block_shape), fill_value=0)
+    os.makedirs(os.path.join(work, "blocks"))
+    os.makedirs(os.path.join(work, "relabelled"))
+    if emb_ckpt is not None:
+        e_dim = emb_ckpt["architecture"]["embedding_dim"]
+        emb_arr = group.create_array(
+            "embeddings", shape=(e_dim, *(-(-n // f) for n, f in zip(shape, factors))), dtype="float16",
+            chunks=(e_dim, *(b // f for b, f in zip(block_shape, factors))), fill_value=0)
+        emb_arr.attrs["spoco_vol"] = {
+            "description": "SPOCO pixel embeddings (E, *spatial) on the model grid; 0 in skipped blocks",
+            "input_voxels_per_element": factors, "delta_v": emb_ckpt["delta_v"], "delta_d": emb_ckpt["delta_d"]}
+
+
+def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_shape, stitch_axes, depth: int,
+                link: float | None, out_dtype: str, common: dict) -> dict:
+    """The three passes; blocks an earlier run completed are not redone. Returns the
+    report's figures."""
+    own_cluster = None
+    if client is None and workers > 0:
+        from distributed import Client, LocalCluster
+        own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(own_cluster)
+    try:
+        blocks = grid.blocks(roi)
+        t = time.perf_counter()
+        done = [r for b in blocks if (r := _done_result(work, b)) is not None]
+        finished = {r["block"] for r in done}
+        results = done + _compute([dask.delayed(segment_block, pure=False)(b, **common)
+                                   for b in blocks if b.linear not in finished], client)
+        wall_segment = time.perf_counter() - t
+        results.sort(key=lambda r: r["block"])
+        t = time.perf_counter()
+        face_tasks = [dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
+                      for lo, up, ax in grid.faces(stitch_axes, roi)]
+        if link is not None:  # sections meet across z faces too
+            face_tasks += [dask.delayed(link_block_pair, pure=False)(lo, up, work=work, min_overlap=link)
+                           for lo, up, _ in grid.faces([0], roi)]
+        face_results = _compute(face_tasks, client)
+        edges = np.concatenate([f["edges"] for f in face_results]) if face_results else np.zeros((0, 2), np.uint64)
+        t_merge = time.perf_counter()
+        objects_per_block = [0] * len(grid)  # blocks outside the ROI hold no objects
+        for r in results:
+            objects_per_block[r["block"]] = r["objects"]
+        tables = merge_table(objects_per_block, block_shape, edges)
+        merge_seconds = time.perf_counter() - t_merge
+        wall_stitch = time.perf_counter() - t
+        t = time.perf_counter()
+        relabel_results = _compute([dask.delayed(relabel_one_block, pure=False)(b, tables[b.linear], work=work,
+                                                                              grid=grid, dtype=out_dtype)
+                                    for b in blocks if not os.path.exists(_relabel_marker(work, b))], client)
+        wall_relabel = time.perf_counter() - t
+    finally:
+        if own_cluster is not None:
+            client.close()
+            own_cluster.close()
+    work_seconds = dict.fromkeys(STAGES, 0.0)
+    for r in results:
+        for k, v in r["timings"].items():
+            work_seconds[k] += v
+    work_seconds["relabel"] = float(sum(r["seconds"] for r in relabel_results))
+    work_seconds["stitch"] += float(sum(f["seconds"] for f in face_results)) + merge_seconds
+    # Block tasks run in worker processes (or here, with workers=0): their peak is what
+    # a block costs; this process's own peak covers the merge table.
+    worker_peak = max([r["peak_rss_mib"] for r in results + relabel_results] or [0.0])
+    return {"objects": int(max((int(t.max()) for t in tables if len(t)), default=0)),
+            "blocks": len(blocks), "blocks_done_before": len(done), "merges": int(len(edges)),
+            "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
+                             "relabel": round(wall_relabel, 3)},
+            "seconds": {k: round(v, 3) for k, v in work_seconds.items()},
+            "peak_rss_mib": {"worker": round(worker_peak, 1), "client": round(_peak_rss_mib(), 1)}}
 
 
 def segment_blockwise(input_path: str, output: str | None = None, model: str | None = None, *,
@@ -353,98 +497,56 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     # face, where both blocks see enough context (the far halo is least reliable).
     depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes] + [STITCH_DEPTH]))
 
+    n_vox = int(np.prod([g * b for g, b in zip(grid.grid_shape, block_shape)]))
+    out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
+    link = link_overlap if link_sections else None
+    fingerprint = {
+        "input": os.path.abspath(input_path), "shape": list(arr.shape), "dtype": str(arr.dtype),
+        "chunks": list(arr.chunks), "block_shape": list(block_shape), "halo": list(halo),
+        "align": list(grid.align), "model_sha256": model_mod.checkpoint_checksum(ckpt),
+        "offsets": [list(map(int, o)) for o in offsets], "voxel_size": vs,
+        "mask": os.path.abspath(mask) if mask else None, "roi": [[r.start, r.stop] for r in roi] if roi else None,
+        "stitch": bool(stitch), "depth": depth, "link_overlap": link, "save_embeddings": bool(save_embeddings),
+        "output_dtype": out_dtype, "version": __version__}
+    run_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     work = output.rstrip(os.sep) + ".partial"
-    if os.path.exists(work):
-        shutil.rmtree(work)
+    state = _open_work(work, run_hash, overwrite)
     try:
-        group = zarr.open_group(work, mode="w", zarr_format=2)
-        group.create_array("fragments", shape=arr.shape, dtype="uint64", chunks=tuple(block_shape), fill_value=0)
-        os.makedirs(os.path.join(work, "blocks"))
-        n_vox = int(np.prod([g * b for g, b in zip(grid.grid_shape, block_shape)]))
-        out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
-        group.create_array("0", shape=arr.shape, dtype=out_dtype, chunks=tuple(block_shape), fill_value=0)
-        if save_embeddings:
-            e_dim = ckpt["architecture"]["embedding_dim"]
-            emb_arr = group.create_array(
-                "embeddings", shape=(e_dim, *(-(-n // f) for n, f in zip(arr.shape, factors))), dtype="float16",
-                chunks=(e_dim, *(b // f for b, f in zip(block_shape, factors))), fill_value=0)
-            emb_arr.attrs["spoco_vol"] = {
-                "description": "SPOCO pixel embeddings (E, *spatial) on the model grid; 0 in skipped blocks",
-                "input_voxels_per_element": factors, "delta_v": ckpt["delta_v"], "delta_d": ckpt["delta_d"]}
-        own_cluster = None
-        if client is None and workers > 0:
-            from distributed import Client, LocalCluster
-            own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
-            client = Client(own_cluster)
-        try:
-            blocks = grid.blocks(roi)
-            common = dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link_overlap if link_sections else None,
-                          input_path=os.path.abspath(input_path), model_path=model_path, work=work, grid=grid,
-                          voxel_size=vs, device=device, depth=depth, stitch_axes=stitch_axes,
-                          mask_path=os.path.abspath(mask) if mask else None,
-                          threads=threads_per_worker or max(1, (os.cpu_count() or 1) // max(workers, 1)))
-            t = time.perf_counter()
-            results = _compute([dask.delayed(segment_block, pure=False)(b, **common) for b in blocks], client)
-            wall_segment = time.perf_counter() - t
-            results.sort(key=lambda r: r["block"])
-            t = time.perf_counter()
-            pairs = list(grid.faces(stitch_axes, roi))
-            face_tasks = [dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
-                          for lo, up, ax in pairs]
-            if link_sections:  # sections meet across z faces too
-                face_tasks += [dask.delayed(link_block_pair, pure=False)(lo, up, work=work, min_overlap=link_overlap)
-                               for lo, up, _ in grid.faces([0], roi)]
-            face_results = _compute(face_tasks, client)
-            edges = (np.concatenate([f["edges"] for f in face_results]) if face_results
-                     else np.zeros((0, 2), np.uint64))
-            t_merge = time.perf_counter()
-            objects_per_block = [0] * len(grid)  # blocks outside the ROI hold no objects
-            for r in results:
-                objects_per_block[r["block"]] = r["objects"]
-            tables = merge_table(objects_per_block, block_shape, edges)
-            merge_seconds = time.perf_counter() - t_merge
-            wall_stitch = time.perf_counter() - t
-            t = time.perf_counter()
-            relabel_results = _compute([dask.delayed(relabel_one_block, pure=False)(b, tab, work=work, grid=grid,
-                                                                                 dtype=out_dtype)
-                                      for b in blocks for tab in [tables[b.linear]]], client)
-            wall_relabel = time.perf_counter() - t
-        finally:
-            if own_cluster is not None:
-                client.close()
-                own_cluster.close()
-        n_objects = int(max((int(t.max()) for t in tables if len(t)), default=0))
-        work_seconds = dict.fromkeys(STAGES, 0.0)
-        for r in results:
-            for k, v in r["timings"].items():
-                work_seconds[k] += v
-        work_seconds["relabel"] = float(sum(r["seconds"] for r in relabel_results))
-        work_seconds["stitch"] += float(sum(f["seconds"] for f in face_results)) + merge_seconds
-        # Block tasks run in worker processes (or here, with workers=0): their peak is what
-        # a block costs; this process's own peak covers the merge table.
-        worker_peak = max(r["peak_rss_mib"] for r in results + relabel_results)
-        report = {"objects": n_objects, "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
-                  "model_sha256": model_mod.checkpoint_checksum(ckpt), "command": command,
-                  "version": __version__,
-                  "block_shape": block_shape, "halo": halo, "blocks": len(blocks), "merges": int(len(edges)),
-                  "roi": [[r.start, r.stop] for r in roi] if roi else None,
-                  "voxels": int(np.prod([r.stop - r.start for r in roi])) if roi else int(np.prod(arr.shape)),
-                  "embeddings": "embeddings" if save_embeddings else None, "link_overlap": link_overlap if link_sections else None,
-                  "workers": workers,
-                  "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
-                                   "relabel": round(wall_relabel, 3)},
-                  "seconds": {k: round(v, 3) for k, v in work_seconds.items()},
-                  "peak_rss_mib": {"worker": round(worker_peak, 1), "client": round(_peak_rss_mib(), 1)}}
-        shutil.rmtree(os.path.join(work, "blocks"))
-        shutil.rmtree(os.path.join(work, "fragments"))  # a v2 group lists no children: removing is enough
-        write_ome_metadata(zarr.open_group(work, mode="r+"), arr.ndim, vs, report)
+        if state == "new":
+            _create_work(work, arr.shape, block_shape, out_dtype, ckpt if save_embeddings else None, factors)
+            zarr.open_group(work, mode="r+").attrs["spoco_vol_run"] = {"hash": run_hash, "fingerprint": fingerprint}
+        if state != "finalize":
+            report = _run_passes(grid, roi, work=work, client=client, workers=workers, block_shape=block_shape,
+                                 stitch_axes=stitch_axes, depth=depth, link=link, out_dtype=out_dtype,
+                                 common=dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link,
+                                             input_path=os.path.abspath(input_path), model_path=model_path,
+                                             work=work, grid=grid, voxel_size=vs, device=device, depth=depth,
+                                             stitch_axes=stitch_axes,
+                                             mask_path=os.path.abspath(mask) if mask else None,
+                                             threads=threads_per_worker or max(1, (os.cpu_count() or 1)
+                                                                               // max(workers, 1))))
+            report.update({
+                "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
+                "model_sha256": fingerprint["model_sha256"], "command": command, "version": __version__,
+                "block_shape": block_shape, "halo": halo, "roi": fingerprint["roi"],
+                "voxels": int(np.prod([r.stop - r.start for r in roi])) if roi else int(np.prod(arr.shape)),
+                "embeddings": "embeddings" if save_embeddings else None, "link_overlap": link,
+                "workers": workers, "run_hash": run_hash, "resumed": state == "resume"})
+            # The report in the attributes marks the labels complete; only then the scratch goes.
+            write_ome_metadata(zarr.open_group(work, mode="r+"), arr.ndim, vs, report)
+            _crash_point("finalize")
+        else:
+            report = dict(zarr.open_group(work, mode="r").attrs["spoco_vol"])
+        for scratch in ("blocks", "fragments", "relabelled"):  # a v2 group lists no children
+            shutil.rmtree(os.path.join(work, scratch), ignore_errors=True)
         if os.path.exists(output):
             shutil.rmtree(output)  # check_output_path allowed it: a zarr store, and --overwrite
         os.replace(work, output)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # any failure, bad input inside a block included
+    except SpocoInputError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input found inside a block: leave nothing behind
         raise
+    # Any other interruption (kill, Ctrl-C, a lost cluster) keeps <output>.partial: the same
+    # command resumes from the blocks it completed.
     report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     report["output"] = output
     return report
