@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Sequence
 
@@ -310,13 +311,30 @@ def _relabel_marker(work: str, block: Block) -> str:
 
 # ----------------------------------------------------------------------------- driver
 
-def _compute(tasks: list, client) -> list:
-    """Run delayed tasks on the cluster (retrying a lost worker's tasks), or in-process."""
+def _compute(tasks: list, client, desc: str = "", progress: bool = False) -> list:
+    """Run delayed tasks on the cluster (retrying a lost worker's tasks), or in-process, in
+    order; with ``progress`` a bar of tasks done / total with rate and ETA on stderr (on a
+    cluster, where stderr goes to a log file, one line every 30 s)."""
     if not tasks:
         return []
-    if client is None:
-        return list(dask.compute(*tasks, scheduler="synchronous"))
-    return client.gather(client.compute(tasks, retries=2))
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, file=sys.stderr,
+               mininterval=0.5 if tty else 30, dynamic_ncols=tty, ascii=not tty)
+    try:
+        if client is None:
+            out = []
+            for task in tasks:
+                out.append(dask.compute(task, scheduler="synchronous")[0])
+                bar.update(1)
+            return out
+        from distributed import as_completed
+        futures = client.compute(tasks, retries=2)
+        for _ in as_completed(futures):
+            bar.update(1)
+        return client.gather(futures)
+    finally:
+        bar.close()
 
 
 def _open_work(work: str, run_hash: str, overwrite: bool) -> str:
@@ -355,7 +373,7 @@ def _create_work(work: str, shape, block_shape, out_dtype: str, emb_ckpt: dict |
 
 
 def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_shape, stitch_axes, depth: int,
-                link: float | None, out_dtype: str, common: dict) -> dict:
+                link: float | None, out_dtype: str, common: dict, progress: bool = False) -> dict:
     """The three passes; blocks an earlier run completed are not redone. Returns the
     report's figures."""
     own_cluster = None
@@ -369,7 +387,7 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         done = [r for b in blocks if (r := _done_result(work, b)) is not None]
         finished = {r["block"] for r in done}
         results = done + _compute([dask.delayed(segment_block, pure=False)(b, **common)
-                                   for b in blocks if b.linear not in finished], client)
+                                   for b in blocks if b.linear not in finished], client, "segment", progress)
         wall_segment = time.perf_counter() - t
         results.sort(key=lambda r: r["block"])
         t = time.perf_counter()
@@ -378,7 +396,7 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         if link is not None:  # sections meet across z faces too
             face_tasks += [dask.delayed(link_block_pair, pure=False)(lo, up, work=work, min_overlap=link)
                            for lo, up, _ in grid.faces([0], roi)]
-        face_results = _compute(face_tasks, client)
+        face_results = _compute(face_tasks, client, "stitch", progress)
         edges = np.concatenate([f["edges"] for f in face_results]) if face_results else np.zeros((0, 2), np.uint64)
         t_merge = time.perf_counter()
         objects_per_block = [0] * len(grid)  # blocks outside the ROI hold no objects
@@ -390,7 +408,8 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         t = time.perf_counter()
         relabel_results = _compute([dask.delayed(relabel_one_block, pure=False)(b, tables[b.linear], work=work,
                                                                               grid=grid, dtype=out_dtype)
-                                    for b in blocks if not os.path.exists(_relabel_marker(work, b))], client)
+                                    for b in blocks if not os.path.exists(_relabel_marker(work, b))],
+                                   client, "relabel", progress)
         wall_relabel = time.perf_counter() - t
     finally:
         if own_cluster is not None:
@@ -420,7 +439,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       stitch: bool = True, roi: str | Sequence[slice] | None = None,
                       save_embeddings: bool = False, link_sections: bool = False,
                       link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
-                      client=None, command: str = "") -> dict:
+                      client=None, command: str = "", progress: bool = False) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -434,6 +453,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     ``embeddings`` array, (E, *model-grid shape), one chunk per block.
     ``link_sections``: with a 2D model on a 3D volume, join per-section objects across
     sections when their overlap covers at least ``link_overlap`` of the smaller one.
+    ``progress``: progress bars of tasks done per pass, with rate and ETA, on stderr.
+    An interrupted run leaves ``<output>.partial``; the same call again finishes it.
     """
     t_start = time.perf_counter()
     arr = io.open_volume(input_path)
@@ -518,6 +539,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         if state != "finalize":
             report = _run_passes(grid, roi, work=work, client=client, workers=workers, block_shape=block_shape,
                                  stitch_axes=stitch_axes, depth=depth, link=link, out_dtype=out_dtype,
+                                 progress=progress,
                                  common=dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link,
                                              input_path=os.path.abspath(input_path), model_path=model_path,
                                              work=work, grid=grid, voxel_size=vs, device=device, depth=depth,

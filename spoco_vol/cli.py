@@ -178,15 +178,20 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--link-overlap", type=float, default=0.5, show_default=True,
               help="With --link-sections: the fraction of the smaller object two objects of consecutive "
                    "sections must share to be joined.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
+                                                 "with other settings).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, stitch, device, roi,
-            save_embeddings, link_sections, link_overlap, overwrite):
-    """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background)."""
+            save_embeddings, link_sections, link_overlap, overwrite, quiet):
+    """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
+
+    An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
+    again resumes it and gives the labels an uninterrupted run would have given."""
     from .blockwise import format_report, segment_blockwise
     report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
-                  link_sections=link_sections, link_overlap=link_overlap, command=_command_line())
+                  link_sections=link_sections, link_overlap=link_overlap, command=_command_line(), progress=not quiet)
     click.echo(format_report(report))
 
 

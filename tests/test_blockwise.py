@@ -328,3 +328,17 @@ def test_failing_block_names_its_region(tmp_path):
     import re
     assert re.fullmatch(r"Error: block \(1, \d, \d\) \(voxels 1:2,\d+:\d+,\d+:\d+\) failed: \w+: .+", line), line
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_labels_are_bit_identical_for_any_worker_count(tmp_path):
+    """In-process, and on LocalClusters of 1, 2 and 4 worker processes (so other torch
+    thread counts and other block completion orders): the same labels, bit for bit."""
+    inp = _real_crop(tmp_path)
+    runs = []
+    for workers in (0, 1, 2, 4):
+        out = str(tmp_path / f"w{workers}.zarr")
+        segment_blockwise(inp, out, BUNDLED_MODEL, block_shape=[1, 192, 192], workers=workers, device="cpu")
+        runs.append(zarr.open_array(out + "/0", mode="r")[...])
+    assert int(runs[0].max()) > 5
+    for other in runs[1:]:
+        assert other.dtype == runs[0].dtype and np.array_equal(other, runs[0])
