@@ -13,6 +13,7 @@ and is moved into place at the end: an interrupted run never leaves a half-writt
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -373,15 +374,20 @@ def _create_work(work: str, shape, block_shape, out_dtype: str, emb_ckpt: dict |
 
 
 def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_shape, stitch_axes, depth: int,
-                link: float | None, out_dtype: str, common: dict, progress: bool = False) -> dict:
+                link: float | None, out_dtype: str, common: dict, progress: bool = False,
+                cluster_config: dict | None = None, log=print) -> dict:
     """The three passes; blocks an earlier run completed are not redone. Returns the
     report's figures."""
-    own_cluster = None
-    if client is None and workers > 0:
+    stack = contextlib.ExitStack()
+    if client is None and cluster_config is not None:
+        from .cluster import open_cluster
+        client = stack.enter_context(open_cluster(cluster_config, log=log))
+    elif client is None and workers > 0:
         from distributed import Client, LocalCluster
-        own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(own_cluster)
-    try:
+        own_cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None))
+        client = stack.enter_context(Client(own_cluster))
+    with stack:
         blocks = grid.blocks(roi)
         t = time.perf_counter()
         done = [r for b in blocks if (r := _done_result(work, b)) is not None]
@@ -411,10 +417,6 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
                                     for b in blocks if not os.path.exists(_relabel_marker(work, b))],
                                    client, "relabel", progress)
         wall_relabel = time.perf_counter() - t
-    finally:
-        if own_cluster is not None:
-            client.close()
-            own_cluster.close()
     work_seconds = dict.fromkeys(STAGES, 0.0)
     for r in results:
         for k, v in r["timings"].items():
@@ -435,15 +437,16 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
 def segment_blockwise(input_path: str, output: str | None = None, model: str | None = None, *,
                       block_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
                       mask: str | None = None, voxel_size: Sequence[float] | None = None,
-                      workers: int = 1, device: str = "auto", overwrite: bool = False,
+                      workers: int | None = None, device: str = "auto", overwrite: bool = False,
                       stitch: bool = True, roi: str | Sequence[slice] | None = None,
                       save_embeddings: bool = False, link_sections: bool = False,
                       link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
-                      client=None, command: str = "", progress: bool = False) -> dict:
+                      client=None, cluster: str | dict | None = None, command: str = "",
+                      progress: bool = False) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
-    processes is started, or with ``workers=0`` everything runs in this process.
+    processes (default 1) is started, or with ``workers=0`` everything runs in this process.
     ``threads_per_worker``: torch threads of each block task [default: the cores divided
     among the workers].
     ``roi``: only this region (``"z0:z1,y0:y1,x0:x1"`` or slices) is segmented; the output
@@ -453,10 +456,23 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     ``embeddings`` array, (E, *model-grid shape), one chunk per block.
     ``link_sections``: with a 2D model on a 3D volume, join per-section objects across
     sections when their overlap covers at least ``link_overlap`` of the smaller one.
+    ``cluster``: a cluster config (name or path of a YAML file in cluster_configs/, or a
+    dict, see spoco_vol.cluster) to start and run on; ``workers`` (if > 0) overrides its
+    worker count.
     ``progress``: progress bars of tasks done per pass, with rate and ETA, on stderr.
     An interrupted run leaves ``<output>.partial``; the same call again finishes it.
     """
     t_start = time.perf_counter()
+    cluster_config = None
+    if cluster is not None and client is None:
+        from .cluster import load_cluster_config, threads_per_worker as cluster_threads, validate_cluster_config
+        cluster_config = (validate_cluster_config(dict(cluster)) if isinstance(cluster, dict)
+                          else load_cluster_config(cluster))
+        if workers is not None:  # an explicit worker count beats the file's
+            cluster_config["jobs" if cluster_config["kind"] == "slurm" else "workers"] = workers
+        threads_per_worker = threads_per_worker or cluster_threads(cluster_config)
+        workers = cluster_config.get("jobs", cluster_config.get("workers"))
+    workers = 1 if workers is None else workers
     arr = io.open_volume(input_path)
     io.validate_volume(arr, f"input {input_path}")
     output = output or default_output_path(input_path)
@@ -539,7 +555,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         if state != "finalize":
             report = _run_passes(grid, roi, work=work, client=client, workers=workers, block_shape=block_shape,
                                  stitch_axes=stitch_axes, depth=depth, link=link, out_dtype=out_dtype,
-                                 progress=progress,
+                                 progress=progress, cluster_config=cluster_config,
                                  common=dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link,
                                              input_path=os.path.abspath(input_path), model_path=model_path,
                                              work=work, grid=grid, voxel_size=vs, device=device, depth=depth,

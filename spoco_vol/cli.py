@@ -163,8 +163,12 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--mask", default=None, help="Zarr mask of the input's shape; blocks without foreground are skipped.")
 @click.option("--voxel-size", type=FLOATS, default=None,
               help="Input voxel size in nm (z,y,x) [default: from the zarr metadata].")
-@click.option("--workers", type=click.IntRange(0), default=1, show_default=True,
-              help="Dask worker processes on this machine (0: run in this process).")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Dask workers: processes on this machine (0: run in this process) [default: 1], or with "
+                   "--cluster the number of workers / SLURM jobs [default: the config's].")
+@click.option("--cluster", "cluster", default=None,
+              help="Cluster config: a name from cluster_configs/ (local, slurm, gateway; see `spoco-vol "
+                   "clusters`) or a YAML path [default: a LocalCluster of --workers processes].")
 @click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--roi", default=None,
@@ -181,7 +185,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
                                                  "with other settings).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, stitch, device, roi,
+def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, stitch, device, roi,
             save_embeddings, link_sections, link_overlap, overwrite, quiet):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
@@ -191,8 +195,20 @@ def segment(input_path, output, model, block_shape, halo, mask, voxel_size, work
     report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
-                  link_sections=link_sections, link_overlap=link_overlap, command=_command_line(), progress=not quiet)
+                  link_sections=link_sections, link_overlap=link_overlap, cluster=cluster,
+                  command=_command_line(), progress=not quiet)
     click.echo(format_report(report))
+
+
+@cli.command()
+def clusters():
+    """List the cluster configs (./cluster_configs and the shipped ones) and validate each."""
+    from .cluster import list_cluster_configs
+    rows = list_cluster_configs()
+    for name, path, status in rows:
+        click.echo(f"{name:<12} {status}\n{'':<12} {path}")
+    if any(status.startswith("invalid") for _, _, status in rows):
+        raise InputError("some cluster configs are invalid (see above)")
 
 
 @cli.command()
