@@ -1,6 +1,7 @@
 """Blockwise segmentation (spoco_vol.blockwise): OME-Zarr output, errors, and agreement
 with a single block covering the whole volume."""
 import os
+import time
 
 import numpy as np
 import pytest
@@ -342,3 +343,38 @@ def test_labels_are_bit_identical_for_any_worker_count(tmp_path):
     assert int(runs[0].max()) > 5
     for other in runs[1:]:
         assert other.dtype == runs[0].dtype and np.array_equal(other, runs[0])
+
+
+def _kill_when_first_block_is_done(out, kill):
+    """Background thread: wait for a block's done marker in <out>.partial, then ``kill()``."""
+    import threading
+
+    def watch():
+        blocks = out + ".partial/blocks"
+        for _ in range(3000):
+            if os.path.isdir(blocks) and any(f.endswith(".npz") and ".tmp" not in f for f in os.listdir(blocks)):
+                kill()
+                return
+            time.sleep(0.05)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_dead_worker_has_its_blocks_retried(tmp_path):
+    """SIGKILL one of two LocalCluster worker processes mid-run: the run completes with
+    the labels of an undisturbed run."""
+    import signal
+    from distributed import Client, LocalCluster
+    inp = _real_crop(tmp_path)
+    ref = str(tmp_path / "ref.zarr")
+    segment_blockwise(inp, ref, BUNDLED_MODEL, block_shape=[1, 192, 192], workers=0, device="cpu")
+    out = str(tmp_path / "out.zarr")
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        watcher = _kill_when_first_block_is_done(out, lambda: os.kill(pids[0], signal.SIGKILL))
+        segment_blockwise(inp, out, BUNDLED_MODEL, block_shape=[1, 192, 192], device="cpu", client=client,
+                          workers=2)
+        watcher.join(timeout=5)
+        assert pids[0] not in client.run(os.getpid).values()  # it really died (the nanny started another)
+    assert np.array_equal(zarr.open_array(ref + "/0", mode="r")[...], zarr.open_array(out + "/0", mode="r")[...])

@@ -170,3 +170,26 @@ def test_segment_through_dask_gateway(tmp_path, gateway):
     labels, report = _segment_on(tmp_path, inp, gateway, "gateway")
     assert report["workers"] == 2
     assert np.array_equal(labels, _reference(tmp_path, inp))
+
+
+def test_scancel_of_a_worker_job_mid_run(tmp_path, slurm):
+    """`scancel` one of the two worker jobs once a block is done: its blocks are retried on
+    the other, the run completes with the undisturbed labels."""
+    from test_blockwise import _kill_when_first_block_is_done
+    inp = _real_crop(tmp_path)
+    cancelled = []
+
+    def cancel_one():
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.split("\n")
+        running = [j.split()[0] for j in jobs if j.strip() and "RUNNING" in j]
+        if running:
+            subprocess.run(["scancel", running[0]], check=True)
+            cancelled.append(running[0])
+    out = str(tmp_path / "slurm.zarr")
+    watcher = _kill_when_first_block_is_done(out, cancel_one)
+    config = {"kind": "slurm", "queue": slurm, "cores": 1, "memory": "2GB", "walltime": "00:20:00", "jobs": 2,
+              "interface": "lo", "log_directory": str(tmp_path / "logs"), "wait_timeout": 180}
+    segment_blockwise(inp, out, BUNDLED_MODEL, block_shape=[1, 192, 192], device="cpu", cluster=config)
+    watcher.join(timeout=5)
+    assert cancelled, "no running worker job to cancel"
+    assert np.array_equal(zarr.open_array(out + "/0", mode="r")[...], _reference(tmp_path, inp))
