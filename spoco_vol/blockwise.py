@@ -375,18 +375,15 @@ def _create_work(work: str, shape, block_shape, out_dtype: str, emb_ckpt: dict |
 
 def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_shape, stitch_axes, depth: int,
                 link: float | None, out_dtype: str, common: dict, progress: bool = False,
-                cluster_config: dict | None = None, log=print) -> dict:
+                cluster_config: dict | None = None, log=None) -> dict:
     """The three passes; blocks an earlier run completed are not redone. Returns the
     report's figures."""
     stack = contextlib.ExitStack()
-    if client is None and cluster_config is not None:
-        from .cluster import open_cluster
-        client = stack.enter_context(open_cluster(cluster_config, log=log))
-    elif client is None and workers > 0:
-        from distributed import Client, LocalCluster
-        own_cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None))
-        client = stack.enter_context(Client(own_cluster))
+    if client is None and (cluster_config is not None or workers > 0):
+        from .cluster import open_cluster, validate_cluster_config
+        config = cluster_config or validate_cluster_config(
+            {"kind": "local", "workers": workers, "threads_per_worker": common["threads"]}, "--workers")
+        client = stack.enter_context(open_cluster(config, log=log))
     with stack:
         blocks = grid.blocks(roi)
         t = time.perf_counter()
@@ -556,6 +553,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
             report = _run_passes(grid, roi, work=work, client=client, workers=workers, block_shape=block_shape,
                                  stitch_axes=stitch_axes, depth=depth, link=link, out_dtype=out_dtype,
                                  progress=progress, cluster_config=cluster_config,
+                                 log=(lambda line: print(line, file=sys.stderr, flush=True)) if progress
+                                 else (lambda line: None),
                                  common=dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link,
                                              input_path=os.path.abspath(input_path), model_path=model_path,
                                              work=work, grid=grid, voxel_size=vs, device=device, depth=depth,

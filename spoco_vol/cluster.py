@@ -167,7 +167,7 @@ def open_cluster(config: dict, log: Callable[[str], None] = print) -> Iterator:
     if kind == "local":
         from distributed import LocalCluster
         cluster = LocalCluster(n_workers=config["workers"], threads_per_worker=1, processes=True,
-                               memory_limit=config["memory_limit"], dashboard_address=":0")
+                               memory_limit=config["memory_limit"], dashboard_address=":0", host="127.0.0.1")
         logs = "this terminal (worker output is forwarded)"
     elif kind == "slurm":
         from dask_jobqueue import SLURMCluster
@@ -199,7 +199,7 @@ def open_cluster(config: dict, log: Callable[[str], None] = print) -> Iterator:
             cluster.scale(config.get("jobs", config.get("workers")) * config.get("processes", 1)
                           if kind == "slurm" else config["workers"])
         client = Client(cluster)
-        log(f"cluster: {describe(config)} ({config.get('source', 'given settings')})")
+        log(f"cluster: {describe(config)} ({config.get('source', 'from the command line')})")
         log(f"scheduler {client.scheduler.address}; dashboard {client.dashboard_link}; logs: {logs}")
         try:
             client.wait_for_workers(1, timeout=config.get("wait_timeout", 600))
