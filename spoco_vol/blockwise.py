@@ -155,14 +155,16 @@ def _region_text(region: Sequence[slice]) -> str:
 
 
 def segment_block(block: Block, **kwargs) -> dict:
-    """Pass 1 for one block (see ``_segment_block``); a failure names the block and its region."""
+    """Pass 1 for one block (see ``_segment_block``). A failure comes back as
+    {"error": message naming the block and its region}: bad input fails the same way on
+    every try, so it is reported, not retried (retries are for workers that die)."""
     try:
         return _segment_block(block, **kwargs)
-    except SpocoInputError:
-        raise
+    except SpocoInputError as exc:
+        return {"block": block.linear, "error": str(exc)}
     except Exception as exc:  # e.g. a corrupt chunk: say where, not just what
-        raise SpocoInputError(f"block {block.index} (voxels {_region_text(block.read)}) failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
+        return {"block": block.linear, "error": f"block {block.index} (voxels {_region_text(block.read)}) "
+                                                f"failed: {type(exc).__name__}: {exc}"}
 
 
 def _segment_block(block: Block, *, input_path: str, model_path: str, work: str, grid: BlockGrid,
@@ -391,6 +393,10 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         finished = {r["block"] for r in done}
         results = done + _compute([dask.delayed(segment_block, pure=False)(b, **common)
                                    for b in blocks if b.linear not in finished], client, "segment", progress)
+        failed = [r for r in results if "error" in r]
+        if failed:
+            more = f" (and {len(failed) - 1} more block(s))" if len(failed) > 1 else ""
+            raise SpocoInputError(min(failed, key=lambda r: r["block"])["error"] + more)
         wall_segment = time.perf_counter() - t
         results.sort(key=lambda r: r["block"])
         t = time.perf_counter()
