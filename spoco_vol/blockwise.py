@@ -445,7 +445,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       save_embeddings: bool = False, link_sections: bool = False,
                       link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
                       client=None, cluster: str | dict | None = None, command: str = "",
-                      progress: bool = False) -> dict:
+                      progress: bool = False, dry_run: bool = False) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -464,6 +464,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     worker count.
     ``progress``: progress bars of tasks done per pass, with rate and ETA, on stderr.
     An interrupted run leaves ``<output>.partial``; the same call again finishes it.
+    ``dry_run``: check everything, start and write nothing; returns the output path, the
+    run's fingerprint and its hash (an existing output with that hash is this run's result).
     """
     t_start = time.perf_counter()
     cluster_config = None
@@ -549,6 +551,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         "stitch": bool(stitch), "depth": depth, "link_overlap": link, "save_embeddings": bool(save_embeddings),
         "output_dtype": out_dtype, "version": __version__}
     run_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    if dry_run:
+        return {"output": output, "run_hash": run_hash, "fingerprint": fingerprint}
     work = output.rstrip(os.sep) + ".partial"
     state = _open_work(work, run_hash, overwrite)
     try:

@@ -200,6 +200,25 @@ def segment(input_path, output, model, block_shape, halo, mask, voxel_size, work
     click.echo(format_report(report))
 
 
+@cli.command("run")
+@click.argument("recipe")
+@click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
+              help="Set a recipe variable (repeatable), e.g. --set volume=/data/my.zarr.")
+def run_recipe(recipe, assignments):
+    """Run a workflow recipe (workflows/*.yaml): its steps in order, skipping steps whose
+    outputs are complete and were made with the same settings; an interrupted recipe
+    resumes where it stopped."""
+    import yaml
+    from .workflow import run_workflow
+    overrides = {}
+    for a in assignments:
+        if "=" not in a:
+            raise InputError(f"--set takes NAME=VALUE, got {a!r}")
+        name, value = a.split("=", 1)
+        overrides[name.strip()] = yaml.safe_load(value) if value else None
+    _run(run_workflow, recipe, overrides, log=lambda line: click.echo(line, err=True))
+
+
 @cli.command()
 def clusters():
     """List the cluster configs (./cluster_configs and the shipped ones) and validate each."""

@@ -1,0 +1,162 @@
+"""Recipes: a YAML list of steps (train, calibrate, segment, evaluate) run in order.
+
+A recipe resumes like a single run does: a step whose output is complete and was made
+with the same settings is skipped; an interrupted step picks up where it stopped (a
+training run from its ``latest.pt``, a segmentation from ``<output>.partial``).
+
+    name: em-mito-finetune
+    vars: {volume: data/my.zarr}           # ${volume} below; `spoco-vol run --set volume=...`
+    steps:
+      - train: {raw: "${volume}/raw", labels: "${volume}/sparse", out: runs/ft, init: bundled}
+      - segment: {input: "${volume}/raw", output: "${volume}_labels.zarr", model: runs/ft/best.pt}
+      - evaluate: {pred: "${volume}_labels.zarr", gt: "${volume}/labels", out: metrics.json}
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable
+
+import yaml
+
+from .errors import SpocoInputError
+
+STEP_KINDS = ("train", "segment", "evaluate")
+
+
+def load_workflow(path: str, overrides: dict | None = None) -> dict:
+    """Read a recipe, substitute ``${var}`` (recipe vars, then ``overrides``), check it."""
+    if not os.path.isfile(path):
+        raise SpocoInputError(f"workflow {path} not found")
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise SpocoInputError(f"cannot read workflow {path}: {exc}".splitlines()[0]) from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("steps"), list) or not recipe["steps"]:
+        raise SpocoInputError(f"workflow {path}: needs a non-empty list of steps")
+    variables = {**(recipe.get("vars") or {}), **(overrides or {})}
+
+    def substitute(value):
+        if isinstance(value, str):
+            whole = re.fullmatch(r"\$\{(\w+)\}", value)
+            if whole:  # the whole value: keeps the variable's type (null = the step's default)
+                _defined(whole.group(1))
+                return variables[whole.group(1)]
+
+            def one(m):
+                _defined(m.group(1))
+                if variables[m.group(1)] is None:
+                    raise SpocoInputError(f"workflow {path}: ${{{m.group(1)}}} is not set "
+                                          f"(use --set {m.group(1)}=VALUE)")
+                return str(variables[m.group(1)])
+            return re.sub(r"\$\{(\w+)\}", one, value)
+        if isinstance(value, list):
+            return [substitute(v) for v in value]
+        if isinstance(value, dict):
+            return {k: substitute(v) for k, v in value.items()}
+        return value
+
+    def _defined(name):
+        if name not in variables:
+            raise SpocoInputError(f"workflow {path}: ${{{name}}} is not defined (add it under vars:)")
+    steps = []
+    for i, step in enumerate(recipe["steps"], 1):
+        if not (isinstance(step, dict) and len(step) == 1 and next(iter(step)) in STEP_KINDS
+                and isinstance(next(iter(step.values())), dict)):
+            raise SpocoInputError(f"workflow {path}: step {i} must be one of {', '.join(STEP_KINDS)} "
+                                  "with a mapping of options")
+        kind, options = next(iter(step.items()))
+        options = {k: v for k, v in substitute(options).items() if v is not None}  # null: the default
+        steps.append((kind, options))
+    return {"name": recipe.get("name", os.path.basename(path)), "steps": steps}
+
+
+def _train_step(options: dict, log) -> str:
+    from .pipeline import BUNDLED_MODEL
+    from .training import TrainConfig, train
+    options = dict(options)
+    for key in ("raw", "labels", "val_raw", "val_labels"):
+        if isinstance(options.get(key), str):
+            options[key] = [options[key]]
+    if options.get("init") == "bundled":
+        options["init"] = BUNDLED_MODEL
+    try:
+        cfg = TrainConfig(**options, progress=False)
+    except TypeError as exc:
+        raise SpocoInputError(f"train step: {exc}") from None
+    summary_path = os.path.join(cfg.out, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            if json.load(f).get("iterations") == cfg.iterations:
+                return f"skipped: {cfg.out} holds a finished run of {cfg.iterations} iterations"
+    cfg.resume = os.path.exists(os.path.join(cfg.out, "latest.pt"))
+    cfg.overwrite = cfg.overwrite or cfg.resume
+    summary = train(cfg)
+    return f"trained {summary['iterations']} iterations into {cfg.out}" + (" (resumed)" if cfg.resume else "")
+
+
+def _segment_step(options: dict, log) -> str:
+    import zarr
+    from .blockwise import segment_blockwise
+    options = dict(options)
+    input_path = options.pop("input")
+    plan = segment_blockwise(input_path, **{**options, "overwrite": True}, dry_run=True)
+    out = plan["output"]
+    if os.path.exists(out):
+        try:
+            attrs = zarr.open_group(out, mode="r").attrs.asdict()
+        except Exception:
+            attrs = {}
+        if attrs.get("spoco_vol_run", {}).get("hash") == plan["run_hash"] and "spoco_vol" in attrs:
+            return f"skipped: {out} is complete and was made with these settings"
+    report = segment_blockwise(input_path, **options, progress=True)
+    return f"segmented {input_path} into {report['output']}: {report['objects']} objects"
+
+
+def _evaluate_step(options: dict, log) -> str:
+    import numpy as np
+    import zarr
+    from . import io
+    from .evaluation import evaluate_segmentation, format_metrics
+    pred, gt, out = options["pred"], options["gt"], options.get("out")
+    run_hash = None
+    try:
+        run_hash = zarr.open_group(io.store_root(pred), mode="r").attrs.get("spoco_vol_run", {}).get("hash")
+    except Exception:
+        pass
+    if out and os.path.exists(out) and run_hash:
+        with open(out) as f:
+            if json.load(f).get("prediction_run_hash") == run_hash:
+                return f"skipped: {out} holds the metrics of this prediction"
+    p, g = io.open_volume(pred, "prediction"), io.open_volume(gt, "ground truth")
+    io.validate_volume(p, "prediction", integer=True)
+    io.validate_volume(g, "ground truth", integer=True)
+    metrics = evaluate_segmentation(np.asarray(p[...]), np.asarray(g[...]),
+                                    per_section=bool(options.get("per_section", False)))
+    log(format_metrics(metrics))
+    if out:
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({**metrics, "prediction": pred, "ground_truth": gt, "prediction_run_hash": run_hash}, f, indent=2)
+        os.replace(tmp, out)
+    return f"evaluated {pred}" + (f" -> {out}" if out else "")
+
+
+_STEPS: dict[str, Callable] = {"train": _train_step, "segment": _segment_step, "evaluate": _evaluate_step}
+
+
+def run_workflow(path: str, overrides: dict | None = None, log: Callable[[str], None] = print) -> list[str]:
+    """Run a recipe's steps in order; returns one line per step (what it did or skipped)."""
+    recipe = load_workflow(path, overrides)
+    done = []
+    for i, (kind, options) in enumerate(recipe["steps"], 1):
+        log(f"[{recipe['name']}] step {i}/{len(recipe['steps'])}: {kind}")
+        try:
+            line = _STEPS[kind](options, log)
+        except KeyError as exc:
+            raise SpocoInputError(f"workflow step {i} ({kind}) is missing the option {exc}") from None
+        log(f"[{recipe['name']}] step {i}: {line}")
+        done.append(line)
+    return done

@@ -1,0 +1,63 @@
+"""Recipes (spoco_vol.workflow, `spoco-vol run`): the shipped EM recipe end to end on the
+bundled real sample, skipping of complete steps, variables and errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from spoco_vol import io
+from spoco_vol.cli import cli
+from spoco_vol.errors import SpocoInputError
+from spoco_vol.workflow import load_workflow
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+
+
+def _sample_volume(tmp_path):
+    """The bundled VNC sample with dense labels and a sparse copy (every 5th object)."""
+    from spoco_vol.demo import write_sample
+    raw, labels = write_sample(str(tmp_path / "vol.zarr"))
+    lab = np.asarray(io.open_volume(labels)[...])
+    sparse = np.where(np.isin(lab, np.unique(lab[lab > 0])[::5]), lab, 0)
+    io.create_array(str(tmp_path / "vol.zarr" / "sparse"), sparse, chunks=(1, 512, 512),
+                    attrs={"voxel_size": io.read_voxel_size(raw)})
+    return str(tmp_path / "vol.zarr")
+
+
+def test_em_recipe_end_to_end_then_skips_what_is_done(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    vol = _sample_volume(tmp_path)
+    recipe = os.path.join(RECIPES, "em_mito_finetune.yaml")
+    args = ["run", recipe, "--set", f"volume={vol}", "--set", "iterations=3", "--set", "runs=out"]
+    r = CliRunner().invoke(cli, args + ["--set", "cluster=local"])
+    assert r.exit_code == 0, r.output
+    assert os.path.exists("out/model/best.pt") and os.path.exists("out/labels.zarr/0")
+    metrics = json.load(open("out/metrics.json"))
+    assert 0 <= metrics["ap@0.5"] <= 1 and metrics["prediction_run_hash"]
+    again = CliRunner().invoke(cli, args + ["--set", "cluster=local"])
+    assert again.exit_code == 0 and again.output.count("skipped") == 3, again.output
+    os.remove("out/metrics.json")
+    third = CliRunner().invoke(cli, args + ["--set", "cluster=local"])
+    assert third.output.count("skipped") == 2 and os.path.exists("out/metrics.json")
+
+
+def test_recipe_variables_and_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("vars: {a: 3, b: null}\nsteps:\n  - evaluate: {pred: 'x${a}.zarr', gt: '${b}', out: null}\n")
+    steps = load_workflow(str(path), {"b": "g.zarr"})["steps"]
+    assert steps == [("evaluate", {"pred": "x3.zarr", "gt": "g.zarr"})]  # null options take the default
+    with pytest.raises(SpocoInputError, match="not set"):
+        path.write_text("vars: {b: null}\nsteps:\n  - evaluate: {pred: '${b}/x', gt: g}\n")
+        load_workflow(str(path))
+    with pytest.raises(SpocoInputError, match="not defined"):
+        path.write_text("steps:\n  - evaluate: {pred: '${nope}', gt: g}\n")
+        load_workflow(str(path))
+    with pytest.raises(SpocoInputError, match="must be one of"):
+        path.write_text("steps:\n  - paint: {}\n")
+        load_workflow(str(path))
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
+    for name in ("em_mito_finetune.yaml", "segment_slurm.yaml"):  # the shipped recipes parse
+        load_workflow(os.path.join(RECIPES, name), {"volume": "v.zarr"})
