@@ -3,14 +3,26 @@
 The SPOCO method (Wolny et al., CVPR 2022): a U-Net learns pixel embeddings from a few
 annotated objects; affinities between embeddings are partitioned by the Mutex Watershed.
 
-Python API (the CLI is a thin layer over these):
-    spoco_vol.train(TrainConfig(...))       train or fine-tune a model from zarr volumes
-    spoco_vol.segment(input, ...)           segment a zarr volume blockwise into OME-Zarr labels
-    spoco_vol.evaluate_segmentation(p, gt)  AP@0.5, mAP, adapted Rand error, VOI
+Python API (the CLI is a thin layer over these; each has a docstring):
+    spoco_vol.train(TrainConfig(...))         train, fine-tune or resume a model from zarr volumes
+    spoco_vol.calibrate(model, raw, labels, out)  re-measure a model's background rule on held-out data
+    spoco_vol.segment(input, output, model, client=... | cluster="slurm" | workers=N, ...)
+                                              segment a zarr volume blockwise into OME-Zarr labels;
+                                              resumes an interrupted run
+    spoco_vol.evaluate_segmentation(pred, gt) AP@0.5, mAP, adapted Rand error, VOI
+    spoco_vol.run_workflow("workflows/x.yaml", {"volume": ...})  a recipe's steps, resumable
+    spoco_vol.load_cluster_config(name), spoco_vol.open_cluster(config)
+                                              cluster configs (cluster_configs/*.yaml) and a
+                                              context manager yielding a distributed Client
+    spoco_vol.run_demo()                      the bundled sample, segmented and scored
 """
 __version__ = "0.1.0"
-__all__ = ["TrainConfig", "evaluate_segmentation", "segment", "train", "__version__"]
+__all__ = ["TrainConfig", "calibrate", "evaluate_segmentation", "load_cluster_config", "open_cluster",
+           "run_demo", "run_workflow", "segment", "train", "__version__"]
 
 from .evaluation import evaluate_segmentation  # noqa: E402
 from .blockwise import segment_blockwise as segment  # noqa: E402
-from .training import TrainConfig, train  # noqa: E402
+from .cluster import load_cluster_config, open_cluster  # noqa: E402
+from .demo import run_demo  # noqa: E402
+from .training import TrainConfig, recalibrate_checkpoint as calibrate, train  # noqa: E402
+from .workflow import run_workflow  # noqa: E402
