@@ -64,8 +64,8 @@ def main():
     vs = {"voxel_size": [10.0, 10.0, 10.0]}
     for name, seed in (("train", 1), ("test", 2)):
         raw, lab = touching_cells(shape, a.cell_size, seed)
-        io.create_array(f"{work}/{name}.zarr/raw", raw, chunks=(32, 64, 64), attrs=vs)
-        io.create_array(f"{work}/{name}.zarr/labels", lab, chunks=(32, 64, 64), attrs=vs)
+        io.create_array(f"{work}/{name}.zarr/raw", raw, chunks=(32, 64, 64), attrs=vs, overwrite=True)
+        io.create_array(f"{work}/{name}.zarr/labels", lab, chunks=(32, 64, 64), attrs=vs, overwrite=True)
     gt = io.open_volume(f"{work}/test.zarr/labels")[...]
     print(f"volume {shape}, {int(gt.max())} touching cells in the test volume")
     model = f"{work}/model/best.pt"
