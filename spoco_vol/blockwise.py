@@ -37,6 +37,7 @@ from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, mo
 from . import stitching
 from .stitching import block_id_offset, merge_table, relabel_block, section_overlap_edges, stitch_faces
 
+MAX_IN_FLIGHT = 2000  # tasks submitted to the scheduler at once
 STITCH_DEPTH = 16  # input planes of halo agreement per face
 LINK_OVERLAP = 0.5  # default --link-overlap; see benchmarks/RESULTS.md
 STAGES = ("read", "predict", "affinities", "watershed", "stitch", "relabel", "write")
@@ -331,11 +332,28 @@ def _compute(tasks: list, client, desc: str = "", progress: bool = False) -> lis
                 out.append(dask.compute(task, scheduler="synchronous")[0])
                 bar.update(1)
             return out
+        # At most MAX_IN_FLIGHT tasks are submitted at once, topped up as they finish: the
+        # scheduler's graph stays bounded however many blocks there are (a terabyte is
+        # ~500k blocks, millions of tasks).
         from distributed import as_completed
-        futures = client.compute(tasks, retries=2)
-        for _ in as_completed(futures):
+        out = [None] * len(tasks)
+        index = {}
+        pending = iter(enumerate(tasks))
+
+        def submit(n):
+            batch = [next(pending, None) for _ in range(n)]
+            batch = [b for b in batch if b is not None]
+            futures = client.compute([t for _, t in batch], retries=2)
+            for (i, _), f in zip(batch, futures):
+                index[f.key] = i
+            return futures
+        running = as_completed(submit(MAX_IN_FLIGHT))
+        for future in running:
+            out[index.pop(future.key)] = future.result()
+            future.release()
             bar.update(1)
-        return client.gather(futures)
+            running.update(submit(1))
+        return out
     finally:
         bar.close()
 
