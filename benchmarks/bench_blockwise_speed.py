@@ -115,19 +115,25 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--test", default="/tmp/vnc/vnc_test.zarr")
     p.add_argument("--block-shape", default="7,512,512")
+    p.add_argument("--configs", default=None, help="workers x threads to run, e.g. 1x1,2x1 [default: 1x1,2x1,1xCORES]")
+    p.add_argument("--skip-watershed", action="store_true", help="only part B")
     a = p.parse_args()
     raw = np.asarray(io.open_volume(a.test + "/raw")[...])
     vs = io.read_voxel_size(a.test + "/raw")
-    watershed_overhead(raw, vs, BUNDLED_MODEL)
+    if not a.skip_watershed:
+        watershed_overhead(raw, vs, BUNDLED_MODEL)
     work = tempfile.mkdtemp(prefix="spoco-speed-")
     try:
         path = os.path.join(work, "tiled.zarr")
         io.create_array(path + "/raw", np.tile(raw, (1, 2, 2)), chunks=(1, 512, 512), attrs={"voxel_size": vs})
         cores = os.cpu_count() or 1
-        walls = end_to_end(path + "/raw", work, [int(v) for v in a.block_shape.split(",")],
-                           [(1, 1), (2, 1), (1, cores)])
-        print(f"\n2 workers vs 1 (one thread each): {walls[(1, 1)] / walls[(2, 1)]:.2f}x faster; "
-              f"vs 1 worker using all {cores} cores: {walls[(1, cores)] / walls[(2, 1)]:.2f}x")
+        configs = ([tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")] if a.configs
+                   else [(1, 1), (2, 1), (1, cores)])
+        walls = end_to_end(path + "/raw", work, [int(v) for v in a.block_shape.split(",")], configs)
+        if (1, 1) in walls and (2, 1) in walls:
+            print(f"\n2 workers vs 1 (one thread each): {walls[(1, 1)] / walls[(2, 1)]:.2f}x faster")
+        if (1, cores) in walls and (2, 1) in walls:
+            print(f"2 workers vs 1 worker using all {cores} cores: {walls[(1, cores)] / walls[(2, 1)]:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

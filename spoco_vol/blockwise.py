@@ -25,6 +25,7 @@ import time
 from typing import Sequence
 
 import dask
+import fastremap
 import numpy as np
 import zarr
 
@@ -215,7 +216,7 @@ def _segment_block(block: Block, *, input_path: str, model_path: str, work: str,
             labels = stitching.link_sections(labels, link_overlap)
         # Core objects get this block's id range; halo-only objects get 0 (not ours).
         core_local = labels[_relative(block.core, kept)]
-        ids = np.unique(core_local)
+        ids = fastremap.unique(core_local)  # hash-free for small label values: 10x np.unique
         ids = ids[ids != 0]
         n = len(ids)
         # Block-local labels are small (at most the segments of one block): a dense lookup
