@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import dask
 import fastremap
@@ -33,8 +33,8 @@ from . import __version__, io, model as model_mod
 from .affinities import default_offsets
 from .blocks import Block, BlockGrid, intersect, parse_roi
 from .errors import SpocoInputError
-from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, model_grid_index, model_scale,
-                       segment_array, write_ome_metadata)
+from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, labels_from_embeddings,
+                       model_grid_index, model_scale, predict_array, write_ome_metadata)
 from . import stitching
 from .stitching import block_id_offset, merge_table, relabel_block, section_overlap_edges, stitch_faces
 
@@ -156,12 +156,12 @@ def _region_text(region: Sequence[slice]) -> str:
     return ",".join(f"{r.start}:{r.stop}" for r in region)
 
 
-def segment_block(block: Block, **kwargs) -> dict:
-    """Pass 1 for one block (see ``_segment_block``). A failure comes back as
-    {"error": message naming the block and its region}: bad input fails the same way on
-    every try, so it is reported, not retried (retries are for workers that die)."""
+def _reported(fn: Callable, block: Block, *args, **kwargs) -> dict:
+    """Run a block task; a failure comes back as {"error": message naming the block and
+    its region}: bad input fails the same way on every try, so it is reported, not
+    retried (retries are for workers that die)."""
     try:
-        return _segment_block(block, **kwargs)
+        return fn(*args, block, **kwargs)
     except SpocoInputError as exc:
         return {"block": block.linear, "error": str(exc)}
     except Exception as exc:  # e.g. a corrupt chunk: say where, not just what
@@ -169,15 +169,31 @@ def segment_block(block: Block, **kwargs) -> dict:
                                                 f"failed: {type(exc).__name__}: {exc}"}
 
 
-def _segment_block(block: Block, *, input_path: str, model_path: str, work: str, grid: BlockGrid,
-                  voxel_size, device: str, depth: int, stitch_axes: Sequence[int],
-                  mask_path: str | None = None, threads: int | None = None,
-                  roi: tuple[slice, ...] | None = None, save_embeddings: bool = False,
-                  link_overlap: float | None = None) -> dict:
-    """Pass 1 for one block: fragments into ``work/fragments``, face evidence beside it
-    (and with ``save_embeddings`` the core's embeddings into ``work/embeddings``).
-    Voxels outside ``roi`` are background. With ``link_overlap`` (2D model on a 3D volume)
-    the per-section objects of the read region are first linked across sections."""
+def segment_block(block: Block, **kwargs) -> dict:
+    """Pass 1 for one block, prediction and CPU part in one task."""
+    return _reported(_segment_block, block, **kwargs)
+
+
+def predict_block(block: Block, **kwargs) -> dict:
+    """Pass 1, the prediction half (for a worker that declares a GPU)."""
+    return _reported(_predict_block, block, **kwargs)
+
+
+def finish_block(pred: dict, block: Block, **kwargs) -> dict:
+    """Pass 1, the CPU half, from ``predict_block``'s result."""
+    if "error" in pred:
+        return pred
+    return _reported(_finish_block, block, pred, **kwargs)
+
+
+def _segment_block(block: Block, **kwargs) -> dict:
+    """Pass 1 for one block in one task: prediction, then the CPU part."""
+    return _finish_block(_predict_block(block, **kwargs), block, **kwargs)
+
+
+def _predict_block(block: Block, *, input_path: str, model_path: str, voxel_size, device: str,
+                   mask_path: str | None = None, threads: int | None = None, **_) -> dict:
+    """The GPU part of pass 1: read core + halo, check it, embed it (model grid)."""
     timings = dict.fromkeys(STAGES, 0.0)
     if threads:
         import torch
@@ -190,22 +206,37 @@ def _segment_block(block: Block, *, input_path: str, model_path: str, work: str,
     if mask_path and not skip:
         skip = not np.asarray(io.open_volume(mask_path, "mask")[block.core]).any()
     timings["read"] += time.perf_counter() - t
+    if skip:
+        return {"skip": True, "timings": timings}
+    emb, scale = predict_array(raw, ckpt, input_voxel_size=voxel_size, device=device, timings=timings, net=net)
+    return {"skip": False, "embeddings": emb, "scale": scale, "timings": timings}
+
+
+def _finish_block(pred: dict, block: Block, *, model_path: str, work: str, grid: BlockGrid, depth: int,
+                  stitch_axes: Sequence[int], roi: tuple[slice, ...] | None = None, save_embeddings: bool = False,
+                  link_overlap: float | None = None, **_) -> dict:
+    """The CPU part of pass 1: affinities, watershed, ids, face evidence, writes. Fragments
+    go to ``work/fragments``, face evidence beside them (and with ``save_embeddings`` the
+    core's embeddings to ``work/embeddings``). Voxels outside ``roi`` are background. With
+    ``link_overlap`` (2D model on a 3D volume) the per-section objects are first linked
+    across sections."""
+    timings = pred["timings"]
     frag = zarr.open_array(os.path.join(work, "fragments"), mode="r+")
     faces = {}
-    if skip:
+    if pred["skip"]:
         n = 0
         core = np.zeros(block.core_shape, np.uint64)
     else:
+        ckpt, _ = _load_model(model_path)
+        emb, scale = pred["embeddings"], pred["scale"]
+        read_shape = tuple(r.stop - r.start for r in block.read)
         # Labels are needed for the core and the ``depth`` planes around it that stitching
         # compares, not for the whole halo.
         kept = tuple(slice(max(c.start - (depth if a in stitch_axes else 0), r.start),
                            min(c.stop + (depth if a in stitch_axes else 0), r.stop))
                      for a, (c, r) in enumerate(zip(block.core, block.read)))
-        labels, emb = segment_array(raw, ckpt, input_voxel_size=voxel_size, device=device,
-                                    timings=timings, net=net, keep_embeddings=True,
-                                    region=_relative(kept, block.read))
-        dims = ckpt["architecture"]["dims"]
-        scale = model_scale(voxel_size, ckpt.get("voxel_size"), list(range(raw.ndim - dims, raw.ndim)), raw.ndim)
+        labels = labels_from_embeddings(emb, ckpt, read_shape, scale, timings=timings,
+                                        region=_relative(kept, block.read))
         if save_embeddings:
             t = time.perf_counter()
             _write_embeddings(emb, block, embedding_factors(scale), os.path.join(work, "embeddings"))
@@ -235,7 +266,7 @@ def _segment_block(block: Block, *, input_path: str, model_path: str, work: str,
                 region = _face_region(block, a, side, depth)
                 faces[f"halo_{a}_{'p' if side > 0 else 'm'}"] = to_global(labels[_relative(region, kept)])
                 if side > 0:
-                    faces[f"aff_{a}"] = _face_affinity(emb, raw.shape, block, a, ckpt["delta_d"], scale)
+                    faces[f"aff_{a}"] = _face_affinity(emb, read_shape, block, a, ckpt["delta_d"], scale)
         timings["stitch"] += time.perf_counter() - t
     t = time.perf_counter()
     frag[block.core] = core
@@ -359,6 +390,57 @@ def _compute(tasks: list, client, desc: str = "", progress: bool = False) -> lis
         bar.close()
 
 
+def _worker_pools(client) -> dict:
+    """Whether any worker declares a GPU resource, or a CPU one (a CPU pool)."""
+    pools = {"GPU": False, "CPU": False}
+    if client is not None:
+        for w in client.scheduler_info(n_workers=-1)["workers"].values():
+            for r in pools:
+                pools[r] = pools[r] or bool(w.get("resources", {}).get(r))
+    return pools
+
+
+def _compute_split(blocks: list, client, common: dict, pools: dict, progress: bool) -> list:
+    """Pass 1 as two tasks per block: ``predict_block`` on a worker with a GPU resource,
+    ``finish_block`` (affinities, watershed, writes) on a CPU-pool worker if there is one.
+    While one block's watershed runs, the GPU predicts the next. At most MAX_IN_FLIGHT
+    blocks are in flight; their embeddings stay in worker memory, never on disk."""
+    if not blocks:
+        return []
+    from distributed import as_completed
+    from tqdm import tqdm
+    bar = tqdm(total=len(blocks), desc="segment", unit="block", disable=not progress, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30, ascii=not sys.stderr.isatty())
+    cpu = {"CPU": 1} if pools["CPU"] else None
+    out = [None] * len(blocks)
+    index, held = {}, {}
+    pending = iter(enumerate(blocks))
+
+    def submit(n):
+        futures = []
+        for _ in range(n):
+            item = next(pending, None)
+            if item is None:
+                break
+            i, b = item
+            pred = client.submit(predict_block, b, **common, resources={"GPU": 1}, retries=2, pure=False)
+            fin = client.submit(finish_block, pred, b, **common, resources=cpu, retries=2, pure=False)
+            index[fin.key], held[fin.key] = i, pred
+            futures.append(fin)
+        return futures
+    try:
+        running = as_completed(submit(MAX_IN_FLIGHT))
+        for future in running:
+            out[index.pop(future.key)] = future.result()
+            held.pop(future.key).release()  # the embeddings can go
+            future.release()
+            bar.update(1)
+            running.update(submit(1))
+    finally:
+        bar.close()
+    return out
+
+
 def _open_work(work: str, run_hash: str, overwrite: bool) -> str:
     """"new", "resume" (an interrupted run with the same fingerprint) or "finalize" (one
     that had written its labels and report but not yet moved them into place)."""
@@ -410,8 +492,13 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         t = time.perf_counter()
         done = [r for b in blocks if (r := _done_result(work, b)) is not None]
         finished = {r["block"] for r in done}
-        results = done + _compute([dask.delayed(segment_block, pure=False)(b, **common)
-                                   for b in blocks if b.linear not in finished], client, "segment", progress)
+        todo = [b for b in blocks if b.linear not in finished]
+        pools = _worker_pools(client)
+        if pools["GPU"]:  # prediction on the GPU workers, the rest on CPU threads/workers meanwhile
+            results = done + _compute_split(todo, client, common, pools, progress)
+        else:
+            results = done + _compute([dask.delayed(segment_block, pure=False)(b, **common) for b in todo],
+                                      client, "segment", progress)
         failed = [r for r in results if "error" in r]
         if failed:
             more = f" (and {len(failed) - 1} more block(s))" if len(failed) > 1 else ""
@@ -450,6 +537,7 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
     worker_peak = max([r["peak_rss_mib"] for r in results + relabel_results] or [0.0])
     return {"objects": int(max((int(t.max()) for t in tables if len(t)), default=0)),
             "blocks": len(blocks), "blocks_done_before": len(done), "merges": int(len(edges)),
+            "prediction_on_gpu_workers": bool(pools["GPU"]),
             "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
                              "relabel": round(wall_relabel, 3)},
             "seconds": {k: round(v, 3) for k, v in work_seconds.items()},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import sys
 from typing import Callable, Iterator
@@ -31,7 +32,7 @@ def config_dirs() -> list[str]:
 REQUIRED = object()
 _SCHEMAS = {
     "local": {"workers": (int, os.cpu_count() or 1), "threads_per_worker": (int, 1),
-              "memory_limit": ((str, int), "auto")},
+              "memory_limit": ((str, int), "auto"), "gpu_workers": (int, 0)},
     "slurm": {"queue": ((str, type(None)), None), "cores": (int, 1), "memory": (str, "2GB"),
               "walltime": (str, "01:00:00"), "processes": (int, 1), "gpus_per_job": (int, 0),
               "job_extra_directives": (list, []), "jobs": (int, 1), "adaptive": ((dict, type(None)), None),
@@ -131,7 +132,8 @@ def list_cluster_configs() -> list[tuple[str, str, str]]:
 def describe(config: dict) -> str:
     kind = config["kind"]
     if kind == "local":
-        return f"LocalCluster, {config['workers']} worker(s) x {config['threads_per_worker']} thread(s)"
+        gpu = f" + {config['gpu_workers']} GPU worker(s)" if config.get("gpu_workers") else ""
+        return f"LocalCluster, {config['workers']} worker(s) x {config['threads_per_worker']} thread(s){gpu}"
     scale = (f"adaptive {config['adaptive'].get('minimum', 0)}-{config['adaptive'].get('maximum', '?')}"
              if config.get("adaptive") else f"{config.get('jobs', config.get('workers'))} fixed")
     if kind == "slurm":
@@ -164,7 +166,19 @@ def open_cluster(config: dict, log: Callable[[str], None] = print) -> Iterator:
     """Start the cluster of ``config``, wait for a first worker, yield a Client."""
     from distributed import Client
     kind = config["kind"]
-    if kind == "local":
+    if kind == "local" and config["gpu_workers"]:
+        # Two pools: workers that declare a GPU (prediction) and CPU workers (the rest).
+        from distributed import Nanny, Scheduler, SpecCluster
+        spec = {f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
+                                                       "memory_limit": config["memory_limit"]}}
+                for i in range(config["gpu_workers"])}
+        spec.update({f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"CPU": 1},
+                                                            "memory_limit": config["memory_limit"]}}
+                     for i in range(config["workers"])})
+        cluster = SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {
+            "dashboard_address": ":0", "host": "127.0.0.1"}}, silence_logs=logging.WARNING)
+        logs = "this terminal (worker output is forwarded)"
+    elif kind == "local":
         from distributed import LocalCluster
         cluster = LocalCluster(n_workers=config["workers"], threads_per_worker=1, processes=True,
                                memory_limit=config["memory_limit"], dashboard_address=":0", host="127.0.0.1")
@@ -193,7 +207,9 @@ def open_cluster(config: dict, log: Callable[[str], None] = print) -> Iterator:
                                   f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
         logs = "the gateway's cluster logs (gateway.get_cluster(...).get_logs())"
     try:
-        if config.get("adaptive"):
+        if kind == "local" and config["gpu_workers"]:
+            pass  # the pools are fixed by the spec
+        elif config.get("adaptive"):
             cluster.adapt(minimum=config["adaptive"].get("minimum", 0), maximum=config["adaptive"].get("maximum"))
         else:
             cluster.scale(config.get("jobs", config.get("workers")) * config.get("processes", 1)

@@ -121,6 +121,69 @@ def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float]
     group.attrs["spoco_vol"] = attrs
 
 
+def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
+                  timings: dict | None = None, net=None) -> tuple[np.ndarray, list[float]]:
+    """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, and the
+    zoom from the input grid to the model grid. A 2D model embeds section by section."""
+    timings = timings if timings is not None else {}
+    dims = ckpt["architecture"]["dims"]
+    if raw.ndim not in (2, 3):
+        raise SpocoInputError(f"input must be 2D or 3D, got {raw.ndim}D")
+    if dims > raw.ndim:
+        raise SpocoInputError(f"the model is {dims}D but the input is {raw.ndim}D")
+    io.check_finite(raw, "input")
+    spatial_axes = list(range(raw.ndim - dims, raw.ndim))
+    scale = model_scale(input_voxel_size, ckpt.get("voxel_size"), spatial_axes, raw.ndim)
+    t = time.perf_counter()
+    image = transforms.normalize(resample_raw(raw.astype(np.float32), scale), ckpt["normalization"])
+    timings["read"] = timings.get("read", 0) + time.perf_counter() - t
+    t = time.perf_counter()
+    net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
+    dev = resolve_device(device)
+    if dims == raw.ndim:
+        embeddings = predict_embeddings(net, image, device=dev)
+    else:
+        embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32)
+        for z, sec in enumerate(image):
+            embeddings[:, z] = predict_embeddings(net, sec, device=dev)
+    timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
+    return embeddings, scale
+
+
+def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequence[int],
+                           scale: Sequence[float], *, strides: Sequence[int] | None = None,
+                           timings: dict | None = None, region: Sequence[slice] | None = None) -> np.ndarray:
+    """Embeddings on the model grid -> labels on the input grid of ``input_shape`` (only
+    ``region`` of it, if given): affinities, Mutex Watershed and clean-up per section for
+    a 2D model on a 3D input, with ids unique over the sections."""
+    timings = timings if timings is not None else {}
+    dims = ckpt["architecture"]["dims"]
+    inf = ckpt.get("inference", {})
+    offsets = inf.get("offsets") or default_offsets(dims)
+    strides = strides or inf.get("strides") or [2] * dims
+    per_section = dims < len(input_shape)
+    out = np.zeros(embeddings.shape[1:], dtype=np.uint64)
+    next_id = 0
+    for z in range(out.shape[0] if per_section else 1):
+        emb = embeddings[:, z] if per_section else embeddings
+        lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
+                                 background_embedding=inf.get("background_embedding"),
+                                 background_radius=inf.get("background_radius"),
+                                 min_size=inf.get("min_size", 0), timings=timings)
+        t = time.perf_counter()
+        lab[lab > 0] += np.uint64(next_id)  # per-section objects get ids unique over the volume
+        next_id = int(lab.max()) if lab.max() > 0 else next_id
+        if per_section:
+            out[z] = lab
+        else:
+            out[...] = lab
+        timings["write"] = timings.get("write", 0) + time.perf_counter() - t  # assembling the labels
+    t = time.perf_counter()
+    labels = restore_labels(out, input_shape, scale, region)
+    timings["write"] = timings.get("write", 0) + time.perf_counter() - t  # back to the input grid
+    return labels
+
+
 def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
                   strides: Sequence[int] | None = None, timings: dict | None = None,
                   net=None, keep_embeddings: bool = False, region: Sequence[slice] | None = None):
@@ -132,48 +195,8 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     and the planes it stitches with, not its whole halo).
     """
     timings = timings if timings is not None else {}
-    arch = ckpt["architecture"]
-    dims = arch["dims"]
-    if raw.ndim not in (2, 3):
-        raise SpocoInputError(f"input must be 2D or 3D, got {raw.ndim}D")
-    if dims > raw.ndim:
-        raise SpocoInputError(f"the model is {dims}D but the input is {raw.ndim}D")
-    io.check_finite(raw, "input")
-    spatial_axes = list(range(raw.ndim - dims, raw.ndim))
-    scale = model_scale(input_voxel_size, ckpt.get("voxel_size"), spatial_axes, raw.ndim)
-    t = time.perf_counter()
-    small = resample_raw(raw.astype(np.float32), scale)
-    image = transforms.normalize(small, ckpt["normalization"])
-    timings["read"] = timings.get("read", 0) + time.perf_counter() - t
-    net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
-    dev = resolve_device(device)
-    inf = ckpt.get("inference", {})
-    offsets = inf.get("offsets") or default_offsets(dims)
-    strides = strides or inf.get("strides") or [2] * dims
-    sections = [image] if dims == raw.ndim else list(image)  # a 2D model segments per section
-    out = np.zeros(image.shape, dtype=np.uint64)
-    embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32) if keep_embeddings else None
-    next_id = 0
-    for z, sec in enumerate(sections):
-        t = time.perf_counter()
-        emb = predict_embeddings(net, sec, device=dev)
-        if keep_embeddings:
-            embeddings[(slice(None),) + ((z,) if dims < raw.ndim else ())] = emb
-        timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
-        lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
-                                 background_embedding=inf.get("background_embedding"),
-                                 background_radius=inf.get("background_radius"),
-                                 min_size=inf.get("min_size", 0), timings=timings)
-        t = time.perf_counter()
-        # Per-section objects get ids unique over the volume.
-        lab[lab > 0] += np.uint64(next_id)
-        next_id = int(lab.max()) if lab.max() > 0 else next_id
-        if dims == raw.ndim:
-            out[...] = lab
-        else:
-            out[z] = lab
-        timings["write"] = timings.get("write", 0) + time.perf_counter() - t  # assembling the labels
-    t = time.perf_counter()
-    labels = restore_labels(out, raw.shape, scale, region)
-    timings["write"] = timings.get("write", 0) + time.perf_counter() - t  # back to the input grid
+    embeddings, scale = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device,
+                                      timings=timings, net=net)
+    labels = labels_from_embeddings(embeddings, ckpt, raw.shape, scale, strides=strides, timings=timings,
+                                    region=region)
     return (labels, embeddings) if keep_embeddings else labels

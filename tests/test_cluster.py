@@ -193,3 +193,14 @@ def test_scancel_of_a_worker_job_mid_run(tmp_path, slurm):
     watcher.join(timeout=5)
     assert cancelled, "no running worker job to cancel"
     assert np.array_equal(zarr.open_array(out + "/0", mode="r")[...], _reference(tmp_path, inp))
+
+
+def test_gpu_pool_predicts_and_cpu_pool_finishes(tmp_path):
+    """Two worker pools, one declaring a GPU resource: prediction tasks run there, the CPU
+    half on the other pool; the labels equal the fused tasks' bit for bit."""
+    inp = _real_crop(tmp_path)
+    labels, report = _segment_on(tmp_path, inp, {"kind": "local", "workers": 1, "gpu_workers": 1}, "split")
+    assert report["prediction_on_gpu_workers"]
+    assert np.array_equal(labels, _reference(tmp_path, inp))
+    _, fused = _segment_on(tmp_path, inp, {"kind": "local", "workers": 2}, "fused")
+    assert not fused["prediction_on_gpu_workers"]
