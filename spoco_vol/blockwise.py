@@ -403,8 +403,8 @@ def _worker_pools(client) -> dict:
 def _compute_split(blocks: list, client, common: dict, pools: dict, progress: bool) -> list:
     """Pass 1 as two tasks per block: ``predict_block`` on a worker with a GPU resource,
     ``finish_block`` (affinities, watershed, writes) on a CPU-pool worker if there is one.
-    While one block's watershed runs, the GPU predicts the next. At most MAX_IN_FLIGHT
-    blocks are in flight; their embeddings stay in worker memory, never on disk."""
+    While one block's watershed runs, the GPU predicts the next. Embeddings stay in
+    worker memory, never on disk."""
     if not blocks:
         return []
     from distributed import as_completed
@@ -428,8 +428,11 @@ def _compute_split(blocks: list, client, common: dict, pools: dict, progress: bo
             index[fin.key], held[fin.key] = i, pred
             futures.append(fin)
         return futures
+    # Embeddings waiting for a CPU worker sit in worker memory (tens of MB per block): keep
+    # only about two blocks per worker in flight, enough for the pools to overlap.
+    window = max(4, 2 * len(client.scheduler_info(n_workers=-1)["workers"]))
     try:
-        running = as_completed(submit(MAX_IN_FLIGHT))
+        running = as_completed(submit(window))
         for future in running:
             out[index.pop(future.key)] = future.result()
             held.pop(future.key).release()  # the embeddings can go
