@@ -14,8 +14,11 @@ spoco-vol train "${common[@]}" --iterations 2400 --out "$work/runs/full"
 spoco-vol train "${common[@]}" --iterations 1200 --out "$work/runs/p10" --object-fraction 0.1
 spoco-vol train "${common[@]}" --iterations 1200 --out "$work/runs/p10_nocons" --object-fraction 0.1 \
     --consistency-weight 0
-for run in full p10 p10_nocons; do
+# 10% of the objects with the pseudo-background term (RESULTS.md: "pseudo-background")
+spoco-vol train "${common[@]}" --iterations 1800 --out "$work/runs/p10_bg" --object-fraction 0.1 \
+    --background-weight 1 --background-warmup 300
+for run in full p10 p10_nocons p10_bg; do
   spoco-vol calibrate --model "$work/runs/$run/best.pt" --raw "$work/vnc_train.zarr/raw" \
       --labels "$work/vnc_train.zarr/labels" --z-range 12,13 --out "$work/runs/$run/calibrated.pt" --overwrite
 done
-$py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/{full,p10,p10_nocons}/calibrated.pt
+$py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/{full,p10,p10_nocons,p10_bg}/calibrated.pt
