@@ -559,7 +559,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
-    processes (default 1) is started, or with ``workers=0`` everything runs in this process.
+    processes (default: one per core) is started, or with ``workers=0`` everything runs in
+    this process.
     ``threads_per_worker``: torch threads of each block task [default: the cores divided
     among the workers].
     ``roi``: only this region (``"z0:z1,y0:y1,x0:x1"`` or slices) is segmented; the output
@@ -587,7 +588,9 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
             cluster_config["jobs" if cluster_config["kind"] == "slurm" else "workers"] = workers
         threads_per_worker = threads_per_worker or cluster_threads(cluster_config)
         workers = cluster_config.get("jobs", cluster_config.get("workers"))
-    workers = 1 if workers is None else workers
+    # One single-threaded worker per core by default: the CPU stages are single-threaded,
+    # so 2 workers x 1 thread beat 1 worker x 2 threads by 1.35x (benchmarks/RESULTS.md).
+    workers = (os.cpu_count() or 1) if workers is None else workers
     arr = io.open_volume(input_path)
     io.validate_volume(arr, f"input {input_path}")
     output = output or default_output_path(input_path)

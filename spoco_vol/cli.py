@@ -164,7 +164,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--voxel-size", type=FLOATS, default=None,
               help="Input voxel size in nm (z,y,x) [default: from the zarr metadata].")
 @click.option("--workers", type=click.IntRange(0), default=None,
-              help="Dask workers: processes on this machine (0: run in this process) [default: 1], or with "
+              help="Dask workers: processes on this machine (0: run in this process) [default: one per core], or with "
                    "--cluster the number of workers / SLURM jobs [default: the config's].")
 @click.option("--cluster", "cluster", default=None,
               help="Cluster config: a name from cluster_configs/ (local, slurm, gateway; see `spoco-vol "
