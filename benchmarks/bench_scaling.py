@@ -29,7 +29,8 @@ def run_one(path, out, workers, block):
     from spoco_vol.blockwise import segment_blockwise
     from spoco_vol.pipeline import BUNDLED_MODEL
     from spoco_vol.cluster import open_cluster
-    with open_cluster({"kind": "local", "workers": workers, "threads_per_worker": 1, "memory_limit": "auto"},
+    from spoco_vol.cluster import validate_cluster_config
+    with open_cluster(validate_cluster_config({"kind": "local", "workers": workers}),
                       log=lambda line: None) as client:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t = time.perf_counter()
