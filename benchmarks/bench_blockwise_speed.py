@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import time
 
-import fastremap
 import numpy as np
 import torch
 from bioimage_cpp.segmentation import mutex_watershed as library_mws

@@ -17,7 +17,6 @@ import tempfile
 import numpy as np
 import zarr
 
-from spoco_vol import io
 from spoco_vol.blockwise import segment_blockwise
 
 

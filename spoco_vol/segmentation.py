@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-import fastremap
 import numpy as np
 from bioimage_cpp.segmentation import mutex_watershed as _bioimage_mws
 

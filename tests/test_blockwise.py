@@ -261,8 +261,8 @@ def test_link_sections_joins_sections_the_same_across_z_blocks(tmp_path):
 def _real_crop(tmp_path):
     """Two 384 x 384 sections of the bundled real EM sample, as a zarr array."""
     d = np.load(os.path.join(os.path.dirname(BUNDLED_MODEL), "vnc_sample.npz"))
-    arr = io.create_array(str(tmp_path / "crop.zarr"), d["raw"][2:4, 64:448, 64:448], chunks=(1, 192, 192),
-                          attrs={"voxel_size": [float(v) for v in d["voxel_size_nm"]]})
+    io.create_array(str(tmp_path / "crop.zarr"), d["raw"][2:4, 64:448, 64:448], chunks=(1, 192, 192),
+                    attrs={"voxel_size": [float(v) for v in d["voxel_size_nm"]]})
     return str(tmp_path / "crop.zarr")
 
 
