@@ -28,8 +28,7 @@ def config_dirs() -> list[str]:
     return [os.path.join(os.getcwd(), "cluster_configs"), SHIPPED_CONFIGS,
             os.path.join(sys.prefix, "cluster_configs")]
 
-# key -> (accepted types, default); a default of REQUIRED means the file must set it
-REQUIRED = object()
+# key -> (accepted types, default)
 _SCHEMAS = {
     "local": {"workers": (int, os.cpu_count() or 1), "threads_per_worker": (int, 1),
               "memory_limit": ((str, int), "auto"), "gpu_workers": (int, 0)},
@@ -83,8 +82,6 @@ def validate_cluster_config(config: dict, source: str = "cluster config") -> dic
     out = {"kind": kind}
     for key, (types, default) in schema.items():
         value = config.get(key, default)
-        if value is REQUIRED:
-            raise SpocoInputError(f"{source}: {key} is required for kind {kind}")
         if isinstance(value, bool) or not isinstance(value, types):
             raise SpocoInputError(f"{source}: {key} has the wrong type ({type(value).__name__})")
         out[key] = value

@@ -1,4 +1,4 @@
-"""Recipes: a YAML list of steps (train, calibrate, segment, evaluate) run in order.
+"""Recipes: a YAML list of steps (train, segment, evaluate) run in order.
 
 A recipe resumes like a single run does: a step whose output is complete and was made
 with the same settings is skipped; an interrupted step picks up where it stopped (a
