@@ -50,6 +50,22 @@ def _command_line() -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def _assignments(items, option: str, parse: bool = True) -> dict:
+    """NAME=VALUE strings -> {NAME: value}; with ``parse`` values are read as YAML
+    (numbers, null, lists), else kept as strings for the receiver to type."""
+    import yaml
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"{option} takes NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        try:
+            out[name.strip()] = (yaml.safe_load(value) if parse else value) if value else None
+        except yaml.YAMLError:
+            out[name.strip()] = value
+    return out
+
+
 def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -169,6 +185,9 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--cluster", "cluster", default=None,
               help="Cluster config: a name from cluster_configs/ (local, slurm, gateway; see `spoco-vol "
                    "clusters`) or a YAML path [default: a LocalCluster of --workers processes].")
+@click.option("--cluster-set", "cluster_set", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting of the --cluster file (repeatable), e.g. --cluster-set walltime=12:00:00 "
+                   "--cluster-set queue=gpu.")
 @click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--roi", default=None,
@@ -185,13 +204,19 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
                                                  "with other settings).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, stitch, device, roi,
+def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, cluster_set, stitch,
+            device, roi,
             save_embeddings, link_sections, link_overlap, overwrite, quiet):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
     An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
     again resumes it and gives the labels an uninterrupted run would have given."""
     from .blockwise import format_report, segment_blockwise
+    if cluster_set:
+        if not cluster:
+            raise InputError("--cluster-set needs --cluster")
+        from .cluster import load_cluster_config
+        cluster = _run(load_cluster_config, cluster, _assignments(cluster_set, "--cluster-set", parse=False))
     report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
@@ -208,15 +233,8 @@ def run_recipe(recipe, assignments):
     """Run a workflow recipe (workflows/*.yaml): its steps in order, skipping steps whose
     outputs are complete and were made with the same settings; an interrupted recipe
     resumes where it stopped."""
-    import yaml
     from .workflow import run_workflow
-    overrides = {}
-    for a in assignments:
-        if "=" not in a:
-            raise InputError(f"--set takes NAME=VALUE, got {a!r}")
-        name, value = a.split("=", 1)
-        overrides[name.strip()] = yaml.safe_load(value) if value else None
-    _run(run_workflow, recipe, overrides, log=lambda line: click.echo(line, err=True))
+    _run(run_workflow, recipe, _assignments(assignments, "--set"), log=lambda line: click.echo(line, err=True))
 
 
 @cli.command()

@@ -76,10 +76,10 @@ def validate_cluster_config(config: dict, source: str = "cluster config") -> dic
     if kind not in _SCHEMAS:
         raise SpocoInputError(f"{source}: kind must be one of {', '.join(_SCHEMAS)}, got {kind!r}")
     schema = _SCHEMAS[kind]
-    unknown = sorted(set(config) - set(schema) - {"kind"})
+    unknown = sorted(set(config) - set(schema) - {"kind", "source"})
     if unknown:
         raise SpocoInputError(f"{source}: unknown setting(s) for kind {kind}: {', '.join(unknown)}")
-    out = {"kind": kind}
+    out = {"kind": kind, **({"source": config["source"]} if "source" in config else {})}
     for key, (types, default) in schema.items():
         value = config.get(key, default)
         if isinstance(value, bool) or not isinstance(value, types):
@@ -107,10 +107,25 @@ def load_cluster_config(name_or_path: str, overrides: dict | None = None) -> dic
     except (OSError, yaml.YAMLError) as exc:
         raise SpocoInputError(f"cannot read cluster config {path}: {exc}".splitlines()[0]) from None
     if isinstance(config, dict):
-        config = {**config, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        schema = _SCHEMAS.get(config.get("kind"), {})
+        config = {**config, **{k: _coerce(v, schema.get(k, ((str,), None))[0])
+                               for k, v in (overrides or {}).items() if v is not None}}
     config = validate_cluster_config(config, path)
     config["source"] = path
     return config
+
+
+def _coerce(value, types):
+    """A command-line string to the type a setting takes ("12:00:00" stays a string)."""
+    if not isinstance(value, str):
+        return value
+    types = types if isinstance(types, tuple) else (types,)
+    if str in types:
+        return None if value == "null" and type(None) in types else value
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, float) and int in types and float not in types and parsed.is_integer():
+        return int(parsed)
+    return parsed
 
 
 def list_cluster_configs() -> list[tuple[str, str, str]]:

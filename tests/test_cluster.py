@@ -204,3 +204,15 @@ def test_gpu_pool_predicts_and_cpu_pool_finishes(tmp_path):
     assert np.array_equal(labels, _reference(tmp_path, inp))
     _, fused = _segment_on(tmp_path, inp, {"kind": "local", "workers": 2}, "fused")
     assert not fused["prediction_on_gpu_workers"]
+
+
+def test_command_line_overrides_cluster_file_values():
+    c = load_cluster_config("slurm", {"walltime": "12:00:00", "cores": "4", "job_extra_directives": "[--qos=high]",
+                                      "queue": "gpu"})
+    assert c["walltime"] == "12:00:00" and c["cores"] == 4 and c["job_extra_directives"] == ["--qos=high"]
+    assert c["queue"] == "gpu" and validate_cluster_config(c)["source"] == c["source"]
+    from click.testing import CliRunner
+    r = CliRunner().invoke(cli, ["segment", "--input", "x.zarr", "--cluster-set", "cores=4"])
+    assert r.exit_code == 2 and "--cluster-set needs --cluster" in r.output
+    r = CliRunner().invoke(cli, ["segment", "--input", "x.zarr", "--cluster", "slurm", "--cluster-set", "cores=zero"])
+    assert r.exit_code == 2 and "cores has the wrong type" in r.output
