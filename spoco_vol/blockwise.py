@@ -295,12 +295,17 @@ def _done_result(work: str, block: Block) -> dict | None:
     return result
 
 
-def stitch_block_pair(lower: Block, upper: Block, axis: int, *, work: str, depth: int) -> dict:
-    """Pass 2 for one face: merge edges between the two blocks' fragments."""
+def stitch_faces_of_block(lower: Block, faces: list, *, work: str, depth: int,
+                          min_overlap: float | None = None) -> dict:
+    """Pass 2 for the faces ``lower`` shares with its upper neighbours: merge edges from
+    halo agreement and face affinity ((upper, axis, "stitch")), or section links across a
+    z face ((upper, 0, "link"), with --link-sections)."""
     t = time.perf_counter()
-    edges = _face_edges(lower, upper, axis, work=work, depth=depth)
+    edges = [_face_edges(lower, up, ax, work=work, depth=depth) if kind == "stitch"
+             else _link_edges(lower, up, work=work, min_overlap=min_overlap) for up, ax, kind in faces]
     _crash_point("stitch")
-    return {"edges": edges, "seconds": time.perf_counter() - t}
+    return {"edges": np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64),
+            "seconds": time.perf_counter() - t}
 
 
 def _face_edges(lower: Block, upper: Block, axis: int, *, work: str, depth: int) -> np.ndarray:
@@ -318,16 +323,13 @@ def _face_edges(lower: Block, upper: Block, axis: int, *, work: str, depth: int)
                         axis_first(b[f"halo_{axis}_m"]), axis_first(lower_core), a[f"aff_{axis}"])
 
 
-def link_block_pair(lower: Block, upper: Block, *, work: str, min_overlap: float) -> dict:
-    """Pass 2 for one z-face with --link-sections: link edges between the lower block's
-    last core section and the upper block's first (both already written fragments)."""
-    t = time.perf_counter()
+def _link_edges(lower: Block, upper: Block, *, work: str, min_overlap: float) -> np.ndarray:
+    """With --link-sections: link edges between the lower block's last core section and
+    the upper block's first (both already written fragments)."""
     frag = zarr.open_array(os.path.join(work, "fragments"), mode="r")
     last = np.asarray(frag[_face_region(upper, 0, -1, 1)])[0]
     first = np.asarray(frag[_face_region(lower, 0, +1, 1)])[0]
-    edges = section_overlap_edges(last, first, min_overlap)
-    _crash_point("stitch")
-    return {"edges": edges, "seconds": time.perf_counter() - t}
+    return section_overlap_edges(last, first, min_overlap)
 
 
 def relabel_one_block(block: Block, table: np.ndarray, *, work: str, grid: BlockGrid, dtype: str) -> dict:
@@ -364,27 +366,34 @@ def _compute(tasks: list, client, desc: str = "", progress: bool = False) -> lis
                 out.append(dask.compute(task, scheduler="synchronous")[0])
                 bar.update(1)
             return out
-        # At most MAX_IN_FLIGHT tasks are submitted at once, topped up as they finish: the
-        # scheduler's graph stays bounded however many blocks there are (a terabyte is
-        # ~500k blocks, millions of tasks).
+        # At most MAX_IN_FLIGHT tasks are submitted at once, topped up in batches as they
+        # finish, and finished results are gathered in batches: the scheduler's graph stays
+        # bounded however many blocks there are (a terabyte is ~500k blocks), and the client
+        # makes one round trip per batch, not per task.
         from distributed import as_completed
         out = [None] * len(tasks)
         index = {}
         pending = iter(enumerate(tasks))
 
         def submit(n):
-            batch = [next(pending, None) for _ in range(n)]
-            batch = [b for b in batch if b is not None]
-            futures = client.compute([t for _, t in batch], retries=2)
+            batch = [item for item in (next(pending, None) for _ in range(n)) if item is not None]
+            futures = client.compute([t for _, t in batch], retries=2) if batch else []
             for (i, _), f in zip(batch, futures):
                 index[f.key] = i
             return futures
-        running = as_completed(submit(MAX_IN_FLIGHT))
-        for future in running:
-            out[index.pop(future.key)] = future.result()
-            future.release()
-            bar.update(1)
-            running.update(submit(1))
+        first = submit(MAX_IN_FLIGHT)
+        in_flight = len(first)
+        running = as_completed(first)
+        for batch in running.batches():
+            for future, result in zip(batch, client.gather(batch)):
+                out[index.pop(future.key)] = result
+                future.release()
+            bar.update(len(batch))
+            in_flight -= len(batch)
+            if in_flight <= MAX_IN_FLIGHT // 2:
+                more = submit(MAX_IN_FLIGHT - in_flight)
+                in_flight += len(more)
+                running.update(more)
         return out
     finally:
         bar.close()
@@ -509,12 +518,17 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         wall_segment = time.perf_counter() - t
         results.sort(key=lambda r: r["block"])
         t = time.perf_counter()
-        face_tasks = [dask.delayed(stitch_block_pair, pure=False)(lo, up, ax, work=work, depth=depth)
-                      for lo, up, ax in grid.faces(stitch_axes, roi)]
+        # One task per block for the faces it shares with its upper neighbours (not one per
+        # face): three times fewer tasks for a 3D grid.
+        faces_of: dict[int, list] = {}
+        for lo, up, ax in grid.faces(stitch_axes, roi):
+            faces_of.setdefault(lo.linear, [lo]).append((up, ax, "stitch"))
         if link is not None:  # sections meet across z faces too
-            face_tasks += [dask.delayed(link_block_pair, pure=False)(lo, up, work=work, min_overlap=link)
-                           for lo, up, _ in grid.faces([0], roi)]
-        face_results = _compute(face_tasks, client, "stitch", progress)
+            for lo, up, _ in grid.faces([0], roi):
+                faces_of.setdefault(lo.linear, [lo]).append((up, 0, "link"))
+        face_results = _compute([dask.delayed(stitch_faces_of_block, pure=False)(
+                                     group[0], group[1:], work=work, depth=depth, min_overlap=link)
+                                 for _, group in sorted(faces_of.items())], client, "stitch", progress)
         edges = np.concatenate([f["edges"] for f in face_results]) if face_results else np.zeros((0, 2), np.uint64)
         t_merge = time.perf_counter()
         objects_per_block = [0] * len(grid)  # blocks outside the ROI hold no objects
