@@ -349,15 +349,17 @@ def _relabel_marker(work: str, block: Block) -> str:
 
 # ----------------------------------------------------------------------------- driver
 
-def _compute(tasks: list, client, desc: str = "", progress: bool = False) -> list:
+def _compute(tasks, client, desc: str = "", progress: bool = False, total: int | None = None) -> list:
     """Run delayed tasks on the cluster (retrying a lost worker's tasks), or in-process, in
-    order; with ``progress`` a bar of tasks done / total with rate and ETA on stderr (on a
-    cluster, where stderr goes to a log file, one line every 30 s)."""
-    if not tasks:
+    order; ``tasks`` may be a generator of ``total`` tasks, made only as they are
+    submitted. With ``progress`` a bar of tasks done / total with rate and ETA on stderr
+    (on a cluster, where stderr goes to a log file, one line every 30 s)."""
+    total = len(tasks) if total is None else total
+    if not total:
         return []
     from tqdm import tqdm
     tty = sys.stderr.isatty()
-    bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=total, desc=desc, unit="task", disable=not progress, file=sys.stderr,
                mininterval=0.5 if tty else 30, dynamic_ncols=tty, ascii=not tty)
     try:
         if client is None:
@@ -371,7 +373,7 @@ def _compute(tasks: list, client, desc: str = "", progress: bool = False) -> lis
         # bounded however many blocks there are (a terabyte is ~500k blocks), and the client
         # makes one round trip per batch, not per task.
         from distributed import as_completed
-        out = [None] * len(tasks)
+        out = [None] * total
         index = {}
         pending = iter(enumerate(tasks))
 
@@ -509,8 +511,8 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         if pools["GPU"]:  # prediction on the GPU workers, the rest on CPU threads/workers meanwhile
             results = done + _compute_split(todo, client, common, pools, progress)
         else:
-            results = done + _compute([dask.delayed(segment_block, pure=False)(b, **common) for b in todo],
-                                      client, "segment", progress)
+            results = done + _compute((dask.delayed(segment_block, pure=False)(b, **common) for b in todo),
+                                      client, "segment", progress, total=len(todo))
         failed = [r for r in results if "error" in r]
         if failed:
             more = f" (and {len(failed) - 1} more block(s))" if len(failed) > 1 else ""
@@ -526,9 +528,10 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         if link is not None:  # sections meet across z faces too
             for lo, up, _ in grid.faces([0], roi):
                 faces_of.setdefault(lo.linear, [lo]).append((up, 0, "link"))
-        face_results = _compute([dask.delayed(stitch_faces_of_block, pure=False)(
+        face_results = _compute((dask.delayed(stitch_faces_of_block, pure=False)(
                                      group[0], group[1:], work=work, depth=depth, min_overlap=link)
-                                 for _, group in sorted(faces_of.items())], client, "stitch", progress)
+                                 for _, group in sorted(faces_of.items())), client, "stitch", progress,
+                                total=len(faces_of))
         edges = np.concatenate([f["edges"] for f in face_results]) if face_results else np.zeros((0, 2), np.uint64)
         t_merge = time.perf_counter()
         objects_per_block = [0] * len(grid)  # blocks outside the ROI hold no objects
@@ -538,10 +541,10 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
         merge_seconds = time.perf_counter() - t_merge
         wall_stitch = time.perf_counter() - t
         t = time.perf_counter()
-        relabel_results = _compute([dask.delayed(relabel_one_block, pure=False)(b, tables[b.linear], work=work,
+        to_relabel = [b for b in blocks if not os.path.exists(_relabel_marker(work, b))]
+        relabel_results = _compute((dask.delayed(relabel_one_block, pure=False)(b, tables[b.linear], work=work,
                                                                               grid=grid, dtype=out_dtype)
-                                    for b in blocks if not os.path.exists(_relabel_marker(work, b))],
-                                   client, "relabel", progress)
+                                    for b in to_relabel), client, "relabel", progress, total=len(to_relabel))
         wall_relabel = time.perf_counter() - t
     work_seconds = dict.fromkeys(STAGES, 0.0)
     for r in results:
