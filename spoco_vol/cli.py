@@ -255,16 +255,8 @@ def clusters():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(pred, gt, per_section, as_json):
     """AP@0.5, mAP, adapted Rand error and variation of information against ground truth."""
-    import numpy as np
-    from . import io
-    from .evaluation import evaluate_segmentation, format_metrics
-
-    def load():
-        p, g = io.open_volume(pred, "prediction"), io.open_volume(gt, "ground truth")
-        io.validate_volume(p, "prediction", integer=True)
-        io.validate_volume(g, "ground truth", integer=True)
-        return evaluate_segmentation(np.asarray(p[...]), np.asarray(g[...]), per_section=per_section)
-    metrics = _run(load)
+    from .evaluation import evaluate_zarr, format_metrics
+    metrics = _run(evaluate_zarr, pred, gt, per_section)
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
 
 

@@ -230,3 +230,12 @@ def foreground_restricted(pred, gt):
     """pred with voxels where gt == 0 set to 0 (diagnostic: AP restricted to true foreground)."""
     pred, gt = _check(pred, gt)
     return np.where(gt != 0, pred, np.zeros((), dtype=pred.dtype))
+
+
+def evaluate_zarr(pred: str, gt: str, per_section: bool = False) -> dict:
+    """``evaluate_segmentation`` of two zarr label arrays (paths), checked first."""
+    from . import io
+    p, g = io.open_volume(pred, "prediction"), io.open_volume(gt, "ground truth")
+    io.validate_volume(p, "prediction", integer=True)
+    io.validate_volume(g, "ground truth", integer=True)
+    return evaluate_segmentation(np.asarray(p[...]), np.asarray(g[...]), per_section=per_section)

@@ -116,10 +116,9 @@ def _segment_step(options: dict, log) -> str:
 
 
 def _evaluate_step(options: dict, log) -> str:
-    import numpy as np
     import zarr
     from . import io
-    from .evaluation import evaluate_segmentation, format_metrics
+    from .evaluation import evaluate_zarr, format_metrics
     pred, gt, out = options["pred"], options["gt"], options.get("out")
     run_hash = None
     try:
@@ -130,11 +129,7 @@ def _evaluate_step(options: dict, log) -> str:
         with open(out) as f:
             if json.load(f).get("prediction_run_hash") == run_hash:
                 return f"skipped: {out} holds the metrics of this prediction"
-    p, g = io.open_volume(pred, "prediction"), io.open_volume(gt, "ground truth")
-    io.validate_volume(p, "prediction", integer=True)
-    io.validate_volume(g, "ground truth", integer=True)
-    metrics = evaluate_segmentation(np.asarray(p[...]), np.asarray(g[...]),
-                                    per_section=bool(options.get("per_section", False)))
+    metrics = evaluate_zarr(pred, gt, per_section=bool(options.get("per_section", False)))
     log(format_metrics(metrics))
     if out:
         tmp = out + ".tmp"
