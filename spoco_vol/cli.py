@@ -135,6 +135,8 @@ def cli():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 (CPU) / fp16 (CUDA) autocast.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for training [default: all cores].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--stop-after", type=click.IntRange(1), default=None,
               help="Stop after N iterations of this run, saving a resumable latest.pt (walltime-limited jobs).")
@@ -143,7 +145,7 @@ def cli():
 def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fraction, mode, init, lr,
           schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
           consistency_weight, unlabeled_weight, background_weight, background_warmup, momentum, downsample, voxel_size, val_raw, val_labels,
-          val_sections, val_every, elastic, seed, device, amp, resume, stop_after, overwrite, quiet):
+          val_sections, val_every, elastic, seed, device, amp, threads, resume, stop_after, overwrite, quiet):
     """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
     from .training import TrainConfig, train as train_fn
     if pool_factors is not None:
@@ -160,7 +162,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
                       background_warmup=background_warmup, momentum=momentum, downsample=downsample,
                       voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
                       val_sections=val_sections, val_every=val_every, elastic=elastic, seed=seed,
-                      device=device, amp=amp, resume=resume, stop_after=stop_after, overwrite=overwrite,
+                      device=device, amp=amp, threads=threads, resume=resume, stop_after=stop_after, overwrite=overwrite,
                       progress=not quiet,
                       command=_command_line())
     summary = _run(train_fn, cfg)

@@ -299,7 +299,14 @@ def _plot_log(log_path: str, png_path: str):
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper left")
+    ait = [i for i, r in zip(it, rows) if r.get("val_ap")]
+    if ait:
+        ax2 = ax.twinx()
+        ax2.plot(ait, [float(r["val_ap"]) for r in rows if r.get("val_ap")], "r-s", label="validation AP@0.5")
+        ax2.set_ylabel("validation AP@0.5")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -343,6 +350,12 @@ def train(cfg: TrainConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, ds, rng=rng)
     val_patches = _validation_patches(val_vols, cfg, normalization, cfg.seed)
+    # Whole labeled held-out sections: checkpoints are chosen by their AP@0.5 there. The
+    # validation loss cannot choose in the sparse setting: it is blind to the unlabeled
+    # background, where a sparsely trained model makes its errors (false fragments).
+    val_images = _validation_images(val_vols, cfg, normalization)
+    if not any(lab.any() for _, lab in val_images):
+        val_images = []
 
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -377,7 +390,9 @@ def train(cfg: TrainConfig) -> dict:
     else:
         raise SpocoInputError("--schedule must be 'cosine' or 'plateau'")
 
-    start_it, best_val, elapsed = 0, float("inf"), 0.0
+    # best_score: validation AP@0.5 when there are labeled held-out sections, else minus
+    # the validation loss; higher is better.
+    start_it, best_score, best_it, elapsed = 0, -float("inf"), 0, 0.0
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.overwrite and not cfg.resume:
         for f in ("latest.pt", "best.pt", "log.csv", "loss.png", "summary.json"):
@@ -399,14 +414,16 @@ def train(cfg: TrainConfig) -> dict:
         opt.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
         _restore_rng(ts["rng"], rng, gen)
-        start_it, best_val, elapsed = ts["iteration"], ts["best_val"], ts["elapsed"]
+        start_it, elapsed = ts["iteration"], ts["elapsed"]
+        best_score, best_it = ts.get("best_score", -ts.get("best_val", float("inf"))), ts.get("best_iteration", 0)
         _truncate_log(log_path, start_it)
 
-    def checkpoint(it: int, with_state: bool, background=None):
+    def checkpoint(it: int, with_state: bool, background=None, val=None):
         extra = {"training": {"iterations": it, "mode": mode, "object_fraction": cfg.object_fraction,
                               "objects_used": info["objects_used"], "objects_total": info["objects_total"],
                               "seconds": round(elapsed, 1), "downsample": ds,
-                              "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size}}
+                              "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size,
+                              **(val or {})}}
         inference = {"downsample": ds,
                      "min_size": min_size,
                      **(background or {})}
@@ -417,7 +434,7 @@ def train(cfg: TrainConfig) -> dict:
             inference=inference, extra=extra)
         if with_state:
             ck["training_state"] = {
-                "iteration": it, "best_val": best_val, "elapsed": elapsed,
+                "iteration": it, "best_score": best_score, "best_iteration": best_it, "elapsed": elapsed,
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "momentum_state": g_net.state_dict() if use_g else {},
                 "rng": _rng_state(rng, gen)}
@@ -427,11 +444,12 @@ def train(cfg: TrainConfig) -> dict:
     log_f = open(log_path, "a", newline="")
     writer = csv.writer(log_f)
     if new_log:
-        writer.writerow(["iteration", *LOG_TERMS, "lr", "seconds", "val_loss"])
+        writer.writerow(["iteration", *LOG_TERMS, "lr", "seconds", "val_loss", "val_ap"])
     from tqdm import tqdm
     bar = tqdm(total=cfg.iterations, initial=start_it, disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, desc="train")
     running: dict[str, float] = {}
+    val_background = None
     t_last = time.perf_counter()
     stopping = False
     for it in range(start_it + 1, cfg.iterations + 1):
@@ -459,23 +477,34 @@ def train(cfg: TrainConfig) -> dict:
         vals = {"total": float(total.detach()), **{k: float(v) for k, v in terms.items()}}
         for k, v in vals.items():
             running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
-        val_loss = None
+        val_loss, val_ap, val_background = None, None, None
         checkpoint_due = it % cfg.val_every == 0 or it == cfg.iterations
         if checkpoint_due:
             val_loss = _validate(net, val_loss_fn, val_patches, device, cfg.amp)
             if cfg.schedule == "plateau" and val_loss is not None:
                 sched.step(val_loss)
+            if val_images:
+                val_background = calibrate_background(net, val_images, device, cfg.amp, cfg.delta_v,
+                                                       cfg.delta_d, min_size)
+                val_ap = val_background.get("background_radius_val_ap")
         writer.writerow([it, *(f"{vals[k]:.6g}" if k in vals else "" for k in LOG_TERMS),
                          f"{opt.param_groups[0]['lr']:.3g}", f"{elapsed:.2f}",
-                         "" if val_loss is None else f"{val_loss:.6g}"])
+                         "" if val_loss is None else f"{val_loss:.6g}",
+                         "" if val_ap is None else f"{val_ap:.4f}"])
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
         bar.update(1)
         if checkpoint_due:
             t_save = time.perf_counter()
+            score = val_ap if val_ap is not None else (None if val_loss is None else -val_loss)
             # Without held-out data the newest model is the best one we can name.
-            if val_loss is None or val_loss < best_val:
-                best_val = val_loss if val_loss is not None else best_val
-                model_mod.save_checkpoint(checkpoint(it, False), os.path.join(cfg.out, "best.pt"))
+            if score is None or score > best_score:
+                best_score = score if score is not None else best_score
+                best_it = it
+                val = {"val_loss": val_loss, "val_ap": val_ap,
+                       "selected_by": "validation AP@0.5" if val_ap is not None else
+                       ("validation loss" if val_loss is not None else "newest")}
+                model_mod.save_checkpoint(checkpoint(it, False, val_background, val),
+                                          os.path.join(cfg.out, "best.pt"))
             log_f.flush()
             model_mod.save_checkpoint(checkpoint(it, True), os.path.join(cfg.out, "latest.pt"))
             t_last += time.perf_counter() - t_save  # checkpoint I/O is not training time
@@ -493,9 +522,12 @@ def train(cfg: TrainConfig) -> dict:
     # Inference needs to know which embeddings mean "background": measure it once per model.
     bg_images = _validation_images(val_vols, cfg, normalization) or \
         _validation_patches(train_vols, cfg, normalization, cfg.seed)
-    background = calibrate_background(net, bg_images, device, cfg.amp, cfg.delta_v, cfg.delta_d, min_size)
+    if val_background is not None:  # measured on the same images at the last iteration
+        background = val_background
+    else:
+        background = calibrate_background(net, bg_images, device, cfg.amp, cfg.delta_v, cfg.delta_d, min_size)
     best_path = os.path.join(cfg.out, "best.pt")
-    if os.path.exists(best_path):
+    if os.path.exists(best_path) and not val_images:  # else calibrated when it was chosen
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         best_net = model_mod.model_from_checkpoint(best).to(device)
         best["inference"].update(calibrate_background(best_net, bg_images, device, cfg.amp,
@@ -506,7 +538,8 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"iterations": cfg.iterations, "seconds": round(elapsed, 1),
                "iterations_per_second": round((cfg.iterations - start_it) / max(elapsed, 1e-9), 3)
                if cfg.iterations > start_it else None,
-               "best_val_loss": None if best_val == float("inf") else best_val,
+               "best_iteration": best_it,
+               "best_val_ap": best_score if val_images and best_score > -float("inf") else None,
                "mode": mode, "objects_used": info["objects_used"], "objects_total": info["objects_total"],
                "device": str(device)}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:

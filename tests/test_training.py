@@ -46,6 +46,36 @@ def test_train_writes_checkpoints_log_and_plot(blob_volume, tmp_path):
     assert ck["training"]["mode"] == "full"
 
 
+def test_best_checkpoint_is_the_one_with_the_highest_validation_ap(blob_volume, tmp_path):
+    """In the sparse setting the validation loss is blind to background fragments, so
+    best.pt is chosen by AP@0.5 on the labeled held-out sections, and carries the background
+    calibration measured there."""
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    assert run(train_args(raw, labels, out, "--iterations", "9", "--object-fraction", "0.5")).exit_code == 0
+    rows = [r for r in csv.DictReader(open(os.path.join(out, "log.csv"))) if r["val_ap"]]
+    assert [int(r["iteration"]) for r in rows] == [3, 6, 9]
+    aps = [float(r["val_ap"]) for r in rows]
+    first_best = int(rows[aps.index(max(aps))]["iteration"])  # ties: the earliest stays best
+    ck = load_checkpoint(os.path.join(out, "best.pt"))
+    assert ck["training"]["iterations"] == first_best
+    assert ck["training"]["selected_by"] == "validation AP@0.5"
+    assert ck["training"]["val_ap"] == pytest.approx(max(aps), abs=1e-4)
+    assert ck["inference"]["background_radius_val_ap"] == pytest.approx(max(aps), abs=1e-4)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["best_iteration"] == first_best
+
+
+def test_threads_option_sets_the_torch_thread_count(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    before = torch.get_num_threads()
+    try:
+        assert run(train_args(raw, labels, str(tmp_path / "run"), "--iterations", "1", "--threads", "1")).exit_code == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_continues_exactly(blob_volume, tmp_path):
     raw, labels = blob_volume
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
