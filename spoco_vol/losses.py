@@ -326,7 +326,7 @@ class SpocoLoss(nn.Module):
     def __init__(self, mode: str = "sparse", delta_v: float = 0.5, delta_d: float = 2.0, threshold: float = 0.9,
                  w_pull: float = 1.0, w_push: float = 1.0, w_reg: float = 0.001, w_instance: float = 1.0,
                  w_unlabeled: float = 1.0, w_consistency: float = 1.0, anchor: str = "mean",
-                 w_background: float = 0.0):
+                 w_background: float = 0.0, background_radius: Optional[float] = None):
         super().__init__()
         if mode not in ("sparse", "full"):
             raise ValueError(f"mode must be 'sparse' or 'full', got {mode!r}")
@@ -341,7 +341,7 @@ class SpocoLoss(nn.Module):
         self.instance = InstanceDiceLoss(delta_v, threshold, ignore, anchor)
         self.unlabeled = UnlabeledPushLoss(delta_d, ignore)
         self.consistency = ConsistencyLoss(delta_v, threshold, ignore_label=ignore)
-        self.background = PseudoBackgroundLoss(delta_v, delta_d)
+        self.background = PseudoBackgroundLoss(delta_v, delta_d, radius=background_radius)
 
     def forward(self, f_embeddings: Tensor, labels: Tensor, g_embeddings: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:

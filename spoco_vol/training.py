@@ -54,6 +54,7 @@ class TrainConfig:
     w_instance: float = 1.0
     w_background: float = 0.0              # pseudo-background term (sparse mode; needs g)
     background_warmup: int = 0             # iterations before it starts (g must mean something)
+    background_select_radius: float | None = None  # pseudo-background: g within this of its mode (default delta_d)
     momentum: float = 0.999
     downsample: Sequence[int] = (1, 1, 1)  # input voxels per model pixel, (z, y, x)
     voxel_size: Sequence[float] | None = None
@@ -378,7 +379,8 @@ def train(cfg: TrainConfig) -> dict:
     loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
                                threshold=cfg.threshold, w_consistency=cfg.w_consistency,
                                w_unlabeled=cfg.w_unlabeled, w_instance=cfg.w_instance,
-                               w_background=cfg.w_background)
+                               w_background=cfg.w_background,
+                               background_radius=cfg.background_select_radius)
     val_loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
                                    threshold=cfg.threshold, w_consistency=0)
     lr = cfg.lr if cfg.lr is not None else (2e-5 if cfg.init else 2e-4)

@@ -446,6 +446,19 @@ def test_pseudo_background_mask_is_the_unlabeled_mode():
     assert torch.equal(mask.reshape(10, 10), bg)
 
 
+def test_pseudo_background_selection_radius():
+    """Background structures 2.5 from the mode are left out at the default radius
+    (delta_d = 2) and taken in at radius 3; the unannotated object (10 away) never is."""
+    emb, lab, bg = _background_scene(spread=0.0)
+    emb[0, 2, 2] = 2.5  # row 2 of the background: a structure off the mode
+    u = lab[0].reshape(-1) == 0
+    narrow = PseudoBackgroundLoss().pseudo_mask(emb[0].reshape(4, -1), u).reshape(10, 10)
+    wide = PseudoBackgroundLoss(radius=3.0).pseudo_mask(emb[0].reshape(4, -1), u).reshape(10, 10)
+    assert not narrow[2].any() and narrow[3:9].all()
+    assert torch.equal(wide, bg)
+    assert SpocoLoss(w_background=1.0, background_radius=3.0).background.radius == 3.0
+
+
 def test_pseudo_background_compact_far_is_zero_spread_is_large():
     emb, lab, _ = _background_scene(spread=0.0)
     assert PseudoBackgroundLoss()(emb, emb.clone(), lab).item() == pytest.approx(0.0, abs=1e-12)
