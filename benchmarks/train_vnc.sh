@@ -17,6 +17,16 @@ spoco-vol train "${common[@]}" --iterations 1200 --out "$work/runs/p10_nocons" -
 # 10% of the objects with the pseudo-background term (RESULTS.md: "pseudo-background")
 spoco-vol train "${common[@]}" --iterations 1800 --out "$work/runs/p10_bg" --object-fraction 0.1 \
     --background-weight 1 --background-warmup 300
+# Third session: best.pt chosen by validation AP@0.5; longer runs, background weight 2,
+# and a wider pseudo-background selection radius (RESULTS.md: "validation AP"). The
+# session ran the first two at the same time, one thread each.
+spoco-vol train "${common[@]}" --iterations 2600 --out "$work/runs/p10_bg_2600" --object-fraction 0.1 \
+    --background-weight 1 --background-warmup 300
+spoco-vol train "${common[@]}" --iterations 2600 --out "$work/runs/p10_bg_w2" --object-fraction 0.1 \
+    --background-weight 2 --background-warmup 300
+spoco-vol train "${common[@]}" --iterations 2400 --out "$work/runs/p10_bg_r3" --object-fraction 0.1 \
+    --background-weight 1 --background-warmup 300 --background-select-radius 3
+$py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/{p10_bg_2600,p10_bg_w2,p10_bg_r3}/{best,latest}.pt
 for run in full p10 p10_nocons p10_bg; do
   spoco-vol calibrate --model "$work/runs/$run/best.pt" --raw "$work/vnc_train.zarr/raw" \
       --labels "$work/vnc_train.zarr/labels" --z-range 12,13 --out "$work/runs/$run/calibrated.pt" --overwrite

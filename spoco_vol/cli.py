@@ -147,7 +147,8 @@ def cli():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fraction, mode, init, lr,
           schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
-          consistency_weight, unlabeled_weight, background_weight, background_select_radius, background_warmup, momentum, downsample, voxel_size, val_raw, val_labels,
+          consistency_weight, unlabeled_weight, background_weight, background_select_radius, background_warmup,
+          momentum, downsample, voxel_size, val_raw, val_labels,
           val_sections, val_every, elastic, seed, device, amp, threads, resume, stop_after, overwrite, quiet):
     """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
     from .training import TrainConfig, train as train_fn
@@ -162,10 +163,12 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
                       pool_factors=pool_factors, embedding_dim=embedding_dim, delta_v=delta_v,
                       delta_d=delta_d, threshold=threshold, w_consistency=consistency_weight,
                       w_unlabeled=unlabeled_weight, w_background=background_weight,
-                      background_warmup=background_warmup, background_select_radius=background_select_radius, momentum=momentum, downsample=downsample,
+                      background_warmup=background_warmup, background_select_radius=background_select_radius,
+                      momentum=momentum, downsample=downsample,
                       voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
                       val_sections=val_sections, val_every=val_every, elastic=elastic, seed=seed,
-                      device=device, amp=amp, threads=threads, resume=resume, stop_after=stop_after, overwrite=overwrite,
+                      device=device, amp=amp, threads=threads, resume=resume, stop_after=stop_after,
+                      overwrite=overwrite,
                       progress=not quiet,
                       command=_command_line())
     summary = _run(train_fn, cfg)
