@@ -522,7 +522,7 @@ def train(cfg: TrainConfig) -> dict:
         return {"stopped_at": it, "iterations": cfg.iterations, "resume_with": "--resume"}
 
     # Inference needs to know which embeddings mean "background": measure it once per model.
-    bg_images = _validation_images(val_vols, cfg, normalization) or \
+    bg_images = val_images or _validation_images(val_vols, cfg, normalization) or \
         _validation_patches(train_vols, cfg, normalization, cfg.seed)
     if val_background is not None:  # measured on the same images at the last iteration
         background = val_background
