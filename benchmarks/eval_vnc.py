@@ -2,7 +2,8 @@
 
 Prints one row per checkpoint: AP@0.5 over 2D objects per section (the primary metric),
 the same restricted to the true foreground (diagnoses background fragments), mAP,
-adapted Rand error, VOI, object counts and segmentation time.
+adapted Rand error, VOI, object counts, whether the checkpoint segments with test-time
+augmentation (set by `spoco-vol calibrate --tta` or `train --tta`) and segmentation time.
 
     python benchmarks/prepare_vnc.py /tmp/vnc
     python benchmarks/eval_vnc.py --test /tmp/vnc/vnc_test.zarr CKPT [CKPT ...] [--no-background]
@@ -28,7 +29,7 @@ def main():
     raw = np.asarray(io.open_volume(a.test + "/raw")[...])
     gt = np.asarray(io.open_volume(a.test + "/labels")[...])
     vs = io.read_voxel_size(a.test + "/raw")
-    header = f"{'checkpoint':<34}{'AP@0.5':>8}{'AP@0.5 fg':>10}{'mAP':>7}{'prec':>6}{'recall':>7}{'ARand':>7}{'VOI':>7}{'#pred':>7}{'#gt':>6}{'sec':>7}"
+    header = f"{'checkpoint':<34}{'AP@0.5':>8}{'AP@0.5 fg':>10}{'mAP':>7}{'prec':>6}{'recall':>7}{'ARand':>7}{'VOI':>7}{'#pred':>7}{'#gt':>6}{'tta':>5}{'sec':>7}"
     print(header)
     for path in a.checkpoints:
         ck = load_checkpoint(path)
@@ -40,7 +41,7 @@ def main():
         m = evaluate_segmentation(pred, gt, per_section=True)
         fg = evaluate_segmentation(foreground_restricted(pred, gt), gt, per_section=True)
         print(f"{path[-34:]:<34}{m['ap@0.5']:>8.3f}{fg['ap@0.5']:>10.3f}{m['map']:>7.3f}{m['precision']:>6.2f}{m['recall']:>7.2f}{m['arand']:>7.3f}"
-              f"{m['voi']:>7.2f}{m['n_pred']:>7}{m['n_gt']:>6}{sec:>7.1f}", flush=True)
+              f"{m['voi']:>7.2f}{m['n_pred']:>7}{m['n_gt']:>6}{'yes' if ck['inference'].get('tta') else 'no':>5}{sec:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def _segment_block(block: Block, **kwargs) -> dict:
 
 
 def _predict_block(block: Block, *, input_path: str, model_path: str, voxel_size, device: str,
-                   mask_path: str | None = None, threads: int | None = None, **_) -> dict:
+                   mask_path: str | None = None, threads: int | None = None, tta: bool = False, **_) -> dict:
     """The GPU part of pass 1: read core + halo, check it, embed it (model grid)."""
     timings = dict.fromkeys(STAGES, 0.0)
     if threads:
@@ -208,7 +208,8 @@ def _predict_block(block: Block, *, input_path: str, model_path: str, voxel_size
     timings["read"] += time.perf_counter() - t
     if skip:
         return {"skip": True, "timings": timings}
-    emb, scale = predict_array(raw, ckpt, input_voxel_size=voxel_size, device=device, timings=timings, net=net)
+    emb, scale = predict_array(raw, ckpt, input_voxel_size=voxel_size, device=device, timings=timings, net=net,
+                               tta=tta)
     return {"skip": False, "embeddings": emb, "scale": scale, "timings": timings}
 
 
@@ -572,7 +573,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       save_embeddings: bool = False, link_sections: bool = False,
                       link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
                       client=None, cluster: str | dict | None = None, command: str = "",
-                      progress: bool = False, dry_run: bool = False) -> dict:
+                      progress: bool = False, dry_run: bool = False, tta: bool | None = None) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -592,6 +593,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     worker count.
     ``progress``: progress bars of tasks done per pass, with rate and ETA, on stderr.
     An interrupted run leaves ``<output>.partial``; the same call again finishes it.
+    ``tta``: test-time augmentation, 8 rotated/flipped predictions averaged (8x the
+    prediction time) [default: as the model was calibrated, its ``inference.tta``].
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     """
@@ -615,6 +618,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     model_path = os.path.abspath(model or BUNDLED_MODEL)
     ckpt = model_mod.load_checkpoint(model_path)
     dims = ckpt["architecture"]["dims"]
+    tta = bool(ckpt.get("inference", {}).get("tta", False)) if tta is None else bool(tta)
     if dims > arr.ndim:
         raise SpocoInputError(f"the model is {dims}D but the input is {arr.ndim}D")
     if ckpt["architecture"]["in_channels"] != 1:
@@ -679,7 +683,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         "offsets": [list(map(int, o)) for o in offsets], "voxel_size": vs,
         "mask": os.path.abspath(mask) if mask else None, "roi": [[r.start, r.stop] for r in roi] if roi else None,
         "stitch": bool(stitch), "depth": depth, "link_overlap": link, "save_embeddings": bool(save_embeddings),
-        "output_dtype": out_dtype, "version": __version__}
+        "output_dtype": out_dtype, "tta": tta, "version": __version__}
     run_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     if dry_run:
         return {"output": output, "run_hash": run_hash, "fingerprint": fingerprint}
@@ -698,14 +702,14 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                                  common=dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link,
                                              input_path=os.path.abspath(input_path), model_path=model_path,
                                              work=work, grid=grid, voxel_size=vs, device=device, depth=depth,
-                                             stitch_axes=stitch_axes,
+                                             stitch_axes=stitch_axes, tta=tta,
                                              mask_path=os.path.abspath(mask) if mask else None,
                                              threads=threads_per_worker or max(1, (os.cpu_count() or 1)
                                                                                // max(workers, 1))))
             report.update({
                 "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
                 "model_sha256": fingerprint["model_sha256"], "command": command, "version": __version__,
-                "block_shape": block_shape, "halo": halo, "roi": fingerprint["roi"],
+                "block_shape": block_shape, "halo": halo, "roi": fingerprint["roi"], "tta": tta,
                 "voxels": int(np.prod([r.stop - r.start for r in roi])) if roi else int(np.prod(arr.shape)),
                 "embeddings": "embeddings" if save_embeddings else None, "link_overlap": link,
                 "workers": workers, "run_hash": run_hash, "resumed": state == "resume"})
@@ -734,7 +738,8 @@ def format_report(report: dict) -> str:
     lines = [f"wrote {report['output']}: {report['objects']} objects, shape {tuple(report['shape'])}"]
     if "blocks" in report:
         lines.append(f"{report['blocks']} blocks of {tuple(report['block_shape'])}, halo {tuple(report['halo'])}, "
-                     f"{report['merges']} merges across faces, {report.get('workers', 1)} worker(s)")
+                     f"{report['merges']} merges across faces, {report.get('workers', 1)} worker(s)"
+                     + (", test-time augmentation (8 views)" if report.get("tta") else ""))
     total = sum(report["seconds"].values()) or 1.0
     mvox = float(report.get("voxels") or np.prod(report["shape"])) / 1e6
     lines.append(f"{'stage':<10}{'seconds':>9}{'share':>8}{'Mvox/s':>9}")

@@ -138,6 +138,10 @@ def cli():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 (CPU) / fp16 (CUDA) autocast.")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="Validate and calibrate with test-time augmentation (8 rotated/flipped predictions "
+                   "averaged, 8x the prediction time); the model then segments with it by default. "
+                   "Recommended for sparse labels.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for training [default: all cores].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
@@ -149,7 +153,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
           schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
           consistency_weight, unlabeled_weight, background_weight, background_select_radius, background_warmup,
           momentum, downsample, voxel_size, val_raw, val_labels,
-          val_sections, val_every, elastic, seed, device, amp, threads, resume, stop_after, overwrite, quiet):
+          val_sections, val_every, elastic, seed, device, amp, tta, threads, resume, stop_after, overwrite, quiet):
     """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
     from .training import TrainConfig, train as train_fn
     if pool_factors is not None:
@@ -167,7 +171,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
                       momentum=momentum, downsample=downsample,
                       voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
                       val_sections=val_sections, val_every=val_every, elastic=elastic, seed=seed,
-                      device=device, amp=amp, threads=threads, resume=resume, stop_after=stop_after,
+                      device=device, amp=amp, tta=tta, threads=threads, resume=resume, stop_after=stop_after,
                       overwrite=overwrite,
                       progress=not quiet,
                       command=_command_line())
@@ -209,12 +213,15 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--link-overlap", type=float, default=0.5, show_default=True,
               help="With --link-sections: the fraction of the smaller object two objects of consecutive "
                    "sections must share to be joined.")
+@click.option("--tta/--no-tta", default=None,
+              help="Test-time augmentation: average 8 rotated/flipped predictions (8x the prediction time) "
+                   "[default: as the model was calibrated].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
                                                  "with other settings).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, cluster_set, stitch,
             device, roi,
-            save_embeddings, link_sections, link_overlap, overwrite, quiet):
+            save_embeddings, link_sections, link_overlap, tta, overwrite, quiet):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
     An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
@@ -229,7 +236,7 @@ def segment(input_path, output, model, block_shape, halo, mask, voxel_size, work
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
                   link_sections=link_sections, link_overlap=link_overlap, cluster=cluster,
-                  command=_command_line(), progress=not quiet)
+                  command=_command_line(), progress=not quiet, tta=tta)
     click.echo(format_report(report))
 
 
@@ -287,15 +294,18 @@ def demo(out, device, overwrite):
 @click.option("--out", required=True, type=click.Path(), help="Where to write the calibrated checkpoint.")
 @click.option("--z-range", type=INTS, default=None, help="Use sections START,STOP of --raw only.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--tta/--no-tta", default=None,
+              help="Calibrate with test-time augmentation (8 rotated/flipped predictions averaged); the "
+                   "checkpoint then segments with it by default [default: as the model already does].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def calibrate(model, raw, labels, out, z_range, device, overwrite):
+def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
     """Re-measure a model's background embedding and radius on labeled data (AP@0.5)."""
     import os
     from .training import recalibrate_checkpoint
     if os.path.exists(out) and not overwrite:
         raise InputError(f"{out} exists (use --overwrite to replace it)")
     result = _run(recalibrate_checkpoint, model, raw, labels, out,
-                  z_range=tuple(z_range) if z_range else None, device=device)
+                  z_range=tuple(z_range) if z_range else None, device=device, tta=tta)
     click.echo(json.dumps(result, indent=2))
 
 

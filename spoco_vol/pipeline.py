@@ -122,9 +122,10 @@ def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float]
 
 
 def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
-                  timings: dict | None = None, net=None) -> tuple[np.ndarray, list[float]]:
+                  timings: dict | None = None, net=None, tta: bool | None = None) -> tuple[np.ndarray, list[float]]:
     """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, and the
-    zoom from the input grid to the model grid. A 2D model embeds section by section."""
+    zoom from the input grid to the model grid. A 2D model embeds section by section.
+    ``tta``: test-time augmentation [default: as the checkpoint was calibrated]."""
     timings = timings if timings is not None else {}
     dims = ckpt["architecture"]["dims"]
     if raw.ndim not in (2, 3):
@@ -140,12 +141,13 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     t = time.perf_counter()
     net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
     dev = resolve_device(device)
+    tta = bool(ckpt.get("inference", {}).get("tta", False)) if tta is None else tta
     if dims == raw.ndim:
-        embeddings = predict_embeddings(net, image, device=dev)
+        embeddings = predict_embeddings(net, image, device=dev, tta=tta)
     else:
         embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32)
         for z, sec in enumerate(image):
-            embeddings[:, z] = predict_embeddings(net, sec, device=dev)
+            embeddings[:, z] = predict_embeddings(net, sec, device=dev, tta=tta)
     timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
     return embeddings, scale
 
@@ -186,7 +188,8 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequ
 
 def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
                   strides: Sequence[int] | None = None, timings: dict | None = None,
-                  net=None, keep_embeddings: bool = False, region: Sequence[slice] | None = None):
+                  net=None, keep_embeddings: bool = False, region: Sequence[slice] | None = None,
+                  tta: bool | None = None):
     """Segment an in-memory 2D/3D array with a checkpoint; labels on the input grid.
 
     With ``keep_embeddings`` also returns the embeddings on the model grid,
@@ -196,7 +199,7 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     """
     timings = timings if timings is not None else {}
     embeddings, scale = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device,
-                                      timings=timings, net=net)
+                                      timings=timings, net=net, tta=tta)
     labels = labels_from_embeddings(embeddings, ckpt, raw.shape, scale, strides=strides, timings=timings,
                                     region=region)
     return (labels, embeddings) if keep_embeddings else labels

@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    tta: bool = False                      # validation/calibration (and later inference) with test-time flips
     threads: int | None = None
     resume: bool = False
     stop_after: int | None = None          # stop (resumably) after N iterations of this run
@@ -223,7 +224,7 @@ def _validate(net, loss_fn, patches, device, amp):
 
 
 def calibrate_background(net, images, device, amp, delta_v: float, delta_d: float,
-                         min_size: int = 0) -> dict:
+                         min_size: int = 0, tta: bool = False) -> dict:
     """The background embedding and the pixel radius around it, for inference.
 
     The embedding is the mode of the label-0 pixels' embeddings: start at their median,
@@ -233,6 +234,8 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     best AP@0.5, searched from delta_v to 2*delta_d + delta_v (objects are pushed 2*delta_d
     from the background). Whole sections beat random patches here: objects cut by a
     patch border bias the choice.
+    ``tta``: embed with test-time augmentation (the radius fits the embeddings it is
+    measured on, so inference must then use it too).
     Returns {} when the patches have no label 0 (dense labels: no background).
     """
     from .affinities import default_offsets
@@ -240,7 +243,7 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     from .segmentation import segment_embeddings
     from .inference import predict_embeddings
     net.eval()
-    embs = [predict_embeddings(net, raw, device=device, amp=amp) for raw, _ in images]
+    embs = [predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in images]
     labels = [lab for _, lab in images]
     net.train()
     flat = np.concatenate([e.reshape(e.shape[0], -1) for e in embs], axis=1).T
@@ -428,6 +431,7 @@ def train(cfg: TrainConfig) -> dict:
                               **(val or {})}}
         inference = {"downsample": ds,
                      "min_size": min_size,
+                     "tta": cfg.tta,
                      **(background or {})}
         ck = model_mod.make_checkpoint(
             net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
@@ -487,7 +491,7 @@ def train(cfg: TrainConfig) -> dict:
                 sched.step(val_loss)
             if val_images:
                 val_background = calibrate_background(net, val_images, device, cfg.amp, cfg.delta_v,
-                                                       cfg.delta_d, min_size)
+                                                       cfg.delta_d, min_size, cfg.tta)
                 val_ap = val_background.get("background_radius_val_ap")
         writer.writerow([it, *(f"{vals[k]:.6g}" if k in vals else "" for k in LOG_TERMS),
                          f"{opt.param_groups[0]['lr']:.3g}", f"{elapsed:.2f}",
@@ -527,13 +531,14 @@ def train(cfg: TrainConfig) -> dict:
     if val_background is not None:  # measured on the same images at the last iteration
         background = val_background
     else:
-        background = calibrate_background(net, bg_images, device, cfg.amp, cfg.delta_v, cfg.delta_d, min_size)
+        background = calibrate_background(net, bg_images, device, cfg.amp, cfg.delta_v, cfg.delta_d, min_size,
+                                          cfg.tta)
     best_path = os.path.join(cfg.out, "best.pt")
     if os.path.exists(best_path) and not val_images:  # else calibrated when it was chosen
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         best_net = model_mod.model_from_checkpoint(best).to(device)
         best["inference"].update(calibrate_background(best_net, bg_images, device, cfg.amp,
-                                                      cfg.delta_v, cfg.delta_d, min_size))
+                                                      cfg.delta_v, cfg.delta_d, min_size, cfg.tta))
         model_mod.save_checkpoint(best, best_path)
     model_mod.save_checkpoint(checkpoint(cfg.iterations, True, background), os.path.join(cfg.out, "latest.pt"))
     _plot_log(log_path, os.path.join(cfg.out, "loss.png"))
@@ -564,9 +569,10 @@ def _truncate_log(log_path: str, iteration: int):
 
 def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
                            z_range: tuple[int, int] | None = None, device: str = "auto",
-                           amp: bool = True) -> dict:
+                           amp: bool = True, tta: bool | None = None) -> dict:
     """Re-measure a checkpoint's background embedding and radius on labeled held-out data
-    (whole sections, as at the end of training) and save it as ``out``."""
+    (whole sections, as at the end of training) and save it as ``out``. ``tta``: measure
+    (and later segment) with test-time augmentation [default: as the checkpoint does]."""
     ckpt = model_mod.load_checkpoint(model_path)
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
@@ -590,8 +596,9 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
         raise SpocoInputError(f"no annotated object in {labels}")
     dev = resolve_device(device)
     net = model_mod.model_from_checkpoint(ckpt).to(dev)
+    tta = bool(ckpt["inference"].get("tta", False)) if tta is None else tta
     ckpt["inference"].update(calibrate_background(net, val, dev, amp, ckpt["delta_v"], ckpt["delta_d"],
-                                                  ckpt["inference"].get("min_size", 0)))
+                                                  ckpt["inference"].get("min_size", 0), tta), tta=tta)
     ckpt.pop("training_state", None)
     model_mod.save_checkpoint(ckpt, out)
     return {k: v for k, v in ckpt["inference"].items() if k != "background_embedding"}

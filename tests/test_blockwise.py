@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from spoco_vol import io
-from spoco_vol.blockwise import required_halo, segment_blockwise
+from spoco_vol.blockwise import format_report, required_halo, segment_blockwise
 from spoco_vol.errors import SpocoInputError
 from spoco_vol.model import checkpoint_checksum, load_checkpoint
 from spoco_vol.pipeline import BUNDLED_MODEL
@@ -314,6 +314,27 @@ def test_partial_run_with_other_settings_is_refused(tmp_path):
     again = _segment_cli(inp, out, "--no-stitch", "--overwrite")
     assert again.returncode == 0 and not os.path.exists(out + ".partial")
     assert zarr.open_group(out, mode="r").attrs["spoco_vol"]["blocks_done_before"] == 0
+
+
+def test_test_time_augmentation_blockwise(tmp_path):
+    """With --tta every block averages its 8 rotated/flipped predictions; blocks still
+    agree with one block over the whole crop, and the run's fingerprint records it."""
+    from spoco_vol.evaluation import adapted_rand_error
+    inp = _real_crop(tmp_path)
+    runs = {}
+    for name, bs in (("single", [2, 384, 384]), ("blocks", [2, 192, 384])):
+        out = str(tmp_path / f"{name}.zarr")
+        runs[name] = segment_blockwise(inp, out, BUNDLED_MODEL, block_shape=bs, workers=0, device="cpu", tta=True)
+        runs[name + "_labels"] = np.asarray(io.open_volume(out)[...])
+    assert runs["blocks"]["tta"] and "test-time augmentation" in format_report(runs["blocks"])
+    assert adapted_rand_error(runs["blocks_labels"], runs["single_labels"])["arand"] <= 0.005
+    plain = segment_blockwise(inp, str(tmp_path / "plain.zarr"), BUNDLED_MODEL, block_shape=[2, 384, 384],
+                              workers=0, device="cpu")
+    assert not plain["tta"]
+    assert not np.array_equal(np.asarray(io.open_volume(str(tmp_path / "plain.zarr"))[...]), runs["single_labels"])
+    dry = [segment_blockwise(inp, str(tmp_path / "x.zarr"), BUNDLED_MODEL, dry_run=True, tta=t)["run_hash"]
+           for t in (None, False, True)]
+    assert dry[0] == dry[1] != dry[2]
 
 
 def test_failing_block_names_its_region(tmp_path):

@@ -32,3 +32,34 @@ def test_group_norm_is_not_local():
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_test_time_augmentation_is_the_mean_of_the_eight_views():
+    torch.manual_seed(0)
+    net = UNet(dims=2, features=(4, 8), norm="batch").eval()
+    img = np.random.default_rng(1).normal(size=(40, 56)).astype(np.float32)
+    cpu = torch.device("cpu")
+    plain = predict_embeddings(net, img, device=cpu, amp=False)
+    tta = predict_embeddings(net, img, device=cpu, amp=False, tta=True)
+    views = []
+    for k in range(4):  # all 4 rotations of the image and of its mirror, predicted and turned back
+        for mirror in (False, True):
+            v = np.rot90(img[:, ::-1] if mirror else img, k)
+            e = np.rot90(predict_embeddings(net, np.ascontiguousarray(v), device=cpu, amp=False), -k, axes=(1, 2))
+            views.append(e[:, :, ::-1] if mirror else e)
+    np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-3  # an untrained net is not rotation-invariant
+    # averaged over the whole group, the prediction turns with the image
+    turned = predict_embeddings(net, np.ascontiguousarray(np.rot90(img)), device=cpu, amp=False, tta=True)
+    np.testing.assert_allclose(np.rot90(turned, -1, axes=(1, 2)), tta, atol=1e-5)
+
+
+def test_test_time_augmentation_3d_turns_in_plane():
+    torch.manual_seed(0)
+    net = UNet(dims=3, features=(4, 8), norm="batch", pool_factors=[[1, 2, 2]]).eval()
+    img = np.random.default_rng(2).normal(size=(4, 24, 32)).astype(np.float32)
+    cpu = torch.device("cpu")
+    tta = predict_embeddings(net, img, device=cpu, amp=False, tta=True)
+    flipped = predict_embeddings(net, np.ascontiguousarray(img[:, :, ::-1]), device=cpu, amp=False, tta=True)
+    assert tta.shape == (16, 4, 24, 32)
+    np.testing.assert_allclose(flipped[..., ::-1], tta, atol=1e-5)

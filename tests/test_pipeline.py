@@ -175,6 +175,19 @@ def test_segment_array_2d(tmp_path):
     np.testing.assert_array_equal(a, segment_array(raw, ckpt, device="cpu"))  # deterministic
 
 
+def test_prediction_follows_the_checkpoints_test_time_augmentation(tmp_path):
+    """A model calibrated with TTA segments with it unless told otherwise."""
+    from spoco_vol.pipeline import predict_array
+    _, plain = tiny_checkpoint(tmp_path)
+    _, with_tta = tiny_checkpoint(tmp_path, inference={"tta": True})
+    raw = np.random.default_rng(0).random((32, 48)).astype(np.float32)
+    off = predict_array(raw, plain, device="cpu")[0]
+    on = predict_array(raw, with_tta, device="cpu")[0]
+    np.testing.assert_array_equal(on, predict_array(raw, plain, device="cpu", tta=True)[0])
+    np.testing.assert_array_equal(off, predict_array(raw, with_tta, device="cpu", tta=False)[0])
+    assert np.abs(on - off).max() > 1e-3
+
+
 def test_segment_array_small_image(tmp_path):
     _, ckpt = tiny_checkpoint(tmp_path)
     raw = np.random.default_rng(0).random((20, 24)).astype(np.float32)

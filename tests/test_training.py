@@ -223,6 +223,11 @@ def test_calibrate_command(blob_volume, tmp_path):
     assert r.exit_code == 0, r.output
     ck = load_checkpoint(cal)
     assert 0.5 <= ck["inference"]["background_radius"] <= 4.5 and "training_state" not in ck
+    assert ck["inference"]["tta"] is False  # as trained
+    r = run(["calibrate", "--model", out + "/best.pt", "--raw", raw, "--labels", labels, "--z-range", "3,4",
+             "--out", cal, "--overwrite", "--tta"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(cal)["inference"]["tta"] is True
     bad = CliRunner().invoke(cli, ["calibrate", "--model", out + "/best.pt", "--raw", raw, "--labels", labels,
                                    "--z-range", "3", "--out", str(tmp_path / "c2.pt")])
     assert bad.exit_code == 2 and "--z-range" in bad.output
