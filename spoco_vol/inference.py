@@ -64,7 +64,8 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     ``tta``: test-time augmentation, the mean of the embeddings of the 8 in-plane
     rotations/flips of the image (8x the time). Averaging cancels the network's
     orientation-dependent noise, which in a sparsely trained model breaks background
-    structures into false objects (VNC, 10% of the objects: AP@0.5 0.55 -> 0.71).
+    structures into false objects (VNC, 10% of the objects: AP@0.5 0.53 -> 0.68,
+    benchmarks/RESULTS.md); a model trained on full labels need not gain.
     """
     dims = model.dims
     if image.ndim != dims:
