@@ -66,6 +66,37 @@ def test_best_checkpoint_is_the_one_with_the_highest_validation_ap(blob_volume, 
     assert summary["best_iteration"] == first_best
 
 
+def test_tta_training_validates_and_calibrates_with_it(blob_volume, tmp_path, monkeypatch):
+    """train --tta scores its validation sections with test-time augmentation, and its
+    checkpoints segment with it: a TTA calibration of best.pt on the same section
+    reproduces its background exactly (float32)."""
+    from spoco_vol import inference
+    from spoco_vol.training import recalibrate_checkpoint
+    real, asked = inference.predict_embeddings, []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("tta", False))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(inference, "predict_embeddings", recording)
+    raw, labels = blob_volume
+    for tta in (False, True):
+        asked.clear()
+        out = str(tmp_path / f"run{tta}")
+        r = run(train_args(raw, labels, out, "--iterations", "3", "--object-fraction", "0.5", "--no-amp",
+                           "--tta" if tta else "--no-tta"))
+        assert r.exit_code == 0, r.output
+        assert any(asked) == tta
+        assert load_checkpoint(os.path.join(out, "best.pt"))["inference"]["tta"] is tta
+        assert load_checkpoint(os.path.join(out, "latest.pt"))["inference"]["tta"] is tta
+    ck = load_checkpoint(os.path.join(out, "best.pt"))
+    path = str(tmp_path / "cal.pt")
+    recalibrate_checkpoint(out + "/best.pt", raw, labels, path, z_range=(3, 4), device="cpu", amp=False)
+    cal = load_checkpoint(path)["inference"]
+    assert cal["tta"] is True  # kept from the checkpoint
+    assert cal["background_radius_val_ap"] == pytest.approx(ck["training"]["val_ap"], abs=1e-6)
+    np.testing.assert_allclose(cal["background_embedding"], ck["inference"]["background_embedding"], atol=1e-5)
+
+
 def test_threads_option_sets_the_torch_thread_count(blob_volume, tmp_path):
     raw, labels = blob_volume
     before = torch.get_num_threads()
