@@ -63,9 +63,9 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     border), padded up to the model's shape multiple.
     ``tta``: test-time augmentation, the mean of the embeddings of the 8 in-plane
     rotations/flips of the image (8x the time). Averaging cancels the network's
-    orientation-dependent noise, which in a sparsely trained model breaks background
-    structures into false objects (VNC, 10% of the objects: AP@0.5 0.53 -> 0.68,
-    benchmarks/RESULTS.md); a model trained on full labels need not gain.
+    orientation-dependent noise, which in a sparsely trained model can break background
+    structures into false objects (VNC, 10% of the objects: AP@0.5 0.53 -> 0.68 for one
+    model, no gain for another, a loss for the full-label model; benchmarks/RESULTS.md).
     """
     dims = model.dims
     if image.ndim != dims:
