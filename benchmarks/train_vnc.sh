@@ -33,8 +33,8 @@ for run in full p10 p10_nocons p10_bg; do
 done
 $py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/{full,p10,p10_nocons,p10_bg}/calibrated.pt
 # Fourth session: test-time augmentation (RESULTS.md: "Test-time augmentation"). Each model
-# calibrated on section 12 without and with --tta, then scored; and a run with another
-# seed (another 10% of the objects) that validates and calibrates with TTA throughout.
+# calibrated on section 12 without and with --tta, then scored; and runs with other seeds
+# (other 10% of the objects) that validate and calibrate with TTA throughout.
 for run in p10_bg_r3 p10_bg_2600 p10_nocons; do
   for t in no-tta tta; do
     spoco-vol calibrate --model "$work/runs/$run/best.pt" --raw "$work/vnc_train.zarr/raw" \
@@ -43,7 +43,12 @@ for run in p10_bg_r3 p10_bg_2600 p10_nocons; do
 done
 spoco-vol calibrate --model spoco_vol/data/vnc_mito_2d.pt --raw "$work/vnc_train.zarr/raw" \
     --labels "$work/vnc_train.zarr/labels" --z-range 12,13 --out "$work/runs/full_tta.pt" --tta --overwrite
-spoco-vol train "${common[@]}" --iterations 2000 --out "$work/runs/p10_bg_r3_tta_s1" --object-fraction 0.1 \
-    --seed 1 --background-weight 1 --background-warmup 300 --background-select-radius 3 --tta
+for seed in 1 2; do
+  spoco-vol train "${common[@]}" --iterations 2000 --out "$work/runs/p10_bg_r3_tta_s$seed" --object-fraction 0.1 \
+      --seed $seed --background-weight 1 --background-warmup 300 --background-select-radius 3 --tta
+  spoco-vol calibrate --model "$work/runs/p10_bg_r3_tta_s$seed/best.pt" --raw "$work/vnc_train.zarr/raw" \
+      --labels "$work/vnc_train.zarr/labels" --z-range 12,13 --out "$work/runs/p10_bg_r3_tta_s$seed/cal_no-tta.pt" \
+      --no-tta --overwrite
+done
 $py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/{p10_bg_r3,p10_bg_2600,p10_nocons}/cal_{no-tta,tta}.pt \
-    "$work/runs/full_tta.pt" "$work"/runs/p10_bg_r3_tta_s1/{best,latest}.pt
+    "$work/runs/full_tta.pt" "$work"/runs/p10_bg_r3_tta_s{1,2}/{best,latest,cal_no-tta}.pt
