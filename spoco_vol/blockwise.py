@@ -618,7 +618,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     model_path = os.path.abspath(model or BUNDLED_MODEL)
     ckpt = model_mod.load_checkpoint(model_path)
     dims = ckpt["architecture"]["dims"]
-    tta = bool(ckpt.get("inference", {}).get("tta", False)) if tta is None else bool(tta)
+    tta = model_mod.uses_tta(ckpt, tta)
     if dims > arr.ndim:
         raise SpocoInputError(f"the model is {dims}D but the input is {arr.ndim}D")
     if ckpt["architecture"]["in_channels"] != 1:

@@ -207,6 +207,12 @@ def model_from_checkpoint(ckpt: dict) -> UNet:
     return model
 
 
+def uses_tta(ckpt: dict, override: bool | None = None) -> bool:
+    """Whether to predict with test-time augmentation: ``override`` if given, else what
+    the checkpoint's background was calibrated with (its ``inference.tta``)."""
+    return bool(ckpt.get("inference", {}).get("tta", False)) if override is None else bool(override)
+
+
 def checkpoint_checksum(ckpt: dict) -> str:
     """SHA-256 of the weights: identifies the model in output metadata and resume hashes."""
     h = hashlib.sha256()

@@ -141,7 +141,7 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     t = time.perf_counter()
     net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
     dev = resolve_device(device)
-    tta = bool(ckpt.get("inference", {}).get("tta", False)) if tta is None else tta
+    tta = model_mod.uses_tta(ckpt, tta)
     if dims == raw.ndim:
         embeddings = predict_embeddings(net, image, device=dev, tta=tta)
     else:

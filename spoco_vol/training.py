@@ -596,7 +596,7 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
         raise SpocoInputError(f"no annotated object in {labels}")
     dev = resolve_device(device)
     net = model_mod.model_from_checkpoint(ckpt).to(dev)
-    tta = bool(ckpt["inference"].get("tta", False)) if tta is None else tta
+    tta = model_mod.uses_tta(ckpt, tta)
     ckpt["inference"].update(calibrate_background(net, val, dev, amp, ckpt["delta_v"], ckpt["delta_d"],
                                                   ckpt["inference"].get("min_size", 0), tta), tta=tta)
     ckpt.pop("training_state", None)
