@@ -15,7 +15,7 @@ import numpy as np
 
 from spoco_vol import io
 from spoco_vol.evaluation import evaluate_segmentation, foreground_restricted
-from spoco_vol.model import load_checkpoint
+from spoco_vol.model import load_checkpoint, uses_tta
 from spoco_vol.pipeline import segment_array
 
 
@@ -41,7 +41,7 @@ def main():
         m = evaluate_segmentation(pred, gt, per_section=True)
         fg = evaluate_segmentation(foreground_restricted(pred, gt), gt, per_section=True)
         print(f"{path[-34:]:<34}{m['ap@0.5']:>8.3f}{fg['ap@0.5']:>10.3f}{m['map']:>7.3f}{m['precision']:>6.2f}{m['recall']:>7.2f}{m['arand']:>7.3f}"
-              f"{m['voi']:>7.2f}{m['n_pred']:>7}{m['n_gt']:>6}{'yes' if ck['inference'].get('tta') else 'no':>5}{sec:>7.1f}", flush=True)
+              f"{m['voi']:>7.2f}{m['n_pred']:>7}{m['n_gt']:>6}{'yes' if uses_tta(ck) else 'no':>5}{sec:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":
