@@ -6,7 +6,7 @@ adapted Rand error, VOI, object counts, whether the checkpoint segments with tes
 augmentation (set by `spoco-vol calibrate --tta` or `train --tta`) and segmentation time.
 
     python benchmarks/prepare_vnc.py /tmp/vnc
-    python benchmarks/eval_vnc.py --test /tmp/vnc/vnc_test.zarr CKPT [CKPT ...] [--no-background]
+    python benchmarks/eval_vnc.py --test /tmp/vnc/vnc_test.zarr CKPT [CKPT ...] [--no-background] [--device cuda]
 """
 import argparse
 import time
@@ -25,6 +25,7 @@ def main():
     p.add_argument("--test", default="/tmp/vnc/vnc_test.zarr")
     p.add_argument("--no-background", action="store_true",
                    help="ablation: keep the segments the background rule would remove")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (the U-Net; the rest runs on the CPU)")
     a = p.parse_args()
     raw = np.asarray(io.open_volume(a.test + "/raw")[...])
     gt = np.asarray(io.open_volume(a.test + "/labels")[...])
@@ -36,7 +37,7 @@ def main():
         if a.no_background:
             ck["inference"]["background_embedding"] = None
         t = time.perf_counter()
-        pred = segment_array(raw, ck, input_voxel_size=vs, device="cpu")
+        pred = segment_array(raw, ck, input_voxel_size=vs, device=a.device)
         sec = time.perf_counter() - t
         m = evaluate_segmentation(pred, gt, per_section=True)
         fg = evaluate_segmentation(foreground_restricted(pred, gt), gt, per_section=True)

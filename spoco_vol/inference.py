@@ -26,12 +26,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (this CPU: 3-5x faster U-Net inference; CUDA from
+    Ampere on): its fp32 exponent range needs no loss scaling in training. fp16 on older
+    GPUs, where training then scales the loss (see training.train)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 autocast: 3-5x faster U-Net inference on this CPU; fp16 on CUDA."""
+    """Mixed precision for the U-Net (dtype from ``autocast_dtype``); off: plain fp32."""
     if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device))
 
 
 def _tile_starts(size: int, core: int) -> list[int]:

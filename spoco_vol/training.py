@@ -22,7 +22,7 @@ import torch
 
 from . import data, losses, model as model_mod, transforms
 from .errors import SpocoInputError
-from .inference import resolve_device, autocast_context
+from .inference import resolve_device, autocast_context, autocast_dtype
 
 LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency", "background")
 
@@ -388,6 +388,8 @@ def train(cfg: TrainConfig) -> dict:
                                    threshold=cfg.threshold, w_consistency=0)
     lr = cfg.lr if cfg.lr is not None else (2e-5 if cfg.init else 2e-4)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    # fp16 autocast (GPUs without bf16) underflows small gradients unless the loss is scaled.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.iterations), eta_min=lr / 100)
     elif cfg.schedule == "plateau":
@@ -418,6 +420,8 @@ def train(cfg: TrainConfig) -> dict:
             g_net.load_state_dict(ts["momentum_state"])
         opt.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
+        if ts.get("scaler"):
+            scaler.load_state_dict(ts["scaler"])
         _restore_rng(ts["rng"], rng, gen)
         start_it, elapsed = ts["iteration"], ts["elapsed"]
         best_score, best_it = ts.get("best_score", -ts.get("best_val", float("inf"))), ts.get("best_iteration", 0)
@@ -441,7 +445,7 @@ def train(cfg: TrainConfig) -> dict:
         if with_state:
             ck["training_state"] = {
                 "iteration": it, "best_score": best_score, "best_iteration": best_it, "elapsed": elapsed,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 "momentum_state": g_net.state_dict() if use_g else {},
                 "rng": _rng_state(rng, gen)}
         return ck
@@ -471,8 +475,9 @@ def train(cfg: TrainConfig) -> dict:
         loss_fn.weights["background"] = cfg.w_background if (mode == "sparse" and it > cfg.background_warmup) else 0.0
         total, terms = loss_fn(emb.float(), y, g_embeddings=g_emb, generator=gen)
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
         if use_g:
             losses.update_momentum_network(net, g_net, cfg.momentum)
         if cfg.schedule == "cosine":
