@@ -10,7 +10,7 @@
 #  3. SPOCO@0.1 trained with seeds 0-7 at once (the RESULTS.md recipe, --tta), each model
 #     calibrated without TTA too, and all scored on VNC 13-19 (eval_vnc.py).
 # Environment: PY (python, default python3), SEEDS, ITERATIONS, SKIP (stages to leave
-# out, e.g. 12 for a rerun of the training alone), DEVICE (cuda; cpu only to try this
+# out, e.g. 12 for a rerun of the training alone), TABLES (bench_gpu.py's), DEVICE (cuda; cpu only to try this
 # script out).
 set -uo pipefail
 data=$1
@@ -30,7 +30,7 @@ runs=$(mktemp -d /tmp/gpu_runs.XXXX)
 
 if [[ $skip != *1* ]]; then
 echo "== 1. bench_gpu.py (left $(left) s)"
-timeout 150 $py benchmarks/bench_gpu.py --device "$device" --test "$data/vnc_test.zarr" \
+timeout 150 $py benchmarks/bench_gpu.py --device "$device" --tables "${TABLES:-1,2,3}" --test "$data/vnc_test.zarr" \
     --train "$data/vnc_train.zarr" 2>&1 | tee "$out/bench_gpu.txt"
 fi
 
@@ -46,7 +46,7 @@ done 2>&1 | tee "$out/segment.txt"
 fi
 
 echo "== 3. SPOCO@0.1, seeds $seeds, $iterations iterations each (left $(left) s)"
-train_limit=$(( $(left) - 110 ))
+train_limit=$(( $(left) - 80 ))
 [ $train_limit -lt 30 ] && train_limit=30
 for seed in $seeds; do
   OMP_NUM_THREADS=2 timeout $train_limit $py -m spoco_vol.cli train --raw "$data/vnc_train.zarr/raw" \

@@ -96,15 +96,24 @@ def _objects(e: Tensor, lab: Tensor, ignore_label: Optional[int]) -> _Objects:
     return _Objects(mask, inv, counts, mu, x)
 
 
-def _batch_mean(embeddings: Tensor, labels: Tensor, ignore_label: Optional[int],
-                item_loss: Callable[[Tensor, Tensor, _Objects], Optional[Tensor]]) -> Tensor:
-    """Mean over items (not the sum, nor the last item); None/no objects -> 0 with grad."""
+def item_objects(embeddings: Tensor, labels: Tensor, ignore_label: Optional[int]) -> list:
+    """[(E,N) embeddings, (N,) labels, object statistics] of each batch item. SpocoLoss
+    computes them once for all its terms (each would otherwise gather the annotated
+    pixels again: on a GPU, kernel launches and host syncs are what a term costs)."""
     e, lab = _flat(embeddings, labels)
+    return [(e[b], lab[b], _objects(e[b], lab[b], ignore_label)) for b in range(e.shape[0])]
+
+
+def _batch_mean(embeddings: Tensor, labels: Tensor, ignore_label: Optional[int],
+                item_loss: Callable[[Tensor, Tensor, _Objects], Optional[Tensor]],
+                items: Optional[list] = None) -> Tensor:
+    """Mean over items (not the sum, nor the last item); None/no objects -> 0 with grad.
+    ``items``: item_objects(embeddings, labels, ignore_label), if already computed."""
+    items = item_objects(embeddings, labels, ignore_label) if items is None else items
     zero = embeddings.sum() * 0
     losses = []
-    for b in range(e.shape[0]):
-        obj = _objects(e[b], lab[b], ignore_label)
-        value = item_loss(e[b], lab[b], obj) if len(obj.counts) else None
+    for e, lab, obj in items:
+        value = item_loss(e, lab, obj) if len(obj.counts) else None
         losses.append(zero if value is None else value)
     return torch.stack(losses).mean()
 
@@ -123,8 +132,8 @@ class PullLoss(nn.Module):
         hinge = (d - self.delta_v).clamp(min=0) ** 2
         return (obj.mu.new_zeros(len(obj.counts)).index_add_(0, obj.inv, hinge) / obj.counts).mean()
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return _batch_mean(embeddings, labels, self.ignore_label, self._item)
+    def forward(self, embeddings: Tensor, labels: Tensor, items: Optional[list] = None) -> Tensor:
+        return _batch_mean(embeddings, labels, self.ignore_label, self._item, items)
 
 
 class PushLoss(nn.Module):
@@ -140,8 +149,8 @@ class PushLoss(nn.Module):
         off_diagonal = ~torch.eye(c, dtype=torch.bool, device=d.device)
         return ((2 * self.delta_d - d[off_diagonal]).clamp(min=0) ** 2).mean()
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return _batch_mean(embeddings, labels, self.ignore_label, self._item)
+    def forward(self, embeddings: Tensor, labels: Tensor, items: Optional[list] = None) -> Tensor:
+        return _batch_mean(embeddings, labels, self.ignore_label, self._item, items)
 
 
 class RegularizerLoss(nn.Module):
@@ -149,8 +158,8 @@ class RegularizerLoss(nn.Module):
         super().__init__()
         self.ignore_label = ignore_label
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return _batch_mean(embeddings, labels, self.ignore_label, lambda e, lab, obj: obj.mu.norm(dim=1).mean())
+    def forward(self, embeddings: Tensor, labels: Tensor, items: Optional[list] = None) -> Tensor:
+        return _batch_mean(embeddings, labels, self.ignore_label, lambda e, lab, obj: obj.mu.norm(dim=1).mean(), items)
 
 
 class InstanceDiceLoss(nn.Module):
@@ -175,7 +184,8 @@ class InstanceDiceLoss(nn.Module):
         idx = torch.zeros_like(best).scatter_(0, obj.inv[pix], pix)
         return obj.x[idx]
 
-    def forward(self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None,
+                items: Optional[list] = None) -> Tensor:
         generator = generator if generator is not None else self.generator
 
         def item(e, lab, obj):
@@ -186,7 +196,7 @@ class InstanceDiceLoss(nn.Module):
             inter = obj.counts.new_zeros(len(obj.counts)).index_add_(0, obj.inv, own)
             return (1 - 2 * inter / ((s * s).sum(1) + obj.counts + _EPS)).mean()
 
-        return _batch_mean(embeddings, labels, self.ignore_label, item)
+        return _batch_mean(embeddings, labels, self.ignore_label, item, items)
 
 
 class UnlabeledPushLoss(nn.Module):
@@ -202,8 +212,8 @@ class UnlabeledPushLoss(nn.Module):
         # every object sees the same |U| pixels, so 1/C sum_k 1/|U| sum_i is the plain mean
         return ((self.delta_d - d).clamp(min=0) ** 2).mean()
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return _batch_mean(embeddings, labels, self.ignore_label, self._item)
+    def forward(self, embeddings: Tensor, labels: Tensor, items: Optional[list] = None) -> Tensor:
+        return _batch_mean(embeddings, labels, self.ignore_label, self._item, items)
 
 
 class ConsistencyLoss(nn.Module):
@@ -213,29 +223,45 @@ class ConsistencyLoss(nn.Module):
         self.delta_v, self.threshold, self.ignore_label = delta_v, threshold, ignore_label
         self.max_anchors, self.stop_fraction = max_anchors, stop_fraction
 
-    def _item(self, f: Tensor, g: Tensor, region: Tensor, generator) -> Optional[Tensor]:
-        n = region.numel()
-        remaining = region.clone()
-        losses = []
-        gen_device = generator.device if generator is not None else "cpu"
-        # Pixel-major copies and squared norms: each anchor then costs one mat-vec;
-        # reducing (E, N) over E directly is ~20x slower on CPU.
-        ft, gt = f.t().contiguous(), g.t().contiguous()
-        fn2, gn2 = (ft * ft).sum(1), (gt * gt).sum(1)
-        while remaining.any() and len(losses) < self.max_anchors:
-            candidates = remaining.nonzero().squeeze(1)
-            p = candidates[torch.randint(len(candidates), (1,), generator=generator, device=gen_device).item()]
-            df2 = (fn2 - 2 * (ft @ ft[p]) + fn2[p]).clamp(min=0)
-            dg2 = (gn2 - 2 * (gt @ gt[p]) + gn2[p]).clamp(min=0)
-            mf = _soft_mask(df2, self.delta_v, self.threshold)
-            mg = _soft_mask(dg2, self.delta_v, self.threshold)
-            losses.append(_dice(mf, mg))
-            covered = (df2.detach() < self.delta_v ** 2) & (dg2 < self.delta_v ** 2)
-            remaining &= ~covered
-            remaining[p] = False  # guarantees progress even if the two spaces disagree at p
-            if remaining.sum() < self.stop_fraction * n:
+    @torch.no_grad()
+    def _anchors(self, ft: Tensor, gt: Tensor, fn2: Tensor, gn2: Tensor, region: Tensor,
+                 generator) -> Tuple[Tensor, Tensor]:
+        """Anchor pixels of each item (ft, gt: (B,N,E); region: (B,N)), drawn one after
+        the other: each uniformly among the item's region pixels that no earlier anchor
+        covers (within delta_v of it in both spaces), until max_anchors or until less
+        than stop_fraction of the item's pixels is left uncovered.
+
+        Returns (B,A) pixel indices and (B,A) bool, whether each was drawn (an item's
+        drawn anchors come first). Uniform draws come from one random ranking of each
+        item's pixels (the best-ranked uncovered pixel is a uniform draw among the
+        uncovered ones), all items advance together and the stopping rule is carried as
+        a flag: on a GPU, a host sync or a kernel launch per anchor and item would cost
+        far more than the anchor's arithmetic.
+        """
+        b, n = region.shape
+        rank = torch.stack([_randperm(n, generator, region.device) for _ in range(b)]) + 1
+        pixel = torch.arange(n, device=region.device)
+        r2 = self.delta_v ** 2
+        remaining, alive = region.clone(), region.any(1)
+        picks, drawn = [], []
+        for _ in range(self.max_anchors):
+            p = (rank * remaining).argmax(1)  # (B,)
+            take = alive & remaining.gather(1, p[:, None]).squeeze(1)
+            fp = ft.gather(1, p[:, None, None].expand(-1, 1, ft.shape[2]))  # (B,1,E)
+            gp = gt.gather(1, p[:, None, None].expand(-1, 1, gt.shape[2]))
+            df2 = fn2 - 2 * (ft @ fp.transpose(1, 2)).squeeze(2) + fn2.gather(1, p[:, None])
+            dg2 = gn2 - 2 * (gt @ gp.transpose(1, 2)).squeeze(2) + gn2.gather(1, p[:, None])
+            # p itself always counts as covered: progress even if the two spaces disagree at p
+            covered = ((df2 < r2) & (dg2 < r2)) | (pixel == p[:, None])
+            remaining &= ~(covered & take[:, None])
+            alive = take & (remaining.sum(1) >= self.stop_fraction * n)
+            picks.append(p)
+            drawn.append(take)
+            if not region.is_cuda and not alive.any():  # no device to wait for: stop early
                 break
-        return torch.stack(losses).mean() if losses else None
+        picks, drawn = torch.stack(picks, 1), torch.stack(drawn, 1)
+        used = int(drawn.sum(1).max())  # one sync: drop the columns no item drew
+        return picks[:, :used], drawn[:, :used]
 
     def forward(self, f_embeddings: Tensor, g_embeddings: Tensor, labels: Tensor,
                 generator: Optional[torch.Generator] = None) -> Tensor:
@@ -243,27 +269,50 @@ class ConsistencyLoss(nn.Module):
             raise SpocoInputError(f"f {tuple(f_embeddings.shape)} and g {tuple(g_embeddings.shape)} differ")
         f, lab = _flat(f_embeddings, labels)
         g = g_embeddings.detach().reshape(f.shape)  # g is the target: never gets gradient
+        # full supervision: every pixel is a region pixel
+        region = torch.ones_like(lab, dtype=torch.bool) if self.ignore_label is None else lab == self.ignore_label
+        # Pixel-major copies and squared norms: all anchors' masks are then one batched
+        # matrix product; reducing (E, N) over E directly is ~20x slower on CPU.
+        ft, gt = f.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
+        fn2, gn2 = (ft * ft).sum(2), (gt * gt).sum(2)
+        anchors, drawn = self._anchors(ft.detach(), gt, fn2.detach(), gn2, region, generator)
         zero = f_embeddings.sum() * 0
-        losses = []
-        for b in range(f.shape[0]):
-            region = torch.ones_like(lab[b], dtype=torch.bool)  # full supervision: every pixel
-            if self.ignore_label is not None:
-                region = lab[b] == self.ignore_label
-            value = self._item(f[b], g[b], region, generator)
-            losses.append(zero if value is None else value)
-        return torch.stack(losses).mean()
+        if anchors.shape[1] == 0:
+            return zero
+
+        def masks(xt, xn2):  # (B,A,N) soft masks around the anchors
+            xa = xt.gather(1, anchors[..., None].expand(-1, -1, xt.shape[2]))
+            d2 = (xn2[:, None, :] - 2 * (xa @ xt.transpose(1, 2)) + xn2.gather(1, anchors)[..., None]).clamp(min=0)
+            return _soft_mask(d2, self.delta_v, self.threshold)
+
+        dice = _dice(masks(ft, fn2), masks(gt, gn2))  # (B,A)
+        # each item: the mean over its drawn anchors; an item without any contributes 0
+        per_item = (dice * drawn).sum(1) / drawn.sum(1).clamp(min=1)
+        return per_item.mean() + zero
+
+
+def masked_mode(x: Tensor, mask: Tensor, radius: float, steps: int = 10) -> Tensor:
+    """The densest point of each item's embeddings x (B,E,N) over its pixels in mask
+    (B,N), as (B,E): their median, then mean-shift steps over the points within
+    ``radius``, so a minority cluster cannot pull it off. An empty mask gives NaN.
+
+    All items at once, as mat-vecs, without copies or host syncs (an empty
+    neighbourhood keeps the centre): on a GPU the launches are the cost.
+    """
+    center = torch.where(mask[:, None], x, float("nan")).nanmedian(dim=2).values
+    sq = (x * x).sum(1)
+    inside = mask.to(x.dtype)
+    for _ in range(steps):
+        d2 = sq - 2 * (center[:, None, :] @ x).squeeze(1) + (center * center).sum(1, keepdim=True)
+        near = (d2 < radius ** 2).to(x.dtype) * inside
+        count = near.sum(1, keepdim=True)
+        center = torch.where(count > 0, (x @ near[..., None]).squeeze(2) / count.clamp(min=1), center)
+    return center
 
 
 def embedding_mode(x: Tensor, radius: float, steps: int = 10) -> Tensor:
-    """The densest point of (N,E) embeddings: their median, then mean-shift steps over
-    the points within ``radius``, so a minority cluster cannot pull it off."""
-    center = x.median(dim=0).values
-    for _ in range(steps):
-        near = x[(x - center).norm(dim=1) < radius]
-        if len(near) == 0:
-            break
-        center = near.mean(dim=0)
-    return center
+    """The densest point of (N,E) embeddings (see masked_mode)."""
+    return masked_mode(x.t()[None], torch.ones(1, len(x), dtype=torch.bool, device=x.device), radius, steps)[0]
 
 
 class PseudoBackgroundLoss(nn.Module):
@@ -286,40 +335,44 @@ class PseudoBackgroundLoss(nn.Module):
         self.radius = delta_d if radius is None else radius
         self.ignore_label, self.min_pixels = ignore_label, min_pixels
 
-    def pseudo_mask(self, g: Tensor, u: Tensor) -> Tensor:
-        """(N,) bool: unlabeled pixels (u) whose g embedding (E,N) is at the background mode."""
-        gu = g[:, u].t().float()
-        center = embedding_mode(gu, self.radius)
-        mask = torch.zeros_like(u)
-        mask[u] = (gu - center).norm(dim=1) < self.radius
-        return mask
+    def pseudo_masks(self, g: Tensor, u: Tensor) -> Tensor:
+        """(B,N) bool: unlabeled pixels (u, (B,N)) whose g embedding (B,E,N) is at the
+        background mode of their item."""
+        g = g.float()
+        center = masked_mode(g, u, self.radius)
+        return u & (((g - center[..., None]) ** 2).sum(1) < self.radius ** 2)
 
-    def forward(self, f_embeddings: Tensor, g_embeddings: Tensor, labels: Tensor) -> Tensor:
+    def pseudo_mask(self, g: Tensor, u: Tensor) -> Tensor:
+        """pseudo_masks of one item: g (E,N), u (N,)."""
+        return self.pseudo_masks(g[None], u[None])[0]
+
+    def forward(self, f_embeddings: Tensor, g_embeddings: Tensor, labels: Tensor,
+                items: Optional[list] = None) -> Tensor:
+        """``items``: item_objects(f_embeddings, labels, self.ignore_label), if already computed."""
         if f_embeddings.shape != g_embeddings.shape:
             raise SpocoInputError(f"f {tuple(f_embeddings.shape)} and g {tuple(g_embeddings.shape)} differ")
         f, lab = _flat(f_embeddings, labels)
         g = g_embeddings.detach().reshape(f.shape)
         zero = f_embeddings.sum() * 0
-        losses = []
-        for b in range(f.shape[0]):
-            u = lab[b] == self.ignore_label
-            if u.sum() < self.min_pixels:
-                losses.append(zero)
+        u = lab == self.ignore_label
+        bg = self.pseudo_masks(g, u)
+        # items with too few unlabeled or background pixels contribute 0
+        valid = (u.sum(1) >= self.min_pixels) & (bg.sum(1) >= self.min_pixels)
+        w = (bg & valid[:, None]).to(f.dtype)
+        n_bg = w.sum(1).clamp(min=1)
+        mu = (f @ w[..., None]).squeeze(2) / n_bg[:, None]  # (B,E) the pseudo-object's mean
+        # clamp before the root: its gradient at 0 would be inf (times the hinge's 0: NaN)
+        d = ((f - mu[..., None]) ** 2).sum(1).clamp(min=1e-12).sqrt()
+        pull = (((d - self.delta_v).clamp(min=0) ** 2) * w).sum(1) / n_bg
+        push = []
+        items = item_objects(f_embeddings, labels, self.ignore_label) if items is None else items
+        for b, (_, _, obj) in enumerate(items):
+            if not len(obj.counts):
+                push.append(zero)
                 continue
-            bg = self.pseudo_mask(g[b], u)
-            if bg.sum() < self.min_pixels:
-                losses.append(zero)
-                continue
-            x = f[b][:, bg].t()
-            mu = x.mean(dim=0)
-            pull = (((x - mu).norm(dim=1) - self.delta_v).clamp(min=0) ** 2).mean()
-            obj = _objects(f[b], lab[b], self.ignore_label)
-            push = zero
-            if len(obj.counts):
-                d = (obj.mu - mu).norm(dim=1)
-                push = ((2 * self.delta_d - d).clamp(min=0) ** 2).mean()
-            losses.append(pull + push)
-        return torch.stack(losses).mean()
+            dist = (obj.mu - mu[b]).norm(dim=1)
+            push.append(((2 * self.delta_d - dist).clamp(min=0) ** 2).mean())
+        return ((pull + torch.stack(push)) * valid).mean() + zero
 
 
 class SpocoLoss(nn.Module):
@@ -347,14 +400,17 @@ class SpocoLoss(nn.Module):
                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Returns (total, terms); terms holds each computed WEIGHTED term, detached.
         Terms with weight 0 (and consistency/background without g) are skipped and absent."""
+        # the object statistics of each item, shared by the terms that use them
+        items = item_objects(f_embeddings, labels, self.pull.ignore_label)
         compute = dict(
-            pull=lambda: self.pull(f_embeddings, labels),
-            push=lambda: self.push(f_embeddings, labels),
-            reg=lambda: self.reg(f_embeddings, labels),
-            instance=lambda: self.instance(f_embeddings, labels, generator),
-            unlabeled=lambda: self.unlabeled(f_embeddings, labels),
+            pull=lambda: self.pull(f_embeddings, labels, items),
+            push=lambda: self.push(f_embeddings, labels, items),
+            reg=lambda: self.reg(f_embeddings, labels, items),
+            instance=lambda: self.instance(f_embeddings, labels, generator, items),
+            unlabeled=lambda: self.unlabeled(f_embeddings, labels, items),
             consistency=lambda: self.consistency(f_embeddings, g_embeddings, labels, generator),
-            background=lambda: self.background(f_embeddings, g_embeddings, labels),
+            # sparse mode only: the same ignore label (0) as the other terms
+            background=lambda: self.background(f_embeddings, g_embeddings, labels, items),
         )
         total = f_embeddings.sum() * 0
         terms: Dict[str, Tensor] = {}
@@ -386,7 +442,9 @@ def update_momentum_network(f: nn.Module, g: nn.Module, momentum: float = 0.999)
     fb, gb = dict(f.named_buffers()), dict(g.named_buffers())
     if fp.keys() != gp.keys() or fb.keys() != gb.keys():
         raise ValueError("f and g must have the same architecture")
-    for name, p in gp.items():
-        p.mul_(momentum).add_(fp[name].detach(), alpha=1.0 - momentum)
+    # one fused update over all parameters (a launch per tensor is what costs on a GPU)
+    g_params = list(gp.values())
+    torch._foreach_mul_(g_params, momentum)
+    torch._foreach_add_(g_params, [fp[name].detach() for name in gp], alpha=1.0 - momentum)
     for name, buf in gb.items():  # running statistics follow f directly
         buf.copy_(fb[name])

@@ -337,14 +337,47 @@ def test_consistency_3d_and_anchor_limit():
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert f.grad.abs().sum() > 0
-    # a single anchor reproduces the Dice of the first sampled pixel's masks
+    # a single anchor reproduces the Dice of the first drawn pixel's masks: the unlabeled
+    # pixel ranked first by the generator's random permutation
     one = ConsistencyLoss(max_anchors=1)(f, g, lab, torch.Generator().manual_seed(0)).item()
-    ff, gg, u = f.detach().reshape(3, -1), g.reshape(3, -1), (lab.reshape(-1) == 0).nonzero().squeeze(1)
-    p = u[torch.randint(len(u), (1,), generator=torch.Generator().manual_seed(0)).item()]
+    ff, gg, u = f.detach().reshape(3, -1), g.reshape(3, -1), lab.reshape(-1) == 0
+    rank = torch.randperm(u.numel(), generator=torch.Generator().manual_seed(0))
+    p = torch.where(u, rank, -1).argmax()
     mf = torch.exp(-((ff - ff[:, p, None]) ** 2).sum(0) / S)
     mg = torch.exp(-((gg - gg[:, p, None]) ** 2).sum(0) / S)
     expected = 1 - 2 * (mf * mg).sum() / ((mf * mf).sum() + (mg * mg).sum() + 1e-6)
     assert one == pytest.approx(expected.item(), rel=1e-5)
+
+
+
+def test_consistency_anchors_cover_the_region_and_the_loss_is_their_mean_dice():
+    """Each anchor is an unlabeled pixel no earlier anchor covers (within delta_v in both
+    spaces); drawing stops at max_anchors or when less than stop_fraction is uncovered;
+    the loss is the mean Dice of the anchors' f and g masks."""
+    f, lab = random_batch((1, 2, 16, 16), dtype=torch.float64)
+    g = f + 0.2 * torch.randn_like(f)
+    lab[0] = 0
+    lab[0, :4] = 1
+    for max_anchors, stop in ((20, 0.05), (3, 0.0), (20, 0.5)):
+        cons = ConsistencyLoss(max_anchors=max_anchors, stop_fraction=stop)
+        ft, gt = f[0].reshape(2, -1).t(), g[0].reshape(2, -1).t()
+        region = lab.reshape(-1) == 0
+        anchors, drawn = cons._anchors(ft[None], gt[None], (ft * ft).sum(1)[None], (gt * gt).sum(1)[None],
+                                       region[None], torch.Generator().manual_seed(1))
+        anchors = anchors[0][drawn[0]]
+        near = lambda x, p: ((x - x[p]) ** 2).sum(1) < 0.25  # delta_v = 0.5
+        remaining = region.clone()
+        for p in anchors:
+            assert remaining[p], "an anchor must be an uncovered unlabeled pixel"
+            remaining &= ~(near(ft, p) & near(gt, p))
+            remaining[p] = False
+        assert len(anchors) == max_anchors or remaining.sum() < stop * region.numel()
+        assert len(anchors) >= min(max_anchors, 3)
+        mf = torch.stack([torch.exp(-((ft - ft[p]) ** 2).sum(1) / S) for p in anchors])
+        mg = torch.stack([torch.exp(-((gt - gt[p]) ** 2).sum(1) / S) for p in anchors])
+        dice = 1 - 2 * (mf * mg).sum(1) / ((mf * mf).sum(1) + (mg * mg).sum(1) + 1e-6)
+        loss = cons(f, g, lab, torch.Generator().manual_seed(1)).item()
+        assert loss == pytest.approx(dice.mean().item(), rel=1e-9)
 
 
 # ---------------------------------------------------------------- SpocoLoss
