@@ -127,6 +127,27 @@ def test_resume_continues_exactly(blob_volume, tmp_path):
     assert [r["total"] for r in la] == [r["total"] for r in lb]
 
 
+def test_fp16_training_scales_the_loss_and_resumes_exactly(blob_volume, tmp_path, monkeypatch):
+    """GPUs without bf16 train in fp16 with a GradScaler; its state is saved with the
+    run so --resume stays exact. Emulated here: fp16 autocast on the CPU."""
+    from spoco_vol import inference, training
+    monkeypatch.setattr(inference, "autocast_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(training, "autocast_dtype", lambda device: torch.float16)
+    raw, labels = blob_volume
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ("--iterations", "4", "--object-fraction", "0.5", "--amp")  # TINY has --no-amp
+    assert run(train_args(raw, labels, straight, *args)).exit_code == 0
+    assert run(train_args(raw, labels, split, *args, "--stop-after", "2")).exit_code == 0
+    assert run(train_args(raw, labels, split, *args, "--resume")).exit_code == 0
+    a = torch.load(os.path.join(straight, "latest.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "latest.pt"), weights_only=True)
+    assert a["training_state"]["scaler"]["scale"] > 0  # the scaler ran and was saved
+    assert a["training_state"]["scaler"] == b["training_state"]["scaler"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert all(torch.isfinite(v).all() for v in a["state_dict"].values() if v.is_floating_point())
+
+
 def test_resume_after_a_stop_at_a_checkpoint_iteration(blob_volume, tmp_path):
     """Stopping exactly where validation runs must still record that best model."""
     raw, labels = blob_volume
