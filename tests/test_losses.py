@@ -349,7 +349,6 @@ def test_consistency_3d_and_anchor_limit():
     assert one == pytest.approx(expected.item(), rel=1e-5)
 
 
-
 def test_consistency_anchors_cover_the_region_and_the_loss_is_their_mean_dice():
     """Each anchor is an unlabeled pixel no earlier anchor covers (within delta_v in both
     spaces); drawing stops at max_anchors or when less than stop_fraction is uncovered;
