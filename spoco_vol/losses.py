@@ -216,6 +216,14 @@ class UnlabeledPushLoss(nn.Module):
         return _batch_mean(embeddings, labels, self.ignore_label, self._item, items)
 
 
+def _sq_dist_to_pixels(xt: Tensor, xn2: Tensor, idx: Tensor) -> Tensor:
+    """(B,A,N) squared distances from pixels idx (B,A) of each item to all its pixels;
+    xt (B,N,E) pixel-major embeddings, xn2 (B,N) their squared norms. One batched
+    matrix product (may dip slightly below 0 by cancellation)."""
+    xa = xt.gather(1, idx[..., None].expand(-1, -1, xt.shape[2]))
+    return xn2[:, None, :] - 2 * (xa @ xt.transpose(1, 2)) + xn2.gather(1, idx)[..., None]
+
+
 class ConsistencyLoss(nn.Module):
     def __init__(self, delta_v: float = 0.5, threshold: float = 0.9, max_anchors: int = 20,
                  stop_fraction: float = 0.05, ignore_label: Optional[int] = 0):
@@ -247,10 +255,8 @@ class ConsistencyLoss(nn.Module):
         for _ in range(self.max_anchors):
             p = (rank * remaining).argmax(1)  # (B,)
             take = alive & remaining.gather(1, p[:, None]).squeeze(1)
-            fp = ft.gather(1, p[:, None, None].expand(-1, 1, ft.shape[2]))  # (B,1,E)
-            gp = gt.gather(1, p[:, None, None].expand(-1, 1, gt.shape[2]))
-            df2 = fn2 - 2 * (ft @ fp.transpose(1, 2)).squeeze(2) + fn2.gather(1, p[:, None])
-            dg2 = gn2 - 2 * (gt @ gp.transpose(1, 2)).squeeze(2) + gn2.gather(1, p[:, None])
+            df2 = _sq_dist_to_pixels(ft, fn2, p[:, None])[:, 0]
+            dg2 = _sq_dist_to_pixels(gt, gn2, p[:, None])[:, 0]
             # p itself always counts as covered: progress even if the two spaces disagree at p
             covered = ((df2 < r2) & (dg2 < r2)) | (pixel == p[:, None])
             remaining &= ~(covered & take[:, None])
@@ -281,9 +287,7 @@ class ConsistencyLoss(nn.Module):
             return zero
 
         def masks(xt, xn2):  # (B,A,N) soft masks around the anchors
-            xa = xt.gather(1, anchors[..., None].expand(-1, -1, xt.shape[2]))
-            d2 = (xn2[:, None, :] - 2 * (xa @ xt.transpose(1, 2)) + xn2.gather(1, anchors)[..., None]).clamp(min=0)
-            return _soft_mask(d2, self.delta_v, self.threshold)
+            return _soft_mask(_sq_dist_to_pixels(xt, xn2, anchors).clamp(min=0), self.delta_v, self.threshold)
 
         dice = _dice(masks(ft, fn2), masks(gt, gn2))  # (B,A)
         # each item: the mean over its drawn anchors; an item without any contributes 0
