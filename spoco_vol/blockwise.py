@@ -33,6 +33,7 @@ from . import __version__, io, model as model_mod
 from .affinities import default_offsets
 from .blocks import Block, BlockGrid, intersect, parse_roi
 from .errors import SpocoInputError
+from .foreground import classifier_from_checkpoint
 from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, labels_from_embeddings,
                        model_grid_index, model_scale, predict_array, write_ome_metadata)
 from . import stitching
@@ -82,7 +83,7 @@ def default_block_shape(shape: Sequence[int], model_dims: int) -> list[int]:
 def _load_model(path: str):
     """One model load per worker process, not per block."""
     ckpt = model_mod.load_checkpoint(path)
-    return ckpt, model_mod.model_from_checkpoint(ckpt)
+    return ckpt, model_mod.model_from_checkpoint(ckpt), classifier_from_checkpoint(ckpt)
 
 
 def _face_region(block: Block, axis: int, side: int, depth: int) -> tuple[slice, ...]:
@@ -199,7 +200,7 @@ def _predict_block(block: Block, *, input_path: str, model_path: str, voxel_size
         import torch
         torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
     t = time.perf_counter()
-    ckpt, net = _load_model(model_path)
+    ckpt, net, foreground_net = _load_model(model_path)
     raw = np.asarray(io.open_volume(input_path)[block.read])
     io.check_finite(raw, "input", f"block {block.index} (voxels {_region_text(block.read)})")
     skip = not raw.any()
@@ -208,9 +209,9 @@ def _predict_block(block: Block, *, input_path: str, model_path: str, voxel_size
     timings["read"] += time.perf_counter() - t
     if skip:
         return {"skip": True, "timings": timings}
-    emb, scale = predict_array(raw, ckpt, input_voxel_size=voxel_size, device=device, timings=timings, net=net,
-                               tta=tta)
-    return {"skip": False, "embeddings": emb, "scale": scale, "timings": timings}
+    emb, scale, foreground = predict_array(raw, ckpt, input_voxel_size=voxel_size, device=device, timings=timings,
+                                           net=net, tta=tta, foreground_net=foreground_net)
+    return {"skip": False, "embeddings": emb, "scale": scale, "foreground": foreground, "timings": timings}
 
 
 def _finish_block(pred: dict, block: Block, *, model_path: str, work: str, grid: BlockGrid, depth: int,
@@ -228,7 +229,7 @@ def _finish_block(pred: dict, block: Block, *, model_path: str, work: str, grid:
         n = 0
         core = np.zeros(block.core_shape, np.uint64)
     else:
-        ckpt, _ = _load_model(model_path)
+        ckpt = _load_model(model_path)[0]
         emb, scale = pred["embeddings"], pred["scale"]
         read_shape = tuple(r.stop - r.start for r in block.read)
         # Labels are needed for the core and the ``depth`` planes around it that stitching
@@ -237,7 +238,7 @@ def _finish_block(pred: dict, block: Block, *, model_path: str, work: str, grid:
                            min(c.stop + (depth if a in stitch_axes else 0), r.stop))
                      for a, (c, r) in enumerate(zip(block.core, block.read)))
         labels = labels_from_embeddings(emb, ckpt, read_shape, scale, timings=timings,
-                                        region=_relative(kept, block.read))
+                                        region=_relative(kept, block.read), foreground=pred.get("foreground"))
         if save_embeddings:
             t = time.perf_counter()
             _write_embeddings(emb, block, embedding_factors(scale), os.path.join(work, "embeddings"))

@@ -79,7 +79,7 @@ def volume_statistics(vol: TrainingVolume) -> dict:
     mean = total / count
     std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
     return {"mean": float(mean), "std": std if std > 0 else 1.0, "object_ids": uniq,
-            "object_sizes": merged}
+            "object_sizes": merged, "voxels": int(count)}
 
 
 def choose_object_subset(object_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray | None:

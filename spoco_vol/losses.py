@@ -18,6 +18,9 @@ Embeddings are (B,E,Y,X) or (B,E,Z,Y,X), labels (B,Y,X) or (B,Z,Y,X) of integer 
 - PseudoBackgroundLoss  (an addition, sparse mode only, off by default) the unlabeled
                      pixels at the mode of the momentum network's embeddings form one
                      pseudo-object: pulled together, pushed from every annotated object.
+- PositiveUnlabeledLoss  (for the foreground classifier, spoco_vol.foreground) nnPU:
+                     annotated pixels are positives, unlabeled ones a mixture with a
+                     known share of positives.
 - SpocoLoss          the weighted sum; make_momentum_network / update_momentum_network
                      keep g as the exponential moving average of f.
 
@@ -426,6 +429,42 @@ class SpocoLoss(nn.Module):
             terms[name] = value.detach()
             total = total + value
         return total, terms
+
+
+class PositiveUnlabeledLoss(nn.Module):
+    """Non-negative PU risk (Kiryo et al., NeurIPS 2017) of per-pixel object logits, with
+    the sigmoid loss, object and background weighted equally.
+
+    Annotated pixels (label > 0) are positives. Unlabeled pixels (label 0) are a mixture:
+    a share ``prior`` of them belongs to unannotated objects. The background risk is
+    estimated from the unlabeled pixels minus that share of the positives. The estimate
+    can fall below 0 once the network memorises the few annotated objects; nnPU then
+    ascends it instead (the returned value is its negation), which stops the
+    memorisation.
+    """
+
+    def __init__(self, prior: float):
+        super().__init__()
+        if not 0.0 <= prior < 1.0:
+            raise SpocoInputError(f"the object share of the unlabeled pixels must be in [0, 1), got {prior}")
+        self.prior = float(prior)
+
+    def risks(self, logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """(object risk, background risk estimate); logits and labels of one shape."""
+        z, lab = logits.float().reshape(-1), labels.reshape(-1)
+        pos, unl = lab > 0, lab == 0
+        zero = z.sum() * 0
+        # sigmoid loss: l(z, +1) = sigmoid(-z), l(z, -1) = sigmoid(z)
+        pos_as_obj = torch.sigmoid(-z[pos]).mean() if pos.any() else zero
+        pos_as_bg = torch.sigmoid(z[pos]).mean() if pos.any() else zero
+        unl_as_bg = torch.sigmoid(z[unl]).mean() if unl.any() else zero
+        return pos_as_obj, (unl_as_bg - self.prior * pos_as_bg) / (1 - self.prior)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.shape != labels.shape:
+            raise SpocoInputError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ")
+        obj, bg = self.risks(logits, labels)
+        return obj + bg if bool(bg >= 0) else -bg
 
 
 def make_momentum_network(f: nn.Module) -> nn.Module:

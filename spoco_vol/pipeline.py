@@ -15,6 +15,7 @@ from scipy import ndimage
 from . import io, model as model_mod, transforms
 from .affinities import default_offsets
 from .errors import SpocoInputError
+from .foreground import classifier_from_checkpoint, predict_foreground
 from .inference import predict_embeddings, resolve_device
 from .segmentation import segment_embeddings
 
@@ -122,10 +123,13 @@ def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float]
 
 
 def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
-                  timings: dict | None = None, net=None, tta: bool | None = None) -> tuple[np.ndarray, list[float]]:
-    """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, and the
-    zoom from the input grid to the model grid. A 2D model embeds section by section.
-    ``tta``: test-time augmentation [default: as the checkpoint was calibrated]."""
+                  timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None):
+    """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, the
+    zoom from the input grid to the model grid, and the object probabilities of the
+    checkpoint's foreground classifier (model-grid shape; None without one). A 2D model
+    predicts section by section. ``tta``: test-time augmentation of the embeddings
+    [default: as the checkpoint was calibrated]. ``net``/``foreground_net``: the
+    checkpoint's networks, if already built."""
     timings = timings if timings is not None else {}
     dims = ckpt["architecture"]["dims"]
     if raw.ndim not in (2, 3):
@@ -140,24 +144,30 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t
     t = time.perf_counter()
     net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
+    if foreground_net is None and ckpt.get("foreground"):
+        foreground_net = classifier_from_checkpoint(ckpt)
     dev = resolve_device(device)
     tta = model_mod.uses_tta(ckpt, tta)
-    if dims == raw.ndim:
-        embeddings = predict_embeddings(net, image, device=dev, tta=tta)
-    else:
-        embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32)
-        for z, sec in enumerate(image):
-            embeddings[:, z] = predict_embeddings(net, sec, device=dev, tta=tta)
+    sections = [image] if dims == raw.ndim else list(image)
+    embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32)
+    probabilities = None if foreground_net is None else np.zeros(image.shape, np.float32)
+    for z, sec in enumerate(sections):
+        at = (slice(None),) if dims == raw.ndim else (slice(None), z)
+        embeddings[at] = predict_embeddings(net, sec, device=dev, tta=tta)
+        if foreground_net is not None:
+            probabilities[at[1:]] = predict_foreground(foreground_net, sec, device=dev)
     timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
-    return embeddings, scale
+    return embeddings, scale, probabilities
 
 
 def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequence[int],
                            scale: Sequence[float], *, strides: Sequence[int] | None = None,
-                           timings: dict | None = None, region: Sequence[slice] | None = None) -> np.ndarray:
+                           timings: dict | None = None, region: Sequence[slice] | None = None,
+                           foreground: np.ndarray | None = None) -> np.ndarray:
     """Embeddings on the model grid -> labels on the input grid of ``input_shape`` (only
     ``region`` of it, if given): affinities, Mutex Watershed and clean-up per section for
-    a 2D model on a 3D input, with ids unique over the sections."""
+    a 2D model on a 3D input, with ids unique over the sections. ``foreground``: the
+    foreground classifier's probabilities on the model grid (predict_array)."""
     timings = timings if timings is not None else {}
     dims = ckpt["architecture"]["dims"]
     inf = ckpt.get("inference", {})
@@ -168,10 +178,13 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequ
     next_id = 0
     for z in range(out.shape[0] if per_section else 1):
         emb = embeddings[:, z] if per_section else embeddings
+        fg = foreground if foreground is None or not per_section else foreground[z]
         lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
                                  background_embedding=inf.get("background_embedding"),
                                  background_radius=inf.get("background_radius"),
-                                 min_size=inf.get("min_size", 0), timings=timings)
+                                 min_size=inf.get("min_size", 0), foreground=fg,
+                                 foreground_threshold=(ckpt.get("foreground") or {}).get("threshold", 0.5),
+                                 timings=timings)
         t = time.perf_counter()
         lab[lab > 0] += np.uint64(next_id)  # per-section objects get ids unique over the volume
         next_id = int(lab.max()) if lab.max() > 0 else next_id
@@ -198,8 +211,8 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     and the planes it stitches with, not its whole halo).
     """
     timings = timings if timings is not None else {}
-    embeddings, scale = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device,
-                                      timings=timings, net=net, tta=tta)
+    embeddings, scale, foreground = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device,
+                                                  timings=timings, net=net, tta=tta)
     labels = labels_from_embeddings(embeddings, ckpt, raw.shape, scale, strides=strides, timings=timings,
-                                    region=region)
+                                    region=region, foreground=foreground)
     return (labels, embeddings) if keep_embeddings else labels

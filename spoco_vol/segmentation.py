@@ -74,25 +74,32 @@ def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]],
                        strides: Sequence[int] | None = None,
                        background_embedding: Sequence[float] | None = None,
                        background_radius: float | None = None, min_size: int = 0,
+                       foreground: np.ndarray | None = None, foreground_threshold: float = 0.5,
                        timings: dict | None = None) -> np.ndarray:
     """Embeddings (E, *spatial) -> consecutive labels 1..N (uint64), 0 = background.
 
     Pixels within ``background_radius`` (default delta_d, halfway between the background
     cluster and objects pushed 2*delta_d away) of the background embedding are
     background before the watershed runs; the checkpoint stores a radius calibrated on
-    held-out patches.
+    held-out patches. ``foreground``: per-pixel object probabilities (spatial shape) of
+    a foreground classifier (spoco_vol.foreground); pixels below ``foreground_threshold``
+    are background as well.
     """
     timings = timings if timings is not None else {}
     t = time.perf_counter()
     radius = delta_d if background_radius is None else background_radius
-    mask = foreground = None
+    mask = None
     if background_embedding is not None:
         mask = background_distance(embeddings, background_embedding) >= radius
-        foreground = np.flatnonzero(mask)
+    if foreground is not None:
+        if foreground.shape != embeddings.shape[1:]:
+            raise ValueError(f"foreground {foreground.shape} does not fit embeddings {embeddings.shape}")
+        mask = (foreground >= foreground_threshold) if mask is None else mask & (foreground >= foreground_threshold)
+    inside = None if mask is None else np.flatnonzero(mask)
     weights = library_weights(embedding_affinities(embeddings, offsets, delta_d, mask), offsets, copy=False)
     t1 = time.perf_counter()
     timings["affinities"] = timings.get("affinities", 0.0) + t1 - t
     labels = mutex_watershed(None, offsets, strides, mask=mask, weights=weights)
-    labels = clean_up_segments(labels, min_size, foreground)
+    labels = clean_up_segments(labels, min_size, inside)
     timings["watershed"] = timings.get("watershed", 0.0) + time.perf_counter() - t1
     return labels

@@ -68,6 +68,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     tta: bool = False                      # validation/calibration (and later inference) with test-time flips
+    foreground_iterations: int = 0         # then a foreground classifier (spoco_vol.foreground), sparse mode
+    foreground_prior: float | None = None  # object share of the unlabeled pixels [default: from object_fraction]
     threads: int | None = None
     resume: bool = False
     stop_after: int | None = None          # stop (resumably) after N iterations of this run
@@ -121,10 +123,14 @@ def _prepare_volumes(cfg: TrainConfig):
     sizes = np.concatenate([s["object_sizes"] for s in stats])
     kept = sum(len(v.keep_ids) if v.keep_ids is not None else len(s["object_ids"])
                for v, s in zip(train_vols, stats))
+    annotated = sum(int(s["object_sizes"].sum()) if v.keep_ids is None else
+                    int(s["object_sizes"][np.isin(s["object_ids"], v.keep_ids)].sum())
+                    for v, s in zip(train_vols, stats))
     vs = train_vols[0].voxel_size
     return train_vols, val_vols, {"mean": mean, "std": std, "kind": "zscore"}, {
         "objects_total": int(n), "objects_used": int(kept),
-        "object_size_p1": float(np.percentile(sizes, 1)), "voxel_size": vs}
+        "object_size_p1": float(np.percentile(sizes, 1)), "voxel_size": vs,
+        "annotated_voxels": annotated, "voxels": sum(s["voxels"] for s in stats)}
 
 
 def _model_voxel_size(cfg: TrainConfig, vs):
@@ -334,6 +340,18 @@ def _check_parameters(cfg: TrainConfig) -> None:
         raise SpocoInputError(f"--voxel-size must be positive, got {list(cfg.voxel_size)}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise SpocoInputError(f"--out {cfg.out} exists and is not a directory")
+    if cfg.foreground_iterations < 0:
+        raise SpocoInputError("--foreground-iterations must be >= 0")
+    if cfg.foreground_iterations:
+        sparse = cfg.mode == "sparse" or (cfg.mode == "auto" and cfg.object_fraction < 1)
+        if not sparse:
+            raise SpocoInputError("--foreground-iterations needs sparse labels (--mode sparse or --object-fraction < 1): "
+                                  "with full labels the background is annotated")
+        if cfg.foreground_prior is None and cfg.object_fraction >= 1:
+            raise SpocoInputError("--foreground-iterations needs --object-fraction < 1 or --foreground-prior (the "
+                                  "share of objects among the unlabeled pixels)")
+        if cfg.foreground_prior is not None and not 0 <= cfg.foreground_prior < 1:
+            raise SpocoInputError(f"--foreground-prior must be in [0, 1), got {cfg.foreground_prior}")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -546,6 +564,9 @@ def train(cfg: TrainConfig) -> dict:
                                                       cfg.delta_v, cfg.delta_d, min_size, cfg.tta))
         model_mod.save_checkpoint(best, best_path)
     model_mod.save_checkpoint(checkpoint(cfg.iterations, True, background), os.path.join(cfg.out, "latest.pt"))
+    fg_summary = None
+    if cfg.foreground_iterations:
+        fg_summary = _add_foreground(cfg, best_path, train_vols, val_images, info, device)
     _plot_log(log_path, os.path.join(cfg.out, "loss.png"))
     summary = {"iterations": cfg.iterations, "seconds": round(elapsed, 1),
                "iterations_per_second": round((cfg.iterations - start_it) / max(elapsed, 1e-9), 3)
@@ -554,9 +575,29 @@ def train(cfg: TrainConfig) -> dict:
                "best_val_ap": best_score if val_images and best_score > -float("inf") else None,
                "mode": mode, "objects_used": info["objects_used"], "objects_total": info["objects_total"],
                "device": str(device)}
+    if fg_summary is not None:
+        summary["foreground"] = fg_summary
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _add_foreground(cfg: TrainConfig, best_path: str, train_vols, val_images, info, device) -> dict:
+    """Train the foreground classifier for best.pt (its iteration chosen on the held-out
+    sections best.pt was chosen and calibrated on) and store it in best.pt if it helps
+    there. (latest.pt stays as it is: nothing measured that the classifier helps it.)"""
+    from . import foreground
+    prior = cfg.foreground_prior if cfg.foreground_prior is not None else \
+        foreground.unlabeled_object_share(info["annotated_voxels"], info["voxels"], cfg.object_fraction)
+    best = model_mod.load_checkpoint(best_path)
+    result = foreground.train_classifier(best, cfg, train_vols, val_images, prior,
+                                         iterations=cfg.foreground_iterations, device=device,
+                                         progress=cfg.progress)
+    entry = result.pop("foreground")
+    if entry is not None:
+        best["foreground"] = entry
+        model_mod.save_checkpoint(best, best_path)
+    return {"kept": entry is not None, **result}
 
 
 def _truncate_log(log_path: str, iteration: int):

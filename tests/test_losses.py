@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from spoco_vol.errors import SpocoInputError
-from spoco_vol.losses import (
+from spoco_vol.losses import (PositiveUnlabeledLoss, 
     ConsistencyLoss, InstanceDiceLoss, PseudoBackgroundLoss, PullLoss, PushLoss, RegularizerLoss, SpocoLoss,
     UnlabeledPushLoss, _objects, _soft_mask, make_momentum_network, update_momentum_network,
 )
@@ -526,3 +526,46 @@ def test_pseudo_background_in_spoco_loss():
     assert "background" not in SpocoLoss(w_background=1.0)(emb, lab)[1]  # needs g
     assert "background" not in SpocoLoss("full", w_background=1.0)(emb, lab, g, gen().manual_seed(0))[1]
     assert "background" not in SpocoLoss()(emb, lab, g, gen().manual_seed(0))[1]  # off by default
+
+
+def _pu_scene(prior=0.25, n=400):
+    """Labels of n pixels: 40 annotated, the rest unlabeled; a share ``prior`` of the
+    unlabeled ones are (unannotated) objects."""
+    lab = torch.zeros(n, dtype=torch.long)
+    lab[:40] = 1
+    hidden = torch.zeros(n, dtype=torch.bool)
+    hidden[40:40 + int(prior * (n - 40))] = True
+    return lab, hidden
+
+
+def test_positive_unlabeled_loss_is_lowest_where_the_prior_share_of_unlabeled_is_object():
+    lab, hidden = _pu_scene()
+    right = torch.where((lab > 0) | hidden, 10.0, -10.0)  # annotated and hidden objects called objects
+    loss = PositiveUnlabeledLoss(0.25)
+    assert loss(right, lab).item() == pytest.approx(0, abs=1e-3)
+    # calling every unlabeled pixel an object, or flipping the hidden ones, costs more
+    assert loss(torch.full_like(right, 10.0), lab).item() > 0.5
+    assert loss(torch.where(lab > 0, 10.0, -10.0), lab).item() > 0.3
+    assert loss(torch.zeros(400), lab).item() > 0.5
+
+
+def test_positive_unlabeled_loss_never_rewards_a_negative_background_risk():
+    """nnPU: calling all unlabeled pixels background makes the background risk estimate
+    negative (the prior says some of them are objects); the loss is then that estimate
+    negated, positive, and its gradient raises the unlabeled pixels' logits."""
+    lab, _ = _pu_scene()
+    z = torch.where(lab > 0, 10.0, -10.0).requires_grad_(True)
+    loss_fn = PositiveUnlabeledLoss(0.25)
+    obj, bg = loss_fn.risks(z, lab)
+    assert bg.item() < 0
+    loss = loss_fn(z, lab)
+    assert loss.item() == pytest.approx(-bg.item())
+    # push the unlabeled logits up (toward the hidden objects): the gradient of the
+    # sigmoid loss is tiny at -10, so look at a less saturated score
+    z2 = torch.where(lab > 0, 3.0, -3.0).requires_grad_(True)
+    loss_fn(z2, lab).backward()
+    assert (z2.grad[lab == 0] < 0).all()
+    with pytest.raises(SpocoInputError):
+        PositiveUnlabeledLoss(1.0)
+    with pytest.raises(SpocoInputError):
+        loss_fn(z, lab[:10])

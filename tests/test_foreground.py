@@ -1,0 +1,193 @@
+"""The foreground classifier: its prior, its training (positive-unlabeled), and the
+background rule it adds at inference, whole-array and blockwise."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import synthetic_blobs, tiny_checkpoint
+from spoco_vol import io, losses
+from spoco_vol.cli import cli
+from spoco_vol.errors import SpocoInputError
+from spoco_vol.foreground import classifier_from_checkpoint, unlabeled_object_share
+from spoco_vol.model import UNet, load_checkpoint, save_checkpoint
+from spoco_vol.pipeline import BUNDLED_MODEL, predict_array, segment_array
+
+
+def with_classifier(ckpt: dict, bias: float | None = None, seed: int = 0) -> dict:
+    """``ckpt`` plus a foreground U-Net of its architecture (random weights; with ``bias``
+    its output is that constant logit)."""
+    arch = ckpt["architecture"]
+    torch.manual_seed(seed)
+    net = UNet(dims=arch["dims"], embedding_dim=1, features=arch["features"], norm=arch["norm"],
+               pool_factors=arch["pool_factors"])
+    if bias is not None:
+        with torch.no_grad():
+            net.final.weight.zero_()
+            net.final.bias.fill_(bias)
+    return {**ckpt, "foreground": {"architecture": dict(net.config), "state_dict": net.state_dict(),
+                                   "prior": 0.05, "threshold": 0.5}}
+
+
+def test_object_share_of_the_unlabeled_pixels_follows_from_the_annotated_area():
+    # 10 of 1000 voxels annotated, 10% of the objects: the objects cover ~100 voxels, so
+    # 90 of the 990 unlabeled voxels are objects
+    assert unlabeled_object_share(10, 1000, 0.1) == pytest.approx(90 / 990)
+    assert unlabeled_object_share(10, 1000, 0.5) == pytest.approx(10 / 990)
+    for bad in ((10, 1000, 1.0), (10, 1000, 0.0), (0, 1000, 0.1), (200, 1000, 0.1)):
+        with pytest.raises(SpocoInputError):
+            unlabeled_object_share(*bad)
+
+
+def test_positive_unlabeled_training_finds_the_unannotated_objects():
+    """The point of PU learning: trained with half of the objects annotated and the other
+    half unlabeled (like the background), the classifier still calls the unannotated
+    objects objects, because the prior says that share of the unlabeled pixels is."""
+    raw, labels = synthetic_blobs(shape=(8, 64, 64), n=6, seed=3)
+    ids = np.unique(labels[labels > 0])
+    annotated = np.where(np.isin(labels, ids[::2]), labels, 0)
+    unannotated = (labels > 0) & (annotated == 0)
+    prior = unlabeled_object_share(int((annotated > 0).sum()), labels.size, 0.5)
+    assert 0 < prior < 0.5
+    x = torch.from_numpy(((raw - raw.mean()) / raw.std()).astype(np.float32))[:, None]
+    y = torch.from_numpy(annotated.astype(np.int64))
+    torch.manual_seed(0)
+    net = UNet(dims=2, embedding_dim=1, features=(4, 8))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loss_fn = losses.PositiveUnlabeledLoss(prior)
+    for _ in range(60):
+        loss = loss_fn(net(x)[:, 0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        p = torch.sigmoid(net(x)[:, 0]).numpy()
+    assert p[unannotated].mean() > 0.8
+    assert p[labels == 0].mean() < 0.2
+
+
+def test_pixels_the_classifier_calls_background_are_background(tmp_path):
+    data = np.random.default_rng(2).integers(0, 256, (2, 60, 76)).astype(np.uint8)
+    _, ckpt = tiny_checkpoint(tmp_path)
+    plain = segment_array(data, ckpt, device="cpu")
+    assert plain.any()
+    assert predict_array(data, ckpt, device="cpu")[2] is None
+    np.testing.assert_array_equal(segment_array(data, with_classifier(ckpt, 30.0), device="cpu"), plain)
+    assert not segment_array(data, with_classifier(ckpt, -30.0), device="cpu").any()
+    mixed = with_classifier(ckpt)
+    _, _, prob = predict_array(data, mixed, device="cpu")
+    assert prob.shape == data.shape and 0.05 < (prob >= 0.5).mean() < 0.95
+    labels = segment_array(data, mixed, device="cpu")
+    assert labels.any() and not labels[prob < 0.5].any()
+
+
+def test_classifier_that_does_not_fit_its_model_is_refused(tmp_path):
+    _, ckpt = tiny_checkpoint(tmp_path)
+    bad = with_classifier(ckpt)
+    bad["foreground"]["architecture"] = {**bad["foreground"]["architecture"], "features": [4, 8, 16]}
+    with pytest.raises(SpocoInputError, match="foreground classifier is invalid"):
+        classifier_from_checkpoint(bad)
+    wide = with_classifier({**ckpt, "architecture": {**ckpt["architecture"], "features": [8, 16]}})
+    with pytest.raises(SpocoInputError, match="does not fit"):
+        classifier_from_checkpoint({**wide, "architecture": ckpt["architecture"]})
+
+
+def test_blocks_with_a_classifier_agree_with_one_block(tmp_path):
+    """The classifier's rule is per pixel: blocks (with the embedding model's halo, which
+    covers the classifier of the same architecture) agree with one block."""
+    from spoco_vol.blockwise import segment_blockwise
+    from spoco_vol.evaluation import adapted_rand_error
+    d = np.load(os.path.join(os.path.dirname(BUNDLED_MODEL), "vnc_sample.npz"))
+    raw = str(tmp_path / "crop.zarr")  # two 384 x 384 sections of the bundled real EM sample
+    io.create_array(raw, d["raw"][2:4, 64:448, 64:448], chunks=(1, 192, 192),
+                    attrs={"voxel_size": [float(v) for v in d["voxel_size_nm"]]})
+    ck = with_classifier(load_checkpoint(BUNDLED_MODEL), seed=1)
+    # centre the random classifier's logits on this image, so that it calls about half
+    # of the pixels background (the model grid is the input's, XY downsampled by 2)
+    x = torch.from_numpy(d["raw"][2:4, 64:448:2, 64:448:2].astype(np.float32))[:, None]
+    x = (x - ck["normalization"]["mean"]) / ck["normalization"]["std"]
+    with torch.no_grad():
+        ck["foreground"]["state_dict"]["final.bias"] -= classifier_from_checkpoint(ck)(x).median()
+    model = str(tmp_path / "with_fg.pt")
+    save_checkpoint(ck, model)
+    runs = {}
+    for name, path, bs in (("single", model, [2, 384, 384]), ("blocks", model, [2, 192, 384]),
+                           ("plain", BUNDLED_MODEL, [2, 384, 384])):
+        out = str(tmp_path / f"{name}.zarr")
+        segment_blockwise(raw, out, path, block_shape=bs, workers=0, device="cpu")
+        runs[name] = np.asarray(io.open_volume(out)[...])
+    assert runs["single"].any() and (runs["single"] > 0).sum() < (runs["plain"] > 0).sum()
+    assert adapted_rand_error(runs["blocks"], runs["single"])["arand"] <= 0.005
+
+
+def run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+TINY = ["--dims", "2", "--patch-shape", "32,32", "--batch-size", "2", "--features", "4,8",
+        "--val-every", "3", "--quiet", "--no-amp"]
+
+
+def test_train_then_foreground_classifier(blob_volume, tmp_path):
+    """train --foreground-iterations: the classifier is validated every iteration here
+    (iterations // 6 = 1) and lands in best.pt only if it raised the held-out AP;
+    train-foreground adds one to a trained checkpoint."""
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    r = run(["train", "--raw", raw, "--labels", labels, "--out", out, *TINY, "--iterations", "3",
+             "--object-fraction", "0.5", "--foreground-iterations", "6"])
+    assert r.exit_code == 0, r.output
+    fg = json.load(open(os.path.join(out, "summary.json")))["foreground"]
+    assert [it for it, _ in fg["val_ap_history"]] == [1, 2, 3, 4, 5, 6]
+    assert 0 < fg["prior"] < 1
+    best = load_checkpoint(os.path.join(out, "best.pt"))
+    assert "foreground" not in load_checkpoint(os.path.join(out, "latest.pt"))
+    if fg["kept"]:
+        assert best["foreground"]["val_ap"] > best["foreground"]["val_ap_without"]
+        assert dict(fg["val_ap_history"])[best["foreground"]["iterations"]] == max(a for _, a in fg["val_ap_history"])
+        assert classifier_from_checkpoint(best) is not None
+    else:
+        assert "foreground" not in best and max(a for _, a in fg["val_ap_history"]) <= fg["val_ap_without"]
+
+    added = str(tmp_path / "added.pt")
+    args = ["train-foreground", "--model", os.path.join(out, "latest.pt"), "--raw", raw, "--labels", labels,
+            "--object-fraction", "0.5", "--iterations", "3", "--quiet", "--out", added]
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    ck = load_checkpoint(added)
+    assert "training_state" not in ck and ("foreground" in ck) == result["foreground_kept"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+def test_foreground_options_are_checked_before_anything_is_written(blob_volume, tmp_path):
+    raw, labels = blob_volume
+    for extra, message in ((["--foreground-iterations", "5"], "needs sparse labels"),
+                           (["--mode", "sparse", "--foreground-iterations", "5"], "--foreground-prior"),
+                           (["--object-fraction", "0.5", "--foreground-iterations", "5", "--foreground-prior",
+                             "1.5"], "must be in [0, 1)")):
+        out = str(tmp_path / "run")
+        r = CliRunner().invoke(cli, ["train", "--raw", raw, "--labels", labels, "--out", out, *TINY,
+                                     "--iterations", "2", *extra])
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+        assert not os.path.exists(out)
+    r = CliRunner().invoke(cli, ["train-foreground", "--model", BUNDLED_MODEL, "--raw", raw, "--labels", labels,
+                                 "--out", str(tmp_path / "x.pt")])
+    assert r.exit_code == 2 and "--object-fraction" in r.output
+    assert not os.path.exists(tmp_path / "x.pt")
+
+
+def test_info_shows_the_classifier_without_its_weights(tmp_path):
+    _, ckpt = tiny_checkpoint(tmp_path)
+    path = str(tmp_path / "with_fg.pt")
+    save_checkpoint(with_classifier(ckpt), path)
+    r = run(["info", path])
+    assert r.exit_code == 0
+    shown = json.loads(r.output)["foreground"]
+    assert shown["prior"] == 0.05 and shown["threshold"] == 0.5 and "state_dict" not in shown
