@@ -67,3 +67,14 @@ for seed in 3 4 5; do
       --no-tta --overwrite
 done
 $py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/p10_bg_r3_tta_s{3,4,5}/{best,latest,cal_no-tta}.pt
+# Sixth session: a foreground classifier (positive-unlabeled, spoco_vol/foreground.py) for
+# each seed's checkpoint above, trained on the same 23 objects (same --object-fraction and
+# --seed); RESULTS.md, "Foreground classifier". A new run gets one with
+# `train ... --foreground-iterations 600`.
+for seed in 0 1 2 3 4 5; do
+  model="$work/runs/p10_bg_r3_tta_s$seed/best.pt"
+  [ "$seed" = 0 ] && model="$work/runs/p10_bg_r3/cal_tta.pt"
+  spoco-vol train-foreground --model "$model" --raw "$work/vnc_train.zarr/raw" --labels "$work/vnc_train.zarr/labels" \
+      --object-fraction 0.1 --seed $seed --iterations 600 --out "$work/runs/fg_s$seed.pt" --overwrite
+done
+$py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/fg_s{0,1,2,3,4,5}.pt

@@ -70,27 +70,11 @@ def classifier_from_checkpoint(ckpt: dict):
     return net.eval()
 
 
-def predict_foreground(net, image: np.ndarray, *, device: torch.device, amp: bool = True) -> np.ndarray:
-    """Object probability (float32, shape of ``image``) of a normalised image."""
-    return expit(predict_embeddings(net, image, device=device, amp=amp)[0]).astype(np.float32)
-
-
-def _validation_ap(embeddings, labels, inference: dict, delta_d: float, probabilities=None) -> float:
-    """Mean AP@0.5 of the held-out images, segmented with the checkpoint's background rule
-    (and the classifier's, given its probabilities)."""
-    from .affinities import default_offsets
-    from .evaluation import average_precision
-    from .segmentation import segment_embeddings
-    scores = []
-    for i, (e, lab) in enumerate(zip(embeddings, labels)):
-        seg = segment_embeddings(e, inference.get("offsets") or default_offsets(e.ndim - 1), delta_d,
-                                 strides=[2] * (e.ndim - 1),
-                                 background_embedding=inference.get("background_embedding"),
-                                 background_radius=inference.get("background_radius"),
-                                 min_size=inference.get("min_size", 0),
-                                 foreground=None if probabilities is None else probabilities[i])
-        scores.append(average_precision(seg, lab)["ap@0.5"])
-    return float(np.mean(scores))
+def predict_foreground(net, image: np.ndarray, *, device: torch.device, amp: bool = True,
+                       tta: bool = False) -> np.ndarray:
+    """Object probability (float32, shape of ``image``) of a normalised image; ``tta``:
+    the mean logit of the 8 rotated/flipped predictions, as for the embeddings."""
+    return expit(predict_embeddings(net, image, device=device, amp=amp, tta=tta)[0]).astype(np.float32)
 
 
 def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, iterations: int,
@@ -103,17 +87,17 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
     embeddings alone on the held-out images (or there are none to judge by), ...figures}.
     """
     from . import data
-    from .training import _augmented_batch, _to_batch  # the embedding training's batches
+    from .training import _augmented_batch, _to_batch, held_out_ap  # as the embeddings' training
     scored = [(raw, lab) for raw, lab in val_images if lab.any()]
     if not scored:
         return {"foreground": None, "reason": "no labeled held-out sections to judge it by"}
     t0 = time.perf_counter()
     spoco = model_mod.model_from_checkpoint(ckpt).to(device)
     inf = ckpt.get("inference", {})
-    embeddings = [predict_embeddings(spoco, raw, device=device, amp=cfg.amp, tta=model_mod.uses_tta(ckpt))
-                  for raw, _ in scored]
+    tta = model_mod.uses_tta(ckpt)  # both networks are judged as inference will run them
+    embeddings = [predict_embeddings(spoco, raw, device=device, amp=cfg.amp, tta=tta) for raw, _ in scored]
     labels = [lab for _, lab in scored]
-    baseline = _validation_ap(embeddings, labels, inf, ckpt["delta_d"])
+    baseline = held_out_ap(embeddings, labels, ckpt["delta_d"], inf)
 
     arch = ckpt["architecture"]
     torch.manual_seed(cfg.seed)
@@ -142,8 +126,8 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
         sched.step()
         if it % every == 0 or it == iterations:
             net.eval()
-            probs = [predict_foreground(net, raw, device=device, amp=cfg.amp) for raw, _ in scored]
-            ap = _validation_ap(embeddings, labels, inf, ckpt["delta_d"], probs)
+            probs = [predict_foreground(net, raw, device=device, amp=cfg.amp, tta=tta) for raw, _ in scored]
+            ap = held_out_ap(embeddings, labels, ckpt["delta_d"], inf, probs)
             history.append((it, round(ap, 4)))
             if ap > best["val_ap"]:  # ties keep the embeddings alone, or the earlier classifier
                 best = {"val_ap": ap, "iteration": it,

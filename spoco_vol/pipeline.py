@@ -127,7 +127,7 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, the
     zoom from the input grid to the model grid, and the object probabilities of the
     checkpoint's foreground classifier (model-grid shape; None without one). A 2D model
-    predicts section by section. ``tta``: test-time augmentation of the embeddings
+    predicts section by section. ``tta``: test-time augmentation of both networks
     [default: as the checkpoint was calibrated]. ``net``/``foreground_net``: the
     checkpoint's networks, if already built."""
     timings = timings if timings is not None else {}
@@ -155,7 +155,7 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
         at = (slice(None),) if dims == raw.ndim else (slice(None), z)
         embeddings[at] = predict_embeddings(net, sec, device=dev, tta=tta)
         if foreground_net is not None:
-            probabilities[at[1:]] = predict_foreground(foreground_net, sec, device=dev)
+            probabilities[at[1:]] = predict_foreground(foreground_net, sec, device=dev, tta=tta)
     timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
     return embeddings, scale, probabilities
 

@@ -244,9 +244,6 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     measured on, so inference must then use it too).
     Returns {} when the patches have no label 0 (dense labels: no background).
     """
-    from .affinities import default_offsets
-    from .evaluation import average_precision
-    from .segmentation import segment_embeddings
     from .inference import predict_embeddings
     net.eval()
     embs = [predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in images]
@@ -258,25 +255,37 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     if len(bg) == 0:
         return {}
     background = [float(v) for v in losses.embedding_mode(bg, delta_d)]
-    dims = embs[0].ndim - 1
-    offsets = default_offsets(dims)
     # Only images with annotated objects can score a radius (an empty one rewards deleting all).
     scored = [(e, lab) for e, lab in zip(embs, labels) if lab.any()]
     if not scored:
         return {"background_embedding": background, "background_radius": delta_d}
 
-    def score(radius: float) -> float:
-        # images may differ in shape: score each, then average
-        return float(np.mean([average_precision(
-            segment_embeddings(e, offsets, delta_d, strides=[2] * dims, background_embedding=background,
-                               background_radius=radius, min_size=min_size), lab)["ap@0.5"]
-            for e, lab in scored]))
-
     grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, 0.25)
-    scores = [score(float(r)) for r in grid]
+    scores = [held_out_ap([e for e, _ in scored], [lab for _, lab in scored], delta_d,
+                          {"background_embedding": background, "background_radius": float(r),
+                           "min_size": min_size}) for r in grid]
     radius = float(grid[int(np.argmax(scores))])
     return {"background_embedding": background, "background_radius": radius,
             "background_radius_val_ap": float(max(scores))}
+
+
+def held_out_ap(embeddings, labels, delta_d: float, inference: dict, foreground=None) -> float:
+    """Mean AP@0.5 of held-out images (embeddings on the model grid, full labels; they may
+    differ in shape) segmented as inference would, with ``inference``'s background rule
+    (and a foreground classifier's probabilities, one array per image)."""
+    from .affinities import default_offsets
+    from .evaluation import average_precision
+    from .segmentation import segment_embeddings
+    scores = []
+    for i, (e, lab) in enumerate(zip(embeddings, labels)):
+        seg = segment_embeddings(e, inference.get("offsets") or default_offsets(e.ndim - 1), delta_d,
+                                 strides=[2] * (e.ndim - 1),
+                                 background_embedding=inference.get("background_embedding"),
+                                 background_radius=inference.get("background_radius"),
+                                 min_size=inference.get("min_size", 0),
+                                 foreground=None if foreground is None else foreground[i])
+        scores.append(average_precision(seg, lab)["ap@0.5"])
+    return float(np.mean(scores))
 
 
 def _rng_state(rng: np.random.Generator, gen: torch.Generator) -> dict:
