@@ -214,10 +214,16 @@ def uses_tta(ckpt: dict, override: bool | None = None) -> bool:
 
 
 def checkpoint_checksum(ckpt: dict) -> str:
-    """SHA-256 of the weights: identifies the model in output metadata and resume hashes."""
+    """SHA-256 of the weights (and of a foreground classifier's): identifies the model in
+    output metadata and resume hashes."""
     h = hashlib.sha256()
-    for k in sorted(ckpt["state_dict"]):
-        t = ckpt["state_dict"][k].detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(t.float().numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes())
+    # A foreground classifier changes the labels too (a model without one hashes as before).
+    fg = ckpt.get("foreground") or {}
+    for prefix, state in (("", ckpt["state_dict"]), ("foreground.", fg.get("state_dict", {}))):
+        for k in sorted(state):
+            t = state[k].detach().cpu().contiguous()
+            h.update((prefix + k).encode())
+            h.update(t.float().numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes())
+    if fg:
+        h.update(f"foreground.threshold={fg.get('threshold')}".encode())
     return h.hexdigest()

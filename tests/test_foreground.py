@@ -83,6 +83,10 @@ def test_pixels_the_classifier_calls_background_are_background(tmp_path):
     assert prob.shape == data.shape and 0.05 < (prob >= 0.5).mean() < 0.95
     labels = segment_array(data, mixed, device="cpu")
     assert labels.any() and not labels[prob < 0.5].any()
+    # with test-time augmentation both networks average their 8 rotated/flipped predictions
+    _, _, prob_tta = predict_array(data, mixed, device="cpu", tta=True)
+    assert not np.allclose(prob_tta, prob, atol=0.05)
+    assert not segment_array(data, mixed, device="cpu", tta=True)[prob_tta < 0.5].any()
 
 
 def test_classifier_that_does_not_fit_its_model_is_refused(tmp_path):
@@ -191,3 +195,19 @@ def test_info_shows_the_classifier_without_its_weights(tmp_path):
     assert r.exit_code == 0
     shown = json.loads(r.output)["foreground"]
     assert shown["prior"] == 0.05 and shown["threshold"] == 0.5 and "state_dict" not in shown
+
+
+def test_a_classifier_changes_the_model_checksum_and_so_the_run_hash(tmp_path):
+    """A partial blockwise run made without the classifier must not be resumed with it."""
+    from spoco_vol.blockwise import segment_blockwise
+    from spoco_vol.model import checkpoint_checksum
+    _, ckpt = tiny_checkpoint(tmp_path)
+    assert checkpoint_checksum(with_classifier(ckpt, 1.0)) != checkpoint_checksum(ckpt)
+    assert checkpoint_checksum(with_classifier(ckpt, 1.0)) != checkpoint_checksum(with_classifier(ckpt, 2.0))
+    inp = str(tmp_path / "in.zarr")
+    io.create_array(inp, np.zeros((2, 32, 32), np.uint8), chunks=(1, 32, 32))
+    paths = [str(tmp_path / "plain.pt"), str(tmp_path / "fg.pt")]
+    save_checkpoint(ckpt, paths[0])
+    save_checkpoint(with_classifier(ckpt, 1.0), paths[1])
+    hashes = [segment_blockwise(inp, str(tmp_path / "o.zarr"), p, dry_run=True)["run_hash"] for p in paths]
+    assert hashes[0] != hashes[1]
