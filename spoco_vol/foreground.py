@@ -29,7 +29,7 @@ from scipy.special import expit
 
 from . import losses, model as model_mod
 from .errors import SpocoInputError
-from .inference import autocast_context, predict_embeddings, resolve_device
+from .inference import autocast_context, autocast_dtype, predict_embeddings, resolve_device
 
 THRESHOLD = 0.5  # nnPU's decision boundary; the sigmoid outputs are nearly all near 0 or 1
 
@@ -110,6 +110,8 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
     # the network starts memorising the annotated objects.
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations, eta_min=1e-5)
+    # fp16 autocast (GPUs without bf16) underflows small gradients unless the loss is scaled.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
     every = max(1, iterations // 6)
     best = {"val_ap": baseline, "iteration": 0, "state_dict": None}
     history = []
@@ -121,8 +123,9 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
             logits = net(_to_batch(raws, device))[:, 0]
         loss = loss_fn(logits, torch.from_numpy(labs).to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         if it % every == 0 or it == iterations:
             net.eval()
