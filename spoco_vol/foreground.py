@@ -1,7 +1,7 @@
 """Foreground classification from sparse annotations: does a pixel belong to any object?
 
 Why a second network: trained on a fraction of the objects, the embeddings cannot tell
-an object-like background structure (in EM: dark extracellular space, glial processes)
+an object-like background structure (in EM: dark spaces between cells)
 from an unannotated object. Both form tight clusters far from the background embedding,
 and the Mutex Watershed returns both as objects; on VNC with 10% of the objects most
 false objects are of this kind (benchmarks/RESULTS.md). A small U-Net trained

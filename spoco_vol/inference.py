@@ -72,8 +72,8 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     ``tta``: test-time augmentation, the mean of the embeddings of the 8 in-plane
     rotations/flips of the image (8x the time). Averaging cancels the network's
     orientation-dependent noise, which in a sparsely trained model can break background
-    structures into false objects (VNC, 10% of the objects, three seeds: mean AP@0.5
-    0.53 -> 0.61; the full-label model loses, 0.82 -> 0.75; benchmarks/RESULTS.md).
+    structures into false objects (VNC, 10% of the objects, six seeds: mean AP@0.5
+    0.45 -> 0.53; the full-label model loses, 0.82 -> 0.75; benchmarks/RESULTS.md).
     """
     dims = model.dims
     if image.ndim != dims:
