@@ -33,7 +33,7 @@ from . import __version__, io, model as model_mod
 from .affinities import default_offsets
 from .blocks import Block, BlockGrid, intersect, parse_roi
 from .errors import SpocoInputError
-from .foreground import classifier_from_checkpoint
+from .foreground import classifier_from_checkpoint, segmentation_settings
 from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, labels_from_embeddings,
                        model_grid_index, model_scale, predict_array, write_ome_metadata)
 from . import stitching
@@ -681,6 +681,10 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         "input": os.path.abspath(input_path), "shape": list(arr.shape), "dtype": str(arr.dtype),
         "chunks": list(arr.chunks), "block_shape": list(block_shape), "halo": list(halo),
         "align": list(grid.align), "model_sha256": model_mod.checkpoint_checksum(ckpt),
+        # `spoco-vol calibrate` changes these and not the weights: blocks of a partial run
+        # segmented with another background rule must not be mixed with new ones.
+        "background_rule": {k: segmentation_settings(ckpt).get(k)
+                            for k in ("background_embedding", "background_radius", "min_size")},
         "offsets": [list(map(int, o)) for o in offsets], "voxel_size": vs,
         "mask": os.path.abspath(mask) if mask else None, "roi": [[r.start, r.stop] for r in roi] if roi else None,
         "stitch": bool(stitch), "depth": depth, "link_overlap": link, "save_embeddings": bool(save_embeddings),

@@ -12,11 +12,15 @@ and the annotated fraction of the objects.
 
 At inference a pixel is background if its embedding lies within the background radius
 OR the classifier calls it background. The rule is per pixel, so blocks agree at faces.
+The radius is chosen again together with the classifier (``classifier_radii``): the
+embeddings' own radius, calibrated without it, deletes the unannotated objects whose
+embeddings lie near the background's; with the classifier removing the background, a
+smaller radius keeps them.
 
 The classifier lives in the SPOCO checkpoint, under ``ckpt["foreground"]``. It is
 trained after the embeddings (`spoco-vol train --foreground-iterations N`, or
-`spoco-vol train-foreground` for a model trained before). Its iteration is chosen by
-the AP@0.5 of the held-out sections, and it is kept only if it raises that AP.
+`spoco-vol train-foreground` for a model trained before). Its iteration and radius are
+chosen by the AP@0.5 of the held-out sections, and it is kept only if it raises that AP.
 """
 from __future__ import annotations
 
@@ -68,6 +72,35 @@ def classifier_from_checkpoint(ckpt: dict):
         raise SpocoInputError("the checkpoint's foreground classifier does not fit its embedding model "
                               "(it needs one output channel and the model's features and pooling)")
     return net.eval()
+
+
+def classifier_radii(inference: dict, delta_d: float) -> list:
+    """Background radii to choose from together with the classifier (the module
+    docstring says why): 0, where the classifier alone decides, up to the radius
+    calibrated for the embeddings alone, in the calibration's steps."""
+    if inference.get("background_embedding") is None:
+        return [inference.get("background_radius")]
+    stored = inference.get("background_radius", delta_d)
+    return [float(r) for r in np.arange(0.0, stored + 1e-9, 0.25)]
+
+
+def best_radius(embeddings, labels, delta_d: float, inference: dict, probabilities) -> tuple:
+    """(held-out AP@0.5, radius) of the best of ``classifier_radii`` for held-out images
+    (embeddings, full labels) segmented with a classifier's ``probabilities``; ties go
+    to the larger radius, the nearer to the embeddings' own."""
+    from .training import held_out_ap
+    return max((held_out_ap(embeddings, labels, delta_d, {**inference, "background_radius": r}, probabilities), r)
+               for r in classifier_radii(inference, delta_d))
+
+
+def segmentation_settings(ckpt: dict) -> dict:
+    """The checkpoint's inference settings as segmentation applies them: with a
+    foreground classifier, the background radius chosen together with it."""
+    inf = dict(ckpt.get("inference", {}))
+    fg = ckpt.get("foreground") or {}
+    if fg.get("background_radius") is not None:
+        inf["background_radius"] = fg["background_radius"]
+    return inf
 
 
 def predict_foreground(net, image: np.ndarray, *, device: torch.device, amp: bool = True,
@@ -130,10 +163,10 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
         if it % every == 0 or it == iterations:
             net.eval()
             probs = [predict_foreground(net, raw, device=device, amp=cfg.amp, tta=tta) for raw, _ in scored]
-            ap = held_out_ap(embeddings, labels, ckpt["delta_d"], inf, probs)
-            history.append((it, round(ap, 4)))
+            ap, radius = best_radius(embeddings, labels, ckpt["delta_d"], inf, probs)
+            history.append((it, round(ap, 4), radius))
             if ap > best["val_ap"]:  # ties keep the embeddings alone, or the earlier classifier
-                best = {"val_ap": ap, "iteration": it,
+                best = {"val_ap": ap, "iteration": it, "radius": radius,
                         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
     out = {"val_ap_without": round(baseline, 4), "val_ap_history": history,
            "seconds": round(time.perf_counter() - t0, 1), "prior": round(prior, 5)}
@@ -141,8 +174,9 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
         return {"foreground": None, "reason": "no iteration raised the held-out AP@0.5", **out}
     entry = {"architecture": dict(net.config), "state_dict": best["state_dict"], "prior": float(prior),
              "threshold": THRESHOLD, "iterations": best["iteration"], "val_ap": float(best["val_ap"]),
-             "val_ap_without": float(baseline)}
-    return {"foreground": entry, "iteration": best["iteration"], "val_ap": round(best["val_ap"], 4), **out}
+             "val_ap_without": float(baseline), "background_radius": best["radius"]}
+    return {"foreground": entry, "iteration": best["iteration"], "val_ap": round(best["val_ap"], 4),
+            "background_radius": best["radius"], **out}
 
 
 def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object_fraction: float = 1.0,

@@ -15,7 +15,7 @@ from scipy import ndimage
 from . import io, model as model_mod, transforms
 from .affinities import default_offsets
 from .errors import SpocoInputError
-from .foreground import classifier_from_checkpoint, predict_foreground
+from .foreground import classifier_from_checkpoint, predict_foreground, segmentation_settings
 from .inference import predict_embeddings, resolve_device
 from .segmentation import segment_embeddings
 
@@ -170,7 +170,7 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequ
     foreground classifier's probabilities on the model grid (predict_array)."""
     timings = timings if timings is not None else {}
     dims = ckpt["architecture"]["dims"]
-    inf = ckpt.get("inference", {})
+    inf = segmentation_settings(ckpt)
     offsets = inf.get("offsets") or default_offsets(dims)
     strides = strides or inf.get("strides") or [2] * dims
     per_section = dims < len(input_shape)

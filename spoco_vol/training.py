@@ -654,6 +654,24 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     tta = model_mod.uses_tta(ckpt, tta)
     ckpt["inference"].update(calibrate_background(net, val, dev, amp, ckpt["delta_v"], ckpt["delta_d"],
                                                   ckpt["inference"].get("min_size", 0), tta), tta=tta)
+    shown = {k: v for k, v in ckpt["inference"].items() if k != "background_embedding"}
+    if ckpt.get("foreground"):
+        shown.update(_recalibrate_classifier_radius(ckpt, net, val, dev, amp, tta))
     ckpt.pop("training_state", None)
     model_mod.save_checkpoint(ckpt, out)
-    return {k: v for k, v in ckpt["inference"].items() if k != "background_embedding"}
+    return shown
+
+
+def _recalibrate_classifier_radius(ckpt: dict, net, val, device, amp: bool, tta: bool) -> dict:
+    """A foreground classifier's radius was chosen around the old background embedding:
+    choose it again, with the classifier, on the same held-out images."""
+    from .foreground import best_radius, classifier_from_checkpoint, predict_foreground
+    from .inference import predict_embeddings
+    classifier = classifier_from_checkpoint(ckpt).to(device)
+    scored = [(raw, lab) for raw, lab in val if lab.any()]
+    embeddings = [predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in scored]
+    probabilities = [predict_foreground(classifier, raw, device=device, amp=amp, tta=tta) for raw, _ in scored]
+    ap, radius = best_radius(embeddings, [lab for _, lab in scored], ckpt["delta_d"], ckpt["inference"],
+                             probabilities)
+    ckpt["foreground"]["background_radius"] = radius
+    return {"foreground_background_radius": radius, "foreground_val_ap": round(ap, 4)}

@@ -146,9 +146,9 @@ def test_train_then_foreground_classifier(blob_volume, tmp_path):
              "--object-fraction", "0.5", "--foreground-iterations", "6"])
     assert r.exit_code == 0, r.output
     fg = json.load(open(os.path.join(out, "summary.json")))["foreground"]
-    assert [it for it, _ in fg["val_ap_history"]] == [1, 2, 3, 4, 5, 6]
+    assert [it for it, *_ in fg["val_ap_history"]] == [1, 2, 3, 4, 5, 6]
     assert 0 < fg["prior"] < 1
-    assert not fg["kept"] and max(a for _, a in fg["val_ap_history"]) <= fg["val_ap_without"]
+    assert not fg["kept"] and max(a for _, a, _ in fg["val_ap_history"]) <= fg["val_ap_without"]
     assert "foreground" not in load_checkpoint(os.path.join(out, "best.pt"))
     assert "foreground" not in load_checkpoint(os.path.join(out, "latest.pt"))
 
@@ -173,9 +173,9 @@ def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, t
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
     assert result["foreground_kept"] and result["val_ap_without"] == 0
-    best_ap = max(a for _, a in result["val_ap_history"])
+    best_ap = max(a for _, a, _ in result["val_ap_history"])
     assert result["val_ap"] == best_ap > 0
-    assert dict(result["val_ap_history"])[result["iteration"]] == best_ap
+    assert {it: a for it, a, _ in result["val_ap_history"]}[result["iteration"]] == best_ap
     ck = load_checkpoint(added)
     assert ck["foreground"]["iterations"] == result["iteration"] and ck["foreground"]["threshold"] == 0.5
     assert classifier_from_checkpoint(ck) is not None
@@ -225,5 +225,59 @@ def test_a_classifier_changes_the_model_checksum_and_so_the_run_hash(tmp_path):
     paths = [str(tmp_path / "plain.pt"), str(tmp_path / "fg.pt")]
     save_checkpoint(ckpt, paths[0])
     save_checkpoint(with_classifier(ckpt, 1.0), paths[1])
+    # The background rule is part of a run too: `calibrate` changes it and not the weights,
+    # and the classifier's training chooses its own radius.
+    calibrated = {**ckpt, "inference": {**ckpt["inference"], "background_embedding": [0.0] * 4,
+                                        "background_radius": 2.0}}
+    classifier_radius = with_classifier(calibrated, 1.0)
+    classifier_radius["foreground"]["background_radius"] = 0.5
+    paths += [str(tmp_path / "calibrated.pt"), str(tmp_path / "fg_radius.pt")]
+    save_checkpoint(calibrated, paths[2])
+    save_checkpoint(classifier_radius, paths[3])
     hashes = [segment_blockwise(inp, str(tmp_path / "o.zarr"), p, dry_run=True)["run_hash"] for p in paths]
-    assert hashes[0] != hashes[1]
+    assert len(set(hashes)) == 4
+
+
+def test_the_radius_chosen_with_the_classifier_replaces_the_embeddings_radius(tmp_path):
+    """With a radius that calls every pixel background, nothing is segmented; the same
+    model with a classifier that chose radius 0 (the classifier alone decides) and calls
+    every pixel an object segments as if there were no background rule."""
+    from spoco_vol.foreground import classifier_radii, segmentation_settings
+    data = np.random.default_rng(2).integers(0, 256, (2, 60, 76)).astype(np.uint8)
+    _, ckpt = tiny_checkpoint(tmp_path)
+    no_rule = segment_array(data, ckpt, device="cpu")
+    assert no_rule.any()
+    everything = {**ckpt, "inference": {**ckpt["inference"], "background_embedding": [0.0] * 4,
+                                        "background_radius": 1e6}}
+    assert not segment_array(data, everything, device="cpu").any()
+    fg = with_classifier(everything, 30.0)
+    assert not segment_array(data, fg, device="cpu").any()  # without a radius of its own: the model's
+    fg["foreground"]["background_radius"] = 0.0
+    assert segmentation_settings(fg)["background_radius"] == 0.0 and segmentation_settings(everything) == everything["inference"]
+    np.testing.assert_array_equal(segment_array(data, fg, device="cpu"), no_rule)
+    # the candidates: 0 (the classifier alone) up to the embeddings' own radius
+    assert classifier_radii({"background_embedding": [0.0], "background_radius": 1.0}, 2.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert classifier_radii({"background_embedding": [0.0]}, 0.5) == [0.0, 0.25, 0.5]
+    assert classifier_radii({}, 2.0) == [None]
+
+
+def test_calibrate_chooses_the_classifiers_radius_again(blob_volume, tmp_path):
+    """`calibrate` moves the background embedding, so a classifier's radius is chosen
+    again. A classifier that calls every pixel an object changes no segmentation, so
+    the best radius with it is the embeddings' own, newly calibrated one."""
+    from spoco_vol.foreground import classifier_radii
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    assert run(["train", "--raw", raw, "--labels", labels, "--out", out, *TINY, "--iterations", "2",
+                "--object-fraction", "0.5"]).exit_code == 0
+    ck = with_classifier(load_checkpoint(out + "/best.pt"), 30.0)
+    ck["foreground"]["background_radius"] = 0.0
+    model = str(tmp_path / "fg.pt")
+    save_checkpoint(ck, model)
+    cal = str(tmp_path / "cal.pt")
+    r = run(["calibrate", "--model", model, "--raw", raw, "--labels", labels, "--z-range", "3,4", "--out", cal])
+    assert r.exit_code == 0, r.output
+    ck = load_checkpoint(cal)
+    assert ck["foreground"]["background_radius"] == ck["inference"]["background_radius"]
+    assert ck["foreground"]["background_radius"] in classifier_radii(ck["inference"], ck["delta_d"])
+    assert "foreground_val_ap" in r.output
