@@ -281,3 +281,21 @@ def test_calibrate_chooses_the_classifiers_radius_again(blob_volume, tmp_path):
     assert ck["foreground"]["background_radius"] == ck["inference"]["background_radius"]
     assert ck["foreground"]["background_radius"] in classifier_radii(ck["inference"], ck["delta_d"])
     assert "foreground_val_ap" in r.output
+
+
+def test_best_radius_keeps_the_objects_the_embeddings_radius_deletes():
+    """An object whose embeddings lie 1.0 from the background embedding is deleted by
+    the embeddings' radius 1.5 (AP 0). With a classifier that marks it, every radius up
+    to 1.0 keeps it (AP 1); the largest of those, the nearest to the embeddings' own,
+    is chosen."""
+    from spoco_vol.foreground import best_radius
+    from spoco_vol.training import held_out_ap
+    yy, xx = np.mgrid[:48, :48]
+    disc = (yy - 24) ** 2 + (xx - 24) ** 2 < 100
+    labels = disc.astype(np.uint32)
+    embeddings = np.zeros((2, 48, 48), np.float32)
+    embeddings[0][disc] = 1.0
+    inference = {"background_embedding": [0.0, 0.0], "background_radius": 1.5, "min_size": 0}
+    assert held_out_ap([embeddings], [labels], 2.0, inference) == 0.0
+    probabilities = [disc.astype(np.float32)]
+    assert best_radius([embeddings], [labels], 2.0, inference, probabilities) == (1.0, 1.0)
