@@ -677,14 +677,14 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     n_vox = int(np.prod([g * b for g, b in zip(grid.grid_shape, block_shape)]))
     out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
     link = link_overlap if link_sections else None
+    rule = segmentation_settings(ckpt)
     fingerprint = {
         "input": os.path.abspath(input_path), "shape": list(arr.shape), "dtype": str(arr.dtype),
         "chunks": list(arr.chunks), "block_shape": list(block_shape), "halo": list(halo),
         "align": list(grid.align), "model_sha256": model_mod.checkpoint_checksum(ckpt),
         # `spoco-vol calibrate` changes these and not the weights: blocks of a partial run
         # segmented with another background rule must not be mixed with new ones.
-        "background_rule": {k: segmentation_settings(ckpt).get(k)
-                            for k in ("background_embedding", "background_radius", "min_size")},
+        "background_rule": {k: rule.get(k) for k in ("background_embedding", "background_radius", "min_size")},
         "offsets": [list(map(int, o)) for o in offsets], "voxel_size": vs,
         "mask": os.path.abspath(mask) if mask else None, "roi": [[r.start, r.stop] for r in roi] if roi else None,
         "stitch": bool(stitch), "depth": depth, "link_overlap": link, "save_embeddings": bool(save_embeddings),

@@ -230,7 +230,7 @@ def _validate(net, loss_fn, patches, device, amp):
 
 
 def calibrate_background(net, images, device, amp, delta_v: float, delta_d: float,
-                         min_size: int = 0, tta: bool = False) -> dict:
+                         min_size: int = 0, tta: bool = False, embeddings=None) -> dict:
     """The background embedding and the pixel radius around it, for inference.
 
     The embedding is the mode of the label-0 pixels' embeddings: start at their median,
@@ -242,13 +242,15 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     patch border bias the choice.
     ``tta``: embed with test-time augmentation (the radius fits the embeddings it is
     measured on, so inference must then use it too).
+    ``embeddings``: the images' embeddings, if already predicted (as above).
     Returns {} when the patches have no label 0 (dense labels: no background).
     """
     from .inference import predict_embeddings
-    net.eval()
-    embs = [predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in images]
+    embs = embeddings
+    if embs is None:
+        embs = [predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in images]
+        net.train()
     labels = [lab for _, lab in images]
-    net.train()
     flat = np.concatenate([e.reshape(e.shape[0], -1) for e in embs], axis=1).T
     is_bg = np.concatenate([lab.reshape(-1) == 0 for lab in labels])
     bg = torch.from_numpy(flat[is_bg])
@@ -652,26 +654,27 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     dev = resolve_device(device)
     net = model_mod.model_from_checkpoint(ckpt).to(dev)
     tta = model_mod.uses_tta(ckpt, tta)
+    from .inference import predict_embeddings
+    embeddings = [predict_embeddings(net, raw, device=dev, amp=amp, tta=tta) for raw, _ in val]
     ckpt["inference"].update(calibrate_background(net, val, dev, amp, ckpt["delta_v"], ckpt["delta_d"],
-                                                  ckpt["inference"].get("min_size", 0), tta), tta=tta)
+                                                  ckpt["inference"].get("min_size", 0), tta, embeddings), tta=tta)
     shown = {k: v for k, v in ckpt["inference"].items() if k != "background_embedding"}
     if ckpt.get("foreground"):
-        shown.update(_recalibrate_classifier_radius(ckpt, net, val, dev, amp, tta))
+        shown.update(_recalibrate_classifier_radius(ckpt, embeddings, val, dev, amp, tta))
     ckpt.pop("training_state", None)
     model_mod.save_checkpoint(ckpt, out)
     return shown
 
 
-def _recalibrate_classifier_radius(ckpt: dict, net, val, device, amp: bool, tta: bool) -> dict:
+def _recalibrate_classifier_radius(ckpt: dict, embeddings, val, device, amp: bool, tta: bool) -> dict:
     """A foreground classifier's radius was chosen around the old background embedding:
-    choose it again, with the classifier, on the same held-out images."""
+    choose it again, with the classifier, on the same held-out images (``val``, and
+    their ``embeddings``)."""
     from .foreground import best_radius, classifier_from_checkpoint, predict_foreground
-    from .inference import predict_embeddings
     classifier = classifier_from_checkpoint(ckpt).to(device)
-    scored = [(raw, lab) for raw, lab in val if lab.any()]
-    embeddings = [predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in scored]
-    probabilities = [predict_foreground(classifier, raw, device=device, amp=amp, tta=tta) for raw, _ in scored]
-    ap, radius = best_radius(embeddings, [lab for _, lab in scored], ckpt["delta_d"], ckpt["inference"],
-                             probabilities)
+    scored = [(e, raw, lab) for e, (raw, lab) in zip(embeddings, val) if lab.any()]
+    probabilities = [predict_foreground(classifier, raw, device=device, amp=amp, tta=tta) for _, raw, _ in scored]
+    ap, radius = best_radius([e for e, _, _ in scored], [lab for _, _, lab in scored], ckpt["delta_d"],
+                             ckpt["inference"], probabilities)
     ckpt["foreground"]["background_radius"] = radius
     return {"foreground_background_radius": radius, "foreground_val_ap": round(ap, 4)}
