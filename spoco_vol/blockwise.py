@@ -29,12 +29,12 @@ import fastremap
 import numpy as np
 import zarr
 
-from . import __version__, io, model as model_mod
+from . import __version__, bundled, intensity, io, model as model_mod
 from .affinities import default_offsets
 from .blocks import Block, BlockGrid, intersect, parse_roi
-from .errors import SpocoInputError
+from .errors import SpocoInputError, warn
 from .foreground import classifier_from_checkpoint, segmentation_settings
-from .pipeline import (BUNDLED_MODEL, check_output_path, default_output_path, labels_from_embeddings,
+from .pipeline import (check_output_path, default_output_path, labels_from_embeddings,
                        model_grid_index, model_scale, predict_array, write_ome_metadata)
 from . import stitching
 from .stitching import block_id_offset, merge_table, relabel_block, section_overlap_edges, stitch_faces
@@ -193,7 +193,8 @@ def _segment_block(block: Block, **kwargs) -> dict:
 
 
 def _predict_block(block: Block, *, input_path: str, model_path: str, voxel_size, device: str,
-                   mask_path: str | None = None, threads: int | None = None, tta: bool = False, **_) -> dict:
+                   mask_path: str | None = None, threads: int | None = None, tta: bool = False,
+                   intensity_mapping: dict | None = None, **_) -> dict:
     """The GPU part of pass 1: read core + halo, check it, embed it (model grid)."""
     timings = dict.fromkeys(STAGES, 0.0)
     if threads:
@@ -210,7 +211,8 @@ def _predict_block(block: Block, *, input_path: str, model_path: str, voxel_size
     if skip:
         return {"skip": True, "timings": timings}
     emb, scale, foreground = predict_array(raw, ckpt, input_voxel_size=voxel_size, device=device, timings=timings,
-                                           net=net, tta=tta, foreground_net=foreground_net)
+                                           net=net, tta=tta, foreground_net=foreground_net,
+                                           intensity_mapping=intensity_mapping)
     return {"skip": False, "embeddings": emb, "scale": scale, "foreground": foreground, "timings": timings}
 
 
@@ -574,7 +576,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       save_embeddings: bool = False, link_sections: bool = False,
                       link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
                       client=None, cluster: str | dict | None = None, command: str = "",
-                      progress: bool = False, dry_run: bool = False, tta: bool | None = None) -> dict:
+                      progress: bool = False, dry_run: bool = False, tta: bool | None = None,
+                      intensity_range: Sequence[float] | None = None) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -596,6 +599,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     An interrupted run leaves ``<output>.partial``; the same call again finishes it.
     ``tta``: test-time augmentation, 8 rotated/flipped predictions averaged (8x the
     prediction time) [default: as the model was calibrated, its ``inference.tta``].
+    ``intensity_range``: the input values that map to the model's intensity range
+    [default: by the input's dtype, spoco_vol.intensity; measured once over the volume].
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     """
@@ -616,7 +621,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     io.validate_volume(arr, f"input {input_path}")
     output = output or default_output_path(input_path)
     check_output_path(output, input_path, overwrite)
-    model_path = os.path.abspath(model or BUNDLED_MODEL)
+    model_path = os.path.abspath(bundled.model_path(model))
     ckpt = model_mod.load_checkpoint(model_path)
     dims = ckpt["architecture"]["dims"]
     tta = model_mod.uses_tta(ckpt, tta)
@@ -630,6 +635,11 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         raise SpocoInputError(f"--voxel-size needs {arr.ndim} values for this {arr.ndim}D input")
     if vs is not None and not all(np.isfinite(v) and v > 0 for v in vs):
         raise SpocoInputError(f"voxel size must be positive, got {vs}")
+    if vs is None and ckpt.get("voxel_size"):
+        warn(f"the voxel size of {input_path} is unknown (none in its metadata, no --voxel-size): it is segmented "
+             f"as if it had the model's {' x '.join(f'{v:g}' for v in ckpt['voxel_size'][-arr.ndim:])} nm, without "
+             "resampling; give --voxel-size Z,Y,X in nm")
+    intensity_mapping = intensity.volume_mapping(arr, ckpt["normalization"], intensity_range, f"input {input_path}")
     if mask:
         m = io.open_volume(mask, "mask")
         if tuple(m.shape) != tuple(arr.shape):
@@ -688,7 +698,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         "offsets": [list(map(int, o)) for o in offsets], "voxel_size": vs,
         "mask": os.path.abspath(mask) if mask else None, "roi": [[r.start, r.stop] for r in roi] if roi else None,
         "stitch": bool(stitch), "depth": depth, "link_overlap": link, "save_embeddings": bool(save_embeddings),
-        "output_dtype": out_dtype, "tta": tta, "version": __version__}
+        "output_dtype": out_dtype, "tta": tta, "intensity": intensity_mapping, "version": __version__}
     run_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     if dry_run:
         return {"output": output, "run_hash": run_hash, "fingerprint": fingerprint}
@@ -707,7 +717,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                                  common=dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link,
                                              input_path=os.path.abspath(input_path), model_path=model_path,
                                              work=work, grid=grid, voxel_size=vs, device=device, depth=depth,
-                                             stitch_axes=stitch_axes, tta=tta,
+                                             stitch_axes=stitch_axes, tta=tta, intensity_mapping=intensity_mapping,
                                              mask_path=os.path.abspath(mask) if mask else None,
                                              threads=threads_per_worker or max(1, (os.cpu_count() or 1)
                                                                                // max(workers, 1))))
@@ -715,6 +725,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                 "shape": list(arr.shape), "voxel_size": vs, "model": model_path,
                 "model_sha256": fingerprint["model_sha256"], "command": command, "version": __version__,
                 "block_shape": block_shape, "halo": halo, "roi": fingerprint["roi"], "tta": tta,
+                "intensity": intensity_mapping,
                 "voxels": int(np.prod([r.stop - r.start for r in roi])) if roi else int(np.prod(arr.shape)),
                 "embeddings": "embeddings" if save_embeddings else None, "link_overlap": link,
                 "workers": workers, "run_hash": run_hash, "resumed": state == "resume"})

@@ -99,7 +99,9 @@ def cli():
                    "1 = use labels as they are; below 1 trains in the sparse (positive-unlabeled) mode.")
 @click.option("--mode", type=click.Choice(["auto", "sparse", "full"]), default="auto", show_default=True,
               help="full: background (0) is an object; sparse: 0 is unlabeled. auto: full iff P = 1.")
-@click.option("--init", type=click.Path(), default=None, help="Fine-tune from this checkpoint (lr/10 by default).")
+@click.option("--init", default=None,
+              help="Fine-tune from this checkpoint, a path or a bundled model's name (`spoco-vol models`); lr/10 by "
+                   "default, and the data are resampled to its voxel size unless --downsample is given.")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4, or 2e-5 with --init].")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine", show_default=True)
 @click.option("--features", type=INTS, default="16,32,64,128", show_default=True, help="U-Net features per level.")
@@ -125,14 +127,19 @@ def cli():
 @click.option("--background-warmup", type=click.IntRange(0), default=0, show_default=True,
               help="Iterations before the pseudo-background term starts.")
 @click.option("--momentum", type=float, default=0.999, show_default=True, help="EMA momentum m of network g.")
-@click.option("--downsample", type=INTS, default="1,1,1", show_default=True,
-              help="Input voxels per model pixel (z,y,x), e.g. 1,2,2 to train at half XY resolution.")
+@click.option("--downsample", type=FLOATS, default=None,
+              help="Input voxels per model pixel (z,y,x), e.g. 1,2,2 to train at half XY resolution "
+                   "[default: with --init, what brings the data's voxel size to the model's; else 1,1,1].")
 @click.option("--voxel-size", type=FLOATS, default=None,
               help="Voxel size of the raw data in nm (z,y,x) [default: from the zarr metadata].")
 @click.option("--val-raw", multiple=True, help="Validation raw volume(s).")
 @click.option("--val-labels", multiple=True, help="Validation labels, one per --val-raw.")
-@click.option("--val-sections", type=int, default=1, show_default=True,
-              help="Without --val-raw: hold out the last N z-sections of each volume.")
+@click.option("--val-sections", type=click.IntRange(0), default=None,
+              help="Without --val-raw: hold out the last N z-sections of each volume, fully labeled "
+                   "[default: 1 with full labels; with sparse labels objects are held out, --val-objects].")
+@click.option("--val-objects", type=float, default=0.2, show_default=True,
+              help="Sparse labels without --val-raw/--val-sections: the seeded share of the annotated objects "
+                   "held out from training to choose the checkpoint and calibrate the background.")
 @click.option("--val-every", type=click.IntRange(1), default=250, show_default=True, help="Iterations between validations/checkpoints.")
 @click.option("--elastic/--no-elastic", default=False, show_default=True, help="Elastic deformation augmentation.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -160,7 +167,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
           schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
           consistency_weight, unlabeled_weight, background_weight, background_select_radius, background_warmup,
           momentum, downsample, voxel_size, val_raw, val_labels,
-          val_sections, val_every, elastic, seed, device, amp, tta, foreground_iterations, foreground_prior, threads,
+          val_sections, val_objects, val_every, elastic, seed, device, amp, tta, foreground_iterations, foreground_prior, threads,
           resume, stop_after, overwrite, quiet):
     """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
     from .training import TrainConfig, train as train_fn
@@ -178,7 +185,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
                       background_warmup=background_warmup, background_select_radius=background_select_radius,
                       momentum=momentum, downsample=downsample,
                       voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
-                      val_sections=val_sections, val_every=val_every, elastic=elastic, seed=seed,
+                      val_sections=val_sections, val_objects=val_objects, val_every=val_every, elastic=elastic, seed=seed,
                       device=device, amp=amp, tta=tta, foreground_iterations=foreground_iterations,
                       foreground_prior=foreground_prior, threads=threads, resume=resume, stop_after=stop_after,
                       overwrite=overwrite,
@@ -188,10 +195,61 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
     click.echo(json.dumps(summary, indent=2))
 
 
+@cli.command("fine-tune")
+@click.option("--raw", "raw", multiple=True, required=True,
+              help="Raw zarr array of your volume (vol.zarr or vol.zarr/raw). Repeat for several volumes.")
+@click.option("--labels", "labels", multiple=True, required=True,
+              help="Your annotations, one per --raw: integer ids of the objects you annotated, 0 = not annotated "
+                   "(background and unannotated objects alike).")
+@click.option("--out", required=True, type=click.Path(), help="Output directory (best.pt, log.csv, loss.png).")
+@click.option("--model", default="vnc-mito-2d", show_default=True,
+              help="The model to start from: a bundled model's name (`spoco-vol models`) or a checkpoint path.")
+@click.option("--iterations", type=click.IntRange(1), default=None,
+              help="Training iterations [default: the recipe's, training.FINE_TUNE_RECIPE].")
+@click.option("--voxel-size", type=FLOATS, default=None,
+              help="Voxel size of the raw data in nm (z,y,x) [default: from the zarr metadata]; the data are "
+                   "resampled to the model's voxel size.")
+@click.option("--val-objects", type=float, default=0.2, show_default=True,
+              help="Share of your annotated objects held out to choose the checkpoint and calibrate the background.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def fine_tune(raw, labels, out, model, iterations, voxel_size, val_objects, seed, device, threads, resume, overwrite,
+              quiet):
+    """Fine-tune a model on the few objects you annotated in your volume (the recommended start).
+
+    Runs the sparse-annotation recipe (benchmarks/RESULTS.md, "Transfer to Lucchi"): your
+    annotations are sparse (0 = unlabeled), the data are resampled to the model's voxel
+    size, a share of your objects is held out to choose the checkpoint and calibrate the
+    background, with a pseudo-background term, test-time augmentation and a foreground
+    classifier. Then: spoco-vol segment --input VOL --model OUT/best.pt"""
+    from .training import fine_tune_config, train as train_fn
+    overrides = {"iterations": iterations} if iterations else {}
+    cfg = _run(fine_tune_config, list(raw), list(labels), out, model, voxel_size=voxel_size, val_objects=val_objects,
+               seed=seed, device=device, threads=threads, resume=resume, overwrite=overwrite, progress=not quiet,
+               command=_command_line(), **overrides)
+    summary = _run(train_fn, cfg)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+def models():
+    """List the bundled models: name, voxel size, modality, held-out scores, model card."""
+    from .bundled import list_models
+    for m in _run(list_models):
+        vs = "unknown" if m["voxel_size_nm"] is None else " x ".join(f"{v:g}" for v in m["voxel_size_nm"]) + " nm"
+        click.echo(f"{m['name']}\n  {m['dims']}D, {vs}; {m['modality']}\n  held out: {m['held_out']}\n"
+                   f"  card: {m['card']}\n  file: {m['path']}")
+
+
 @cli.command()
 @click.option("--input", "input_path", required=True, help="Zarr array to segment (vol.zarr or vol.zarr/path).")
 @click.option("--output", default=None, help="OME-Zarr labels to write [default: <input>_labels.zarr].")
-@click.option("--model", default=None, help="Checkpoint [default: the bundled VNC mitochondria model].")
+@click.option("--model", default=None,
+              help="Checkpoint: a path or a bundled model's name (`spoco-vol models`) [default: vnc-mito-2d].")
 @click.option("--block-shape", type=INTS, default=None,
               help="Block (write ROI) shape in input voxels, z,y,x [default: 8,512,512 for 2D models, "
                    "64,256,256 for 3D].")
@@ -353,8 +411,8 @@ def train_foreground(model, raw, labels, out, object_fraction, seed, foreground_
 def info(checkpoint):
     """Show what a checkpoint holds [default: the bundled model]."""
     from .model import checkpoint_checksum, load_checkpoint
-    from .pipeline import BUNDLED_MODEL
-    ck = _run(load_checkpoint, checkpoint or BUNDLED_MODEL)
+    from .bundled import model_path
+    ck = _run(lambda: load_checkpoint(model_path(checkpoint)))
     shown = {k: v for k, v in ck.items() if k not in ("state_dict", "training_state")}
     if ck.get("foreground"):
         shown["foreground"] = {k: v for k, v in ck["foreground"].items() if k != "state_dict"}
@@ -363,7 +421,23 @@ def info(checkpoint):
     click.echo(json.dumps(shown, indent=2, default=str))
 
 
+def _one_line_warnings():
+    """SpocoWarning as one ``Warning:`` line on stderr; other warnings as Python shows them."""
+    import sys
+    import warnings
+    from .errors import SpocoWarning
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SpocoWarning):
+            print(f"Warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+
+
 def main():
+    _one_line_warnings()
     cli()
 
 

@@ -7,3 +7,14 @@ and keeps its traceback.
 
 class SpocoInputError(ValueError):
     """Bad input: a missing path, a wrong dtype or shape, NaN, a foreign checkpoint..."""
+
+
+class SpocoWarning(UserWarning):
+    """Something the user should know but that does not stop the run (an unknown voxel
+    size, an input range the normalisation had to guess). The CLI prints it as one
+    ``Warning:`` line on stderr."""
+
+
+def warn(message: str) -> None:
+    import warnings
+    warnings.warn(message, SpocoWarning, stacklevel=2)

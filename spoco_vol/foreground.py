@@ -34,6 +34,7 @@ from scipy.special import expit
 from . import losses, model as model_mod
 from .errors import SpocoInputError
 from .inference import autocast_context, autocast_dtype, predict_embeddings, resolve_device
+from .validation import RADIUS_TOLERANCE, choose_radius
 
 THRESHOLD = 0.5  # nnPU's decision boundary; the sigmoid outputs are nearly all near 0 or 1
 
@@ -52,6 +53,32 @@ def unlabeled_object_share(annotated_voxels: int, voxels: int, object_fraction: 
         raise SpocoInputError(f"annotated area / object fraction ({a / object_fraction:.2f} of the volume) "
                               "is not below 1: give --foreground-prior instead")
     return float(share)
+
+
+PRIOR_PATCHES = 16  # random training patches segmented to estimate the prior
+
+
+def estimate_prior(ckpt: dict, train_vols, cfg, device: torch.device) -> float:
+    """The share of the unlabeled pixels that belong to objects, as the trained
+    embeddings see it, when no annotated fraction says it (a volume that came sparsely
+    annotated): the share of unlabeled pixels of random training patches that its
+    segmentation (with its background rule and TTA setting) assigns to an object. Its
+    false objects make this an overestimate, which leaves the classifier lenient."""
+    from . import data, transforms
+    from .training import held_out_segmentation
+    net = model_mod.model_from_checkpoint(ckpt).to(device)
+    tta = model_mod.uses_tta(ckpt)
+    sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, list(cfg.downsample),
+                                rng=np.random.default_rng(cfg.seed + 30_000))
+    objects = unlabeled = 0
+    for _ in range(PRIOR_PATCHES):
+        raw, lab = sampler.sample(around_object=False)
+        emb = predict_embeddings(net, transforms.normalize(raw, ckpt["normalization"]), device=device,
+                                 amp=cfg.amp, tta=tta)
+        seg = held_out_segmentation(emb, ckpt["delta_d"], segmentation_settings(ckpt))
+        objects += int(((seg > 0) & (lab == 0)).sum())
+        unlabeled += int((lab == 0).sum())
+    return float(np.clip(objects / max(unlabeled, 1), 0.01, 0.5))
 
 
 def classifier_from_checkpoint(ckpt: dict):
@@ -84,13 +111,17 @@ def classifier_radii(inference: dict, delta_d: float) -> list:
     return [float(r) for r in np.arange(0.0, stored + 1e-9, 0.25)]
 
 
-def best_radius(embeddings, labels, delta_d: float, inference: dict, probabilities) -> tuple:
-    """(held-out AP@0.5, radius) of the best of ``classifier_radii`` for held-out images
-    (embeddings, full labels) segmented with a classifier's ``probabilities``; ties go
-    to the larger radius, the nearer to the embeddings' own."""
-    from .training import held_out_ap
-    return max((held_out_ap(embeddings, labels, delta_d, {**inference, "background_radius": r}, probabilities), r)
-               for r in classifier_radii(inference, delta_d))
+def best_radius(embeddings, labels, delta_d: float, inference: dict, probabilities, objects=None) -> tuple:
+    """(held-out score, radius) of the best of ``classifier_radii`` for held-out images
+    (embeddings, labels; ``objects``: one held-out object per image, as in
+    spoco_vol.validation) segmented with a classifier's ``probabilities``; ties go to
+    the larger radius, the nearer to the embeddings' own."""
+    from .training import held_out_score
+    radii = classifier_radii(inference, delta_d)
+    scores = [held_out_score(embeddings, labels, delta_d, {**inference, "background_radius": r}, probabilities,
+                             objects) for r in radii]
+    radius, score = choose_radius(radii, scores, objects is not None)
+    return score, radius
 
 
 def segmentation_settings(ckpt: dict) -> dict:
@@ -111,7 +142,7 @@ def predict_foreground(net, image: np.ndarray, *, device: torch.device, amp: boo
 
 
 def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, iterations: int,
-                     device: torch.device, progress: bool = False) -> dict:
+                     device: torch.device, progress: bool = False, val_objects=None) -> dict:
     """Train the foreground U-Net positive-unlabeled on ``train_vols`` (their SPOCO@p
     subset already chosen) and choose its iteration on ``val_images`` (normalised raw,
     full labels), segmented with ``ckpt``'s embeddings and background rule.
@@ -120,8 +151,10 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
     embeddings alone on the held-out images (or there are none to judge by), ...figures}.
     """
     from . import data
-    from .training import _augmented_batch, _to_batch, held_out_ap  # as the embeddings' training
-    scored = [(raw, lab) for raw, lab in val_images if lab.any()]
+    from .training import _augmented_batch, _to_batch, held_out_score  # as the embeddings' training
+    keep = [k for k, (_, lab) in enumerate(val_images) if lab.any()]
+    scored = [val_images[k] for k in keep]
+    objects = None if val_objects is None else [val_objects[k] for k in keep]
     if not scored:
         return {"foreground": None, "reason": "no labeled held-out sections to judge it by"}
     t0 = time.perf_counter()
@@ -130,7 +163,11 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
     tta = model_mod.uses_tta(ckpt)  # both networks are judged as inference will run them
     embeddings = [predict_embeddings(spoco, raw, device=device, amp=cfg.amp, tta=tta) for raw, _ in scored]
     labels = [lab for _, lab in scored]
-    baseline = held_out_ap(embeddings, labels, ckpt["delta_d"], inf)
+    baseline = held_out_score(embeddings, labels, ckpt["delta_d"], inf, objects=objects)
+    # Dense held-out labels see false objects anywhere: the classifier must raise the
+    # score. Held-out objects only see their neighbourhoods, not the false objects far
+    # from them that the classifier is for: there it must not lower the score.
+    margin = 0.0 if objects is None else RADIUS_TOLERANCE
 
     arch = ckpt["architecture"]
     torch.manual_seed(cfg.seed)
@@ -146,7 +183,7 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
     # fp16 autocast (GPUs without bf16) underflows small gradients unless the loss is scaled.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
     every = max(1, iterations // 6)
-    best = {"val_ap": baseline, "iteration": 0, "state_dict": None}
+    best = {"val_score": baseline - margin, "iteration": 0, "state_dict": None}
     history = []
     from tqdm import tqdm
     for it in tqdm(range(1, iterations + 1), disable=not progress, desc="foreground", dynamic_ncols=True):
@@ -163,19 +200,22 @@ def train_classifier(ckpt: dict, cfg, train_vols, val_images, prior: float, *, i
         if it % every == 0 or it == iterations:
             net.eval()
             probs = [predict_foreground(net, raw, device=device, amp=cfg.amp, tta=tta) for raw, _ in scored]
-            ap, radius = best_radius(embeddings, labels, ckpt["delta_d"], inf, probs)
+            ap, radius = best_radius(embeddings, labels, ckpt["delta_d"], inf, probs, objects)
             history.append((it, round(ap, 4), radius))
-            if ap > best["val_ap"]:  # ties keep the embeddings alone, or the earlier classifier
-                best = {"val_ap": ap, "iteration": it, "radius": radius,
+            # dense: ties keep the embeddings alone, or the earlier classifier; objects: the later one
+            if ap > best["val_score"] or (objects is not None and best["state_dict"] is not None
+                                          and ap >= best["val_score"]):
+                best = {"val_score": ap, "iteration": it, "radius": radius,
                         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
-    out = {"val_ap_without": round(baseline, 4), "val_ap_history": history,
+    out = {"val_score_without": round(baseline, 4), "val_score_history": history,
            "seconds": round(time.perf_counter() - t0, 1), "prior": round(prior, 5)}
     if best["state_dict"] is None:
-        return {"foreground": None, "reason": "no iteration raised the held-out AP@0.5", **out}
+        return {"foreground": None, "reason": "no iteration raised the held-out score" if objects is None else
+                "every iteration lowered the held-out objects' score", **out}
     entry = {"architecture": dict(net.config), "state_dict": best["state_dict"], "prior": float(prior),
-             "threshold": THRESHOLD, "iterations": best["iteration"], "val_ap": float(best["val_ap"]),
-             "val_ap_without": float(baseline), "background_radius": best["radius"]}
-    return {"foreground": entry, "iteration": best["iteration"], "val_ap": round(best["val_ap"], 4),
+             "threshold": THRESHOLD, "iterations": best["iteration"], "val_score": float(best["val_score"]),
+             "val_score_without": float(baseline), "background_radius": best["radius"]}
+    return {"foreground": entry, "iteration": best["iteration"], "val_score": round(best["val_score"], 4),
             "background_radius": best["radius"], **out}
 
 
@@ -201,7 +241,7 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     if prior is None and object_fraction >= 1:
         raise SpocoInputError("give --object-fraction (< 1) or --foreground-prior: the classifier needs the "
                               "share of objects among the unlabeled pixels")
-    train_vols, val_vols, _, info = _prepare_volumes(cfg)
+    train_vols, val_vols, _, _, info = _prepare_volumes(cfg, ckpt["normalization"])
     if prior is None:
         prior = unlabeled_object_share(info["annotated_voxels"], info["voxels"], object_fraction)
     dev = resolve_device(device)

@@ -12,14 +12,15 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from . import io, model as model_mod, transforms
+from . import intensity, io, model as model_mod, transforms
 from .affinities import default_offsets
+from .bundled import model_path
 from .errors import SpocoInputError
 from .foreground import classifier_from_checkpoint, predict_foreground, segmentation_settings
 from .inference import predict_embeddings, resolve_device
 from .segmentation import segment_embeddings
 
-BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "data", "vnc_mito_2d.pt")
+BUNDLED_MODEL = model_path(None)  # the default model (spoco_vol.bundled)
 RESAMPLE_TOLERANCE = 0.2  # voxel sizes within 20% of the model's are used as they are
 
 
@@ -123,13 +124,15 @@ def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float]
 
 
 def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
-                  timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None):
+                  timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None,
+                  intensity_mapping: dict | None = None):
     """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, the
     zoom from the input grid to the model grid, and the object probabilities of the
     checkpoint's foreground classifier (model-grid shape; None without one). A 2D model
     predicts section by section. ``tta``: test-time augmentation of both networks
     [default: as the checkpoint was calibrated]. ``net``/``foreground_net``: the
-    checkpoint's networks, if already built."""
+    checkpoint's networks, if already built. ``intensity_mapping``: the input volume's
+    mapping onto the model's intensity range (spoco_vol.intensity; None: as it is)."""
     timings = timings if timings is not None else {}
     dims = ckpt["architecture"]["dims"]
     if raw.ndim not in (2, 3):
@@ -140,7 +143,7 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     spatial_axes = list(range(raw.ndim - dims, raw.ndim))
     scale = model_scale(input_voxel_size, ckpt.get("voxel_size"), spatial_axes, raw.ndim)
     t = time.perf_counter()
-    image = transforms.normalize(resample_raw(raw.astype(np.float32), scale), ckpt["normalization"])
+    image = transforms.normalize(resample_raw(intensity.apply(raw, intensity_mapping), scale), ckpt["normalization"])
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t
     t = time.perf_counter()
     net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
@@ -202,17 +205,22 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequ
 def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
                   strides: Sequence[int] | None = None, timings: dict | None = None,
                   net=None, keep_embeddings: bool = False, region: Sequence[slice] | None = None,
-                  tta: bool | None = None):
+                  tta: bool | None = None, intensity_mapping: dict | None = None):
     """Segment an in-memory 2D/3D array with a checkpoint; labels on the input grid.
 
     With ``keep_embeddings`` also returns the embeddings on the model grid,
     (E, *model-grid shape), for callers that need affinities at block faces.
     ``region``: only these slices of the input grid are returned (a block keeps its core
     and the planes it stitches with, not its whole halo).
+    ``intensity_mapping``: as for predict_array [default: measured on ``raw`` by the
+    rules of spoco_vol.intensity].
     """
+    if intensity_mapping is None:
+        intensity_mapping = intensity.volume_mapping(raw, ckpt["normalization"])
     timings = timings if timings is not None else {}
     embeddings, scale, foreground = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device,
-                                                  timings=timings, net=net, tta=tta)
+                                                  timings=timings, net=net, tta=tta,
+                                                  intensity_mapping=intensity_mapping)
     labels = labels_from_embeddings(embeddings, ckpt, raw.shape, scale, strides=strides, timings=timings,
                                     region=region, foreground=foreground)
     return (labels, embeddings) if keep_embeddings else labels

@@ -74,14 +74,11 @@ def load_workflow(path: str, overrides: dict | None = None) -> dict:
 
 
 def _train_step(options: dict, log) -> str:
-    from .pipeline import BUNDLED_MODEL
     from .training import TrainConfig, train
     options = dict(options)
     for key in ("raw", "labels", "val_raw", "val_labels"):
         if isinstance(options.get(key), str):
             options[key] = [options[key]]
-    if options.get("init") == "bundled":
-        options["init"] = BUNDLED_MODEL
     try:
         cfg = TrainConfig(**options, progress=False)
     except TypeError as exc:

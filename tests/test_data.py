@@ -153,18 +153,78 @@ def test_patch_always_contains_object():
     lab = np.zeros((1, 40, 40), np.uint8)
     lab[0, 18:21, 18:21] = 5  # ~9% of random 8x8 patches hit it
     s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (8, 8), dims=2,
-                          rng=np.random.default_rng(0))
+                          rng=np.random.default_rng(0), random_share=0)
     for _ in range(30):
         assert (s.sample()[1] == 5).any()
-    # without the requirement, empty patches do occur
-    assert any(not s.sample(require_object=False)[1].any() for _ in range(30))
+    # patches placed anywhere do miss it
+    assert any(not s.sample(around_object=False)[1].any() for _ in range(30))
 
 
-def test_patch_without_objects_raises():
+class _CountingArray:
+    """A read-only array that counts its reads (the cost of finding a patch)."""
+
+    def __init__(self, arr):
+        self.arr, self.reads = arr, 0
+        self.shape, self.ndim, self.dtype, self.chunks = arr.shape, arr.ndim, arr.dtype, (1, *arr.shape[1:])
+
+    def __getitem__(self, sl):
+        self.reads += 1
+        return self.arr[sl]
+
+
+def test_sampling_around_objects_costs_the_same_however_sparse():
+    """One annotated 3x3 object in 20 sections of 300 x 300: a random 16 x 16 patch finds
+    it once in ~18,000 tries, so sampling by trial and error would fail; around objects
+    every patch holds it, at one read of raw and labels per patch."""
+    shape = (20, 300, 300)
+    lab = np.zeros(shape, np.uint16)
+    lab[13, 200:203, 40:43] = 9
+    raw, labels = _CountingArray(np.zeros(shape, np.float32)), _CountingArray(lab)
+    vol = data.TrainingVolume("v", raw, labels)
+    s = data.PatchSampler([vol], (16, 16), dims=2, rng=np.random.default_rng(0), random_share=0)
+    raw.reads = labels.reads = 0
+    positions = set()
+    for _ in range(50):
+        r, l = s.sample()
+        assert (l == 9).any()
+        positions.add(tuple(np.argwhere(l == 9).min(0)))
+    assert raw.reads == labels.reads == 50
+    assert len(positions) > 10  # the object sits at a random place in the patch
+
+
+def test_random_share_of_patches():
+    raw = np.zeros((1, 200, 200), np.float32)
+    lab = np.zeros((1, 200, 200), np.uint8)
+    lab[0, 100:104, 100:104] = 1
+    s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (8, 8), dims=2, rng=np.random.default_rng(0))
+    hits = sum(bool(s.sample()[1].any()) for _ in range(400))
+    # 75% around the object; a random 8x8 patch hits it with probability ~0.003
+    assert 0.68 * 400 < hits < 0.82 * 400
+
+
+def test_patch_without_objects_raises_only_around_objects():
     vol = data.TrainingVolume("v", np.zeros((10, 10), np.float32), np.zeros((10, 10), np.uint8))
     s = data.PatchSampler([vol], (4, 4), dims=2)
-    with pytest.raises(SpocoInputError, match="no annotated object found"):
-        s.sample()
+    with pytest.raises(SpocoInputError, match="no annotated object in the training sections"):
+        s.sample(around_object=True)
+    assert s.sample(around_object=False)[0].shape == (4, 4)
+
+
+def test_inventory_bounding_boxes_and_anchors(tmp_path):
+    _, lab, vol = _labelled_volume(tmp_path)
+    inv = data.volume_statistics(vol, seed=1)["inventory"]
+    np.testing.assert_array_equal(inv.ids, [3, 7, 11, 200])
+    for k, o in enumerate(inv.ids):
+        where = np.argwhere(lab == o)
+        np.testing.assert_array_equal(inv.bbox_lo[k], where.min(0))
+        np.testing.assert_array_equal(inv.bbox_hi[k], where.max(0) + 1)
+        anchors = inv.anchors[inv.anchor_ids == o]
+        assert len(anchors) >= 1 and all(lab[tuple(a)] == o for a in anchors)
+    # object 11 spans three z chunks: up to 8 anchors from each
+    assert 8 < (inv.anchor_ids == 11).sum() <= 24
+    sub = inv.restrict(np.array([7, 200]))
+    np.testing.assert_array_equal(sub.ids, [7, 200])
+    assert set(sub.anchor_ids.tolist()) == {7, 200}
 
 
 def test_patch_respects_z_range():
@@ -189,7 +249,7 @@ def test_patch_keep_ids():
     lab[0, :8, :8], lab[0, :8, 8:], lab[0, 8:, :8], lab[0, 8:, 8:] = 1, 2, 3, 4
     raw = _position_raw(lab.shape)
     vol = data.TrainingVolume("v", raw, lab, keep_ids=np.array([2, 4]))
-    s = data.PatchSampler([vol], (6, 6), dims=2, rng=np.random.default_rng(0))
+    s = data.PatchSampler([vol], (6, 6), dims=2, rng=np.random.default_rng(0), random_share=0)
     for _ in range(20):
         r, l = s.sample()
         y, x = int(r[0, 0]) // 100, int(r[0, 0]) % 100
@@ -199,7 +259,7 @@ def test_patch_keep_ids():
         assert np.isin(l, [2, 4]).any()  # the object requirement counts kept objects only
     # patches that hold only non-kept objects are never returned
     vol1 = data.TrainingVolume("v", raw, lab, keep_ids=np.array([1]))
-    s1 = data.PatchSampler([vol1], (4, 4), dims=2, rng=np.random.default_rng(0))
+    s1 = data.PatchSampler([vol1], (4, 4), dims=2, rng=np.random.default_rng(0), random_share=0)
     for _ in range(10):
         assert set(np.unique(s1.sample()[1])) <= {0, 1} and (s1.sample()[1] == 1).any()
 
@@ -238,6 +298,25 @@ def test_patch_downsample_3d_model():
     win = raw[z:z + 4, y:y + 6, x:x + 6]
     np.testing.assert_allclose(r, win.reshape(2, 2, 3, 2, 3, 2).mean(axis=(1, 3, 5)), atol=1e-2)
     np.testing.assert_array_equal(l, lab[z + 1:z + 4:2, y + 1:y + 6:2, x + 1:x + 6:2])
+
+
+def test_patch_downsample_by_a_fraction():
+    """5 nm data for a 9.2 nm model: 1.84 input voxels per model pixel, resampled linearly
+    (labels: nearest) from a window that holds the patch."""
+    shape = (2, 40, 40)
+    raw = _position_raw(shape)
+    lab = np.repeat(np.arange(40, dtype=np.uint16)[None, None, :], 40, axis=1).repeat(2, 0) + 1  # label = x + 1
+    s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (5, 5), dims=2, downsample=(1, 1.84, 1.84),
+                          rng=np.random.default_rng(0), random_share=1)
+    assert s.read_shape == (1, 10, 10)  # ceil(5 * 1.84)
+    for _ in range(10):
+        r, l = s.sample()
+        assert r.shape == (5, 5) and l.shape == (5, 5) and l.dtype == np.int64
+        z, y, x = int(r[0, 0]) // 10000, int(r[0, 0]) % 10000 // 100, int(r[0, 0]) % 100
+        # a linear ramp stays linear: corners are the window's corners, 9 voxels apart
+        np.testing.assert_allclose(r[-1, -1] - r[0, 0], 9 * 100 + 9, atol=1e-3)
+        np.testing.assert_allclose(np.diff(r, axis=1), 9 / 4, atol=1e-3)
+        assert set(np.unique(l[0])) <= set(range(x + 1, x + 11))  # nearest labels of that window
 
 
 def test_patch_bigger_than_volume():

@@ -52,16 +52,17 @@ def test_best_checkpoint_is_the_one_with_the_highest_validation_ap(blob_volume, 
     calibration measured there."""
     raw, labels = blob_volume
     out = str(tmp_path / "run")
-    assert run(train_args(raw, labels, out, "--iterations", "9", "--object-fraction", "0.5")).exit_code == 0
-    rows = [r for r in csv.DictReader(open(os.path.join(out, "log.csv"))) if r["val_ap"]]
+    assert run(train_args(raw, labels, out, "--iterations", "9", "--object-fraction", "0.5",
+                          "--val-sections", "1")).exit_code == 0
+    rows = [r for r in csv.DictReader(open(os.path.join(out, "log.csv"))) if r["val_score"]]
     assert [int(r["iteration"]) for r in rows] == [3, 6, 9]
-    aps = [float(r["val_ap"]) for r in rows]
+    aps = [float(r["val_score"]) for r in rows]
     first_best = int(rows[aps.index(max(aps))]["iteration"])  # ties: the earliest stays best
     ck = load_checkpoint(os.path.join(out, "best.pt"))
     assert ck["training"]["iterations"] == first_best
-    assert ck["training"]["selected_by"] == "validation AP@0.5"
-    assert ck["training"]["val_ap"] == pytest.approx(max(aps), abs=1e-4)
-    assert ck["inference"]["background_radius_val_ap"] == pytest.approx(max(aps), abs=1e-4)
+    assert ck["training"]["selected_by"] == "AP@0.5 of held-out sections"
+    assert ck["training"]["val_score"] == pytest.approx(max(aps), abs=1e-4)
+    assert ck["inference"]["background_radius_val_score"] == pytest.approx(max(aps), abs=1e-4)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["best_iteration"] == first_best
 
@@ -83,7 +84,7 @@ def test_tta_training_validates_and_calibrates_with_it(blob_volume, tmp_path, mo
         asked.clear()
         out = str(tmp_path / f"run{tta}")
         r = run(train_args(raw, labels, out, "--iterations", "3", "--object-fraction", "0.5", "--no-amp",
-                           "--tta" if tta else "--no-tta"))
+                           "--val-sections", "1", "--tta" if tta else "--no-tta"))
         assert r.exit_code == 0, r.output
         assert any(asked) == tta
         assert load_checkpoint(os.path.join(out, "best.pt"))["inference"]["tta"] is tta
@@ -93,7 +94,7 @@ def test_tta_training_validates_and_calibrates_with_it(blob_volume, tmp_path, mo
     recalibrate_checkpoint(out + "/best.pt", raw, labels, path, z_range=(3, 4), device="cpu", amp=False)
     cal = load_checkpoint(path)["inference"]
     assert cal["tta"] is True  # kept from the checkpoint
-    assert cal["background_radius_val_ap"] == pytest.approx(ck["training"]["val_ap"], abs=1e-6)
+    assert cal["background_radius_val_score"] == pytest.approx(ck["training"]["val_score"], abs=1e-6)
     np.testing.assert_allclose(cal["background_embedding"], ck["inference"]["background_embedding"], atol=1e-5)
 
 
@@ -192,9 +193,17 @@ def test_object_fraction_keeps_seeded_subset(blob_volume, tmp_path):
     out = str(tmp_path / "sparse")
     assert run(train_args(raw, labels, out, "--iterations", "2", "--object-fraction", "0.25")).exit_code == 0
     s = json.load(open(os.path.join(out, "summary.json")))
-    # the last section is held out for validation: only the others count
+    # sparse labels: a share (0.2) of the kept objects is held out for validation
+    n = int(np.unique(io.open_volume(labels)[...]).size - 1)
+    kept = round(0.25 * n)
+    assert s["mode"] == "sparse" and s["objects_total"] == n and s["validation"] == "PQ of held-out objects"
+    assert s["objects_held_out"] == round(0.2 * kept) and s["objects_used"] == kept - round(0.2 * kept)
+    out = str(tmp_path / "sparse_sections")  # with --val-sections the last section is held out instead
+    assert run(train_args(raw, labels, out, "--iterations", "2", "--object-fraction", "0.25",
+                          "--val-sections", "1")).exit_code == 0
+    s = json.load(open(os.path.join(out, "summary.json")))
     n = int(np.unique(io.open_volume(labels)[:-1]).size - 1)
-    assert s["mode"] == "sparse" and s["objects_total"] == n and s["objects_used"] == round(0.25 * n)
+    assert s["objects_total"] == n and s["objects_used"] == round(0.25 * n) and s["objects_held_out"] == 0
 
 
 def test_fine_tuning_uses_a_tenth_of_the_learning_rate(blob_volume, tmp_path):
@@ -207,9 +216,9 @@ def test_fine_tuning_uses_a_tenth_of_the_learning_rate(blob_volume, tmp_path):
     assert lr_tuned == pytest.approx(lr_base / 10, rel=0.01)
 
 
-def _bad(tmp_path, name, raw, labels):
+def _bad(tmp_path, name, raw, labels, *extra):
     out = str(tmp_path / "out")
-    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "2"))
+    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "2", *extra))
     assert r.exit_code == 2, r.output
     assert not os.path.exists(out), "nothing may be written on bad input"
     lines = [l for l in r.output.strip().splitlines() if l]
@@ -286,3 +295,97 @@ def test_calibrate_command(blob_volume, tmp_path):
     bad = CliRunner().invoke(cli, ["calibrate", "--model", out + "/best.pt", "--raw", raw, "--labels", labels,
                                    "--z-range", "3", "--out", str(tmp_path / "c2.pt")])
     assert bad.exit_code == 2 and "--z-range" in bad.output
+
+
+# ------------------------------------------------------------------ sparse annotations
+
+def _sparse_volume(tmp_path, sections=(0, 1, 2), shape=(4, 64, 64), voxel_size=(50.0, 10.0, 10.0)):
+    """The blobs with only the objects of ``sections`` annotated: a volume as a user
+    brings it, sparse labels, 0 = unlabeled."""
+    from conftest import synthetic_blobs
+    raw, labels = synthetic_blobs(shape=shape, n=6)
+    sparse = np.zeros_like(labels)
+    for z in sections:
+        ids = np.unique(labels[z][labels[z] > 0])[::2]
+        sparse[z] = np.where(np.isin(labels[z], ids), labels[z], 0)
+    path = str(tmp_path / "sparse.zarr")
+    attrs = {"voxel_size": list(voxel_size)} if voxel_size else {}
+    io.create_array(path + "/raw", raw, chunks=(1, 64, 64), attrs=attrs)
+    io.create_array(path + "/labels", sparse, chunks=(1, 64, 64), attrs=attrs)
+    return path + "/raw", path + "/labels", sparse
+
+
+def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
+    """With sparse labels (--mode sparse) and no validation data, a seeded share of the
+    annotated objects is held out: never in a training patch, and the score that
+    chooses best.pt and calibrates the background is how well they are recovered."""
+    from spoco_vol import data
+    from spoco_vol.training import TrainConfig, _prepare_volumes
+    raw, labels, sparse = _sparse_volume(tmp_path)
+    n = int(np.unique(sparse).size - 1)
+    cfg = TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "x"), mode="sparse", patch_shape=(32, 32))
+    vols, val_vols, held, _, info = _prepare_volumes(cfg)
+    assert not val_vols and info["objects_held_out"] == len(held) == round(0.2 * n) >= 1
+    assert info["objects_used"] == n - len(held) and info["objects_annotated"] == n
+    held_ids = {h.id for h in held}
+    sampler = data.PatchSampler(vols, (32, 32), 2, rng=np.random.default_rng(0))
+    seen = set()
+    for _ in range(200):
+        seen |= set(np.unique(sampler.sample()[1]).tolist())
+    assert not seen & held_ids and seen - {0}  # training patches never show a held-out object
+    for h in held:  # the anchor is a voxel of the object, inside its bounding box
+        assert sparse[tuple(h.anchor)] == h.id
+        assert np.all(h.bbox_lo <= h.anchor) and np.all(h.anchor < h.bbox_hi)
+    out = str(tmp_path / "run")
+    r = run(train_args(raw, labels, out, "--iterations", "6", "--mode", "sparse"))
+    assert r.exit_code == 0, r.output
+    ck = load_checkpoint(out + "/best.pt")
+    assert ck["training"]["selected_by"] == "PQ of held-out objects"
+    assert ck["training"]["objects_held_out"] == len(held)
+    scores = [float(r["val_score"]) for r in csv.DictReader(open(out + "/log.csv")) if r["val_score"]]
+    assert len(scores) == 2 and ck["training"]["val_score"] == pytest.approx(max(scores), abs=1e-4)
+    assert ck["inference"]["background_radius_val_score"] == pytest.approx(max(scores), abs=1e-4)
+
+
+def test_a_validation_set_without_objects_is_one_error_naming_its_sections(tmp_path):
+    raw, labels, _ = _sparse_volume(tmp_path, sections=(0, 1))
+    out = str(tmp_path / "run")
+    line = _bad(tmp_path, "empty validation", raw, labels, "--mode", "sparse", "--val-sections", "1")
+    assert "section 3" in line and "hold no annotated object" in line and "--val-objects" in line
+    io.create_array(os.path.dirname(raw) + "/none", np.zeros((4, 64, 64), np.uint16))
+    line = _bad(tmp_path, "empty validation volume", raw, labels, "--val-raw", raw,
+                "--val-labels", os.path.dirname(raw) + "/none")
+    assert "hold no annotated object" in line and "--val-raw/--val-labels" in line
+    assert not os.path.exists(out)
+
+
+def test_fine_tuning_resamples_to_the_models_voxel_size(tmp_path):
+    """--init: the data (10 nm here) are resampled to the checkpoint's voxel size (20 nm):
+    the model is trained at its own resolution without --downsample; sizes within 20%
+    are taken as they are; a volume without voxel size trains as it is, with one warning."""
+    from spoco_vol.errors import SpocoWarning
+    from spoco_vol.training import TrainConfig, train
+    raw, labels, _ = _sparse_volume(tmp_path, sections=(0, 1, 2, 3))
+    base = str(tmp_path / "base")
+    assert run(train_args(raw, labels, base, "--iterations", "1", "--downsample", "1,2,2")).exit_code == 0
+    assert load_checkpoint(base + "/best.pt")["voxel_size"] == [50.0, 20.0, 20.0]
+    small = dict(dims=2, patch_shape=(16, 16), batch_size=2, iterations=1, val_every=1, progress=False, amp=False,
+                 mode="sparse")
+    tuned = train(TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "t1"), init=base + "/best.pt", **small))
+    assert tuned["downsample"] == [1, 2, 2]
+    assert load_checkpoint(str(tmp_path / "t1/best.pt"))["voxel_size"] == [50.0, 20.0, 20.0]
+    tuned = train(TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "t2"), init=base + "/best.pt",
+                              voxel_size=[50, 11, 11], **small))
+    assert tuned["downsample"] == [1, pytest.approx(20 / 11), pytest.approx(20 / 11)]
+    tuned = train(TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "t3"), init=base + "/best.pt",
+                              voxel_size=[50, 18, 18], **small))
+    assert tuned["downsample"] == [1, 1, 1]  # within 20%: as it is
+    raw2, labels2, _ = _sparse_volume(tmp_path / "novs", sections=(0, 1, 2, 3), voxel_size=None)
+    with pytest.warns(SpocoWarning, match=r"voxel size of .* is unknown.*model's 50 x 20 x 20 nm.*--voxel-size"):
+        tuned = train(TrainConfig(raw=[raw2], labels=[labels2], out=str(tmp_path / "t4"), init=base + "/best.pt",
+                                  **small))
+    assert tuned["downsample"] == [1, 1, 1]
+    ck = load_checkpoint(str(tmp_path / "t1/best.pt"))
+    assert ck["training"]["fine_tuned_from"]["model"] == base + "/best.pt"
+    assert ck["training"]["fine_tuned_from"]["sha256"] == __import__("spoco_vol.model").model.checkpoint_checksum(
+        load_checkpoint(base + "/best.pt"))

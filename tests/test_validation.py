@@ -1,0 +1,78 @@
+"""Held-out scores (spoco_vol.validation): recovering held-out objects, PQ, radius choice."""
+import numpy as np
+import pytest
+
+from spoco_vol.validation import (RADIUS_TOLERANCE, choose_radius, held_out_score, object_recovery,
+                                  panoptic_quality)
+
+
+def _disc(shape, cy, cx, r):
+    y, x = np.indices(shape)
+    return (y - cy) ** 2 + (x - cx) ** 2 < r * r
+
+
+def _scene():
+    """A held-out object (id 5) and a training object (id 2) elsewhere; 0 = unlabeled."""
+    labels = np.zeros((64, 64), np.int64)
+    labels[_disc(labels.shape, 20, 20, 8)] = 5
+    labels[_disc(labels.shape, 48, 48, 6)] = 2
+    return labels
+
+
+def test_a_perfect_segmentation_recovers_the_object():
+    labels = _scene()
+    r = object_recovery(labels * 3, labels, 5)  # other ids, same partition
+    assert r == {"tp": 1, "fn": 0, "fp": 0, "iou": 1.0}
+
+
+def test_a_split_object_counts_its_fragment_as_false():
+    labels = _scene()
+    seg = labels.copy()
+    seg[(labels == 5) & (np.indices(labels.shape)[1] > 24)] = 9  # the right quarter split off
+    r = object_recovery(seg, labels, 5)
+    assert r["tp"] == 1 and r["fp"] == 1 and 0.5 < r["iou"] < 1
+
+
+def test_a_halved_object_is_missed():
+    labels = _scene()
+    seg = labels.copy()
+    x = np.indices(labels.shape)[1]
+    seg[(labels == 5) & (x >= 17)] = 9   # three pieces, none half of it: no match at IoU 0.5
+    seg[(labels == 5) & (x >= 23)] = 10
+    r = object_recovery(seg, labels, 5)
+    assert r["tp"] == 0 and r["fn"] == 1 and r["iou"] == 0
+
+
+def test_false_objects_next_to_it_count_far_ones_and_annotated_ones_do_not():
+    labels = _scene()
+    seg = labels.copy()
+    seg[_disc(labels.shape, 20, 28, 2) & (labels == 0)] = 7   # a speck right at its border
+    seg[_disc(labels.shape, 5, 55, 3)] = 8                     # far away: cannot be told from an object
+    r = object_recovery(seg, labels, 5)
+    assert r["tp"] == 1 and r["fp"] == 1
+    # the training object next door matches its annotation: never a false object
+    labels2 = labels.copy()
+    labels2[_disc(labels.shape, 20, 33, 4) & (labels == 0)] = 3
+    seg2 = labels2.copy()
+    assert object_recovery(seg2, labels2, 5)["fp"] == 0
+
+
+def test_panoptic_quality_pools_objects():
+    rs = [{"tp": 1, "fn": 0, "fp": 1, "iou": 0.8}, {"tp": 0, "fn": 1, "fp": 0, "iou": 0.0}]
+    assert panoptic_quality(rs) == pytest.approx(0.8 / (1 + 0.5 * 2))
+    assert panoptic_quality([]) == 0.0
+    labels = _scene()
+    assert held_out_score([labels], [labels], [5]) == 1.0
+    assert held_out_score([labels], [labels]) == 1.0  # dense: AP@0.5
+    assert held_out_score([np.zeros_like(labels)], [labels], [5]) == 0.0
+
+
+def test_choose_radius():
+    radii = [0.5, 1.0, 1.5, 2.0]
+    scores = [0.6, 0.8, 0.8 - RADIUS_TOLERANCE / 2, 0.5]
+    assert choose_radius(radii, scores, objects_held_out=False, prefer_larger=False) == (1.0, 0.8)
+    # held-out objects: the largest radius within the tolerance of the best
+    assert choose_radius(radii, scores, objects_held_out=True) == (1.5, pytest.approx(scores[2]))
+    tied = [0.8, 0.8, 0.7, 0.5]
+    assert choose_radius(radii, tied, False, prefer_larger=False)[0] == 0.5
+    assert choose_radius(radii, tied, False, prefer_larger=True)[0] == 1.0
