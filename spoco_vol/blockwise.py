@@ -34,15 +34,16 @@ from .affinities import default_offsets
 from .blocks import Block, BlockGrid, intersect, parse_roi
 from .errors import SpocoInputError, warn
 from .foreground import classifier_from_checkpoint, segmentation_settings
-from .pipeline import (check_output_path, default_output_path, labels_from_embeddings,
-                       model_grid_index, model_scale, predict_array, write_ome_metadata)
+from .pipeline import (check_output_path, default_output_path, label_pyramid, labels_from_embeddings,
+                       labels_group, labels_of_image, model_grid_index, model_scale, predict_array,
+                       register_label, write_ome_metadata)
 from . import stitching
 from .stitching import block_id_offset, merge_table, relabel_block, section_overlap_edges, stitch_faces
 
 MAX_IN_FLIGHT = 2000  # tasks submitted to the scheduler at once
 STITCH_DEPTH = 16  # input planes of halo agreement per face
 LINK_OVERLAP = 0.5  # default --link-overlap; see benchmarks/RESULTS.md
-STAGES = ("read", "predict", "affinities", "watershed", "stitch", "relabel", "write")
+STAGES = ("read", "predict", "affinities", "watershed", "stitch", "relabel", "write", "pyramid")
 
 
 # ----------------------------------------------------------------------------- planning
@@ -347,6 +348,34 @@ def relabel_one_block(block: Block, table: np.ndarray, *, work: str, grid: Block
     return {"seconds": time.perf_counter() - t, "peak_rss_mib": _peak_rss_mib()}
 
 
+def pyramid_chunk(start: Sequence[int], *, work: str, level: int, step: Sequence[int]) -> dict:
+    """Pass 4 for one chunk of pyramid level ``level``: level - 1 downsampled by
+    ``step`` per axis, nearest (the first voxel of each step block, so level k holds
+    level 0's voxel at k's index times the cumulative factor). Chunk-aligned writes."""
+    t = time.perf_counter()
+    dst = zarr.open_array(os.path.join(work, str(level)), mode="r+")
+    src = zarr.open_array(os.path.join(work, str(level - 1)), mode="r")
+    region = tuple(slice(c, min(c + ch, n)) for c, ch, n in zip(start, dst.chunks, dst.shape))
+    src_region = tuple(slice(r.start * k, min(r.stop * k, n)) for r, k, n in zip(region, step, src.shape))
+    dst[region] = np.asarray(src[src_region])[tuple(slice(None, None, k) for k in step)]
+    return {"seconds": time.perf_counter() - t, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _pyramid_passes(work: str, levels, client, progress: bool) -> float:
+    """The label pyramid, level by level (each reads the one before); returns seconds of work."""
+    import itertools
+    seconds = 0.0
+    for k in range(1, len(levels)):
+        step = [a // b for a, b in zip(levels[k], levels[k - 1])]
+        arr = zarr.open_array(os.path.join(work, str(k)), mode="r")
+        starts = list(itertools.product(*(range(0, n, c) for n, c in zip(arr.shape, arr.chunks))))
+        results = _compute((dask.delayed(pyramid_chunk, pure=False)(st, work=work, level=k, step=step)
+                            for st in starts), client, f"pyramid {k}", progress, total=len(starts))
+        seconds += sum(r["seconds"] for r in results)
+        _crash_point(f"pyramid:{k}")
+    return seconds
+
+
 def _relabel_marker(work: str, block: Block) -> str:
     return os.path.join(work, "relabelled", str(block.linear))
 
@@ -478,10 +507,15 @@ def _open_work(work: str, run_hash: str, overwrite: bool) -> str:
                           "parameters differ): rerun that command to finish it, or use --overwrite to discard it")
 
 
-def _create_work(work: str, shape, block_shape, out_dtype: str, emb_ckpt: dict | None, factors) -> None:
-    group = zarr.open_group(work, mode="w", zarr_format=2)
+def _create_work(work: str, shape, block_shape, out_dtype: str, emb_ckpt: dict | None, factors,
+                 zarr_format: int = 2, levels=()) -> None:
+    group = zarr.open_group(work, mode="w", zarr_format=zarr_format)
     group.create_array("fragments", shape=shape, dtype="uint64", chunks=tuple(block_shape), fill_value=0)
     group.create_array("0", shape=shape, dtype=out_dtype, chunks=tuple(block_shape), fill_value=0)
+    for k, f in enumerate(levels[1:], start=1):  # the labels' pyramid (pyramid_level)
+        level_shape = [-(-n // x) for n, x in zip(shape, f)]
+        group.create_array(str(k), shape=level_shape, dtype=out_dtype, fill_value=0,
+                           chunks=tuple(min(b, n) for b, n in zip(block_shape, level_shape)))
     os.makedirs(os.path.join(work, "blocks"))
     os.makedirs(os.path.join(work, "relabelled"))
     if emb_ckpt is not None:
@@ -496,9 +530,9 @@ def _create_work(work: str, shape, block_shape, out_dtype: str, emb_ckpt: dict |
 
 def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_shape, stitch_axes, depth: int,
                 link: float | None, out_dtype: str, common: dict, progress: bool = False,
-                cluster_config: dict | None = None, log=None) -> dict:
-    """The three passes; blocks an earlier run completed are not redone. Returns the
-    report's figures."""
+                cluster_config: dict | None = None, log=None, levels=((1, 1, 1),)) -> dict:
+    """The passes (segment, stitch, relabel, pyramid); blocks an earlier run completed
+    are not redone. Returns the report's figures."""
     stack = contextlib.ExitStack()
     if client is None and (cluster_config is not None or workers > 0):
         from .cluster import open_cluster, validate_cluster_config
@@ -550,11 +584,15 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
                                                                               grid=grid, dtype=out_dtype)
                                     for b in to_relabel), client, "relabel", progress, total=len(to_relabel))
         wall_relabel = time.perf_counter() - t
+        t = time.perf_counter()
+        pyramid_seconds = _pyramid_passes(work, levels, client, progress)
+        wall_pyramid = time.perf_counter() - t
     work_seconds = dict.fromkeys(STAGES, 0.0)
     for r in results:
         for k, v in r["timings"].items():
             work_seconds[k] += v
     work_seconds["relabel"] = float(sum(r["seconds"] for r in relabel_results))
+    work_seconds["pyramid"] = float(pyramid_seconds)
     work_seconds["stitch"] += float(sum(f["seconds"] for f in face_results)) + merge_seconds
     # Block tasks run in worker processes (or here, with workers=0): their peak is what
     # a block costs; this process's own peak covers the merge table.
@@ -563,7 +601,7 @@ def _run_passes(grid: BlockGrid, roi, *, work: str, client, workers: int, block_
             "blocks": len(blocks), "blocks_done_before": len(done), "merges": int(len(edges)),
             "prediction_on_gpu_workers": bool(pools["GPU"]),
             "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
-                             "relabel": round(wall_relabel, 3)},
+                             "relabel": round(wall_relabel, 3), "pyramid": round(wall_pyramid, 3)},
             "seconds": {k: round(v, 3) for k, v in work_seconds.items()},
             "peak_rss_mib": {"worker": round(worker_peak, 1), "client": round(_peak_rss_mib(), 1)}}
 
@@ -621,6 +659,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     io.validate_volume(arr, f"input {input_path}")
     output = output or default_output_path(input_path)
     check_output_path(output, input_path, overwrite)
+    image = labels_of_image(output, input_path)  # the labels go into this OME-Zarr image's labels group
+    out_format = io.zarr_format(arr)  # the output's zarr (and OME-Zarr) version follows the input's
     model_path = os.path.abspath(bundled.model_path(model))
     ckpt = model_mod.load_checkpoint(model_path)
     dims = ckpt["architecture"]["dims"]
@@ -688,6 +728,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     out_dtype = "uint32" if n_vox < 2 ** 32 else "uint64"
     link = link_overlap if link_sections else None
     rule = segmentation_settings(ckpt)
+    levels = label_pyramid(arr.shape, vs, io.ome_scales(io.ome_image(input_path)) if io.ome_image(input_path)
+                           else None)
     fingerprint = {
         "input": os.path.abspath(input_path), "shape": list(arr.shape), "dtype": str(arr.dtype),
         "chunks": list(arr.chunks), "block_shape": list(block_shape), "halo": list(halo),
@@ -698,20 +740,24 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         "offsets": [list(map(int, o)) for o in offsets], "voxel_size": vs,
         "mask": os.path.abspath(mask) if mask else None, "roi": [[r.start, r.stop] for r in roi] if roi else None,
         "stitch": bool(stitch), "depth": depth, "link_overlap": link, "save_embeddings": bool(save_embeddings),
-        "output_dtype": out_dtype, "tta": tta, "intensity": intensity_mapping, "version": __version__}
+        "output_dtype": out_dtype, "tta": tta, "intensity": intensity_mapping, "zarr_format": out_format,
+        "pyramid": levels, "version": __version__}
     run_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     if dry_run:
         return {"output": output, "run_hash": run_hash, "fingerprint": fingerprint}
     work = output.rstrip(os.sep) + ".partial"
+    if image is not None:
+        labels_group(image, out_format)
     state = _open_work(work, run_hash, overwrite)
     try:
         if state == "new":
-            _create_work(work, arr.shape, block_shape, out_dtype, ckpt if save_embeddings else None, factors)
+            _create_work(work, arr.shape, block_shape, out_dtype, ckpt if save_embeddings else None, factors,
+                         out_format, levels)
             zarr.open_group(work, mode="r+").attrs["spoco_vol_run"] = {"hash": run_hash, "fingerprint": fingerprint}
         if state != "finalize":
             report = _run_passes(grid, roi, work=work, client=client, workers=workers, block_shape=block_shape,
                                  stitch_axes=stitch_axes, depth=depth, link=link, out_dtype=out_dtype,
-                                 progress=progress, cluster_config=cluster_config,
+                                 progress=progress, cluster_config=cluster_config, levels=levels,
                                  log=(lambda line: print(line, file=sys.stderr, flush=True)) if progress
                                  else (lambda line: None),
                                  common=dict(roi=roi, save_embeddings=save_embeddings, link_overlap=link,
@@ -730,7 +776,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                 "embeddings": "embeddings" if save_embeddings else None, "link_overlap": link,
                 "workers": workers, "run_hash": run_hash, "resumed": state == "resume"})
             # The report in the attributes marks the labels complete; only then the scratch goes.
-            write_ome_metadata(zarr.open_group(work, mode="r+"), arr.ndim, vs, report)
+            write_ome_metadata(zarr.open_group(work, mode="r+"), arr.ndim, vs, report, levels, out_format,
+                               source_image=image is not None)
             _crash_point("finalize")
         else:
             report = dict(zarr.open_group(work, mode="r").attrs["spoco_vol"])
@@ -739,6 +786,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         if os.path.exists(output):
             shutil.rmtree(output)  # check_output_path allowed it: a zarr store, and --overwrite
         os.replace(work, output)
+        if image is not None:
+            register_label(image, os.path.basename(output.rstrip(os.sep)), out_format)
     except SpocoInputError:
         shutil.rmtree(work, ignore_errors=True)  # bad input found inside a block: leave nothing behind
         raise

@@ -156,6 +156,8 @@ def cli():
 @click.option("--foreground-prior", type=float, default=None,
               help="Share of the unlabeled pixels that belong to (unannotated) objects, for the foreground "
                    "classifier [default: estimated from --object-fraction and the annotated area].")
+@click.option("--intensity-range", type=FLOATS, default=None, metavar="LO,HI",
+              help="The raw values that map to the model's intensity range [default: by dtype, as segment].")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for training [default: all cores].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
@@ -167,7 +169,8 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
           schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
           consistency_weight, unlabeled_weight, background_weight, background_select_radius, background_warmup,
           momentum, downsample, voxel_size, val_raw, val_labels,
-          val_sections, val_objects, val_every, elastic, seed, device, amp, tta, foreground_iterations, foreground_prior, threads,
+          val_sections, val_objects, val_every, elastic, seed, device, amp, tta, foreground_iterations, foreground_prior,
+          intensity_range, threads,
           resume, stop_after, overwrite, quiet):
     """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
     from .training import TrainConfig, train as train_fn
@@ -185,11 +188,10 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
                       background_warmup=background_warmup, background_select_radius=background_select_radius,
                       momentum=momentum, downsample=downsample,
                       voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
-                      val_sections=val_sections, val_objects=val_objects, val_every=val_every, elastic=elastic, seed=seed,
-                      device=device, amp=amp, tta=tta, foreground_iterations=foreground_iterations,
-                      foreground_prior=foreground_prior, threads=threads, resume=resume, stop_after=stop_after,
-                      overwrite=overwrite,
-                      progress=not quiet,
+                      val_sections=val_sections, val_objects=val_objects, val_every=val_every, elastic=elastic,
+                      seed=seed, device=device, amp=amp, tta=tta, foreground_iterations=foreground_iterations,
+                      foreground_prior=foreground_prior, intensity_range=intensity_range, threads=threads,
+                      resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not quiet,
                       command=_command_line())
     summary = _run(train_fn, cfg)
     click.echo(json.dumps(summary, indent=2))
@@ -247,7 +249,9 @@ def models():
 
 @cli.command()
 @click.option("--input", "input_path", required=True, help="Zarr array to segment (vol.zarr or vol.zarr/path).")
-@click.option("--output", default=None, help="OME-Zarr labels to write [default: <input>_labels.zarr].")
+@click.option("--output", default=None,
+              help="OME-Zarr labels to write [default: an OME-Zarr image's own labels group, image.zarr/labels/"
+                   "spoco; else <store>_<array>_labels.zarr beside the input].")
 @click.option("--model", default=None,
               help="Checkpoint: a path or a bundled model's name (`spoco-vol models`) [default: vnc-mito-2d].")
 @click.option("--block-shape", type=INTS, default=None,
@@ -283,12 +287,16 @@ def models():
 @click.option("--tta/--no-tta", default=None,
               help="Test-time augmentation: average 8 rotated/flipped predictions (8x the prediction time) "
                    "[default: as the model was calibrated].")
+@click.option("--intensity-range", type=FLOATS, default=None, metavar="LO,HI",
+              help="The input values that map to the model's darkest and brightest (its training range) "
+                   "[default: by the input's dtype: uint8 as is, other integers by their bit depth, floats in "
+                   "[0, 1] as 0..1; README 'Inputs as they come'].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
                                                  "with other settings).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, cluster_set, stitch,
             device, roi,
-            save_embeddings, link_sections, link_overlap, tta, overwrite, quiet):
+            save_embeddings, link_sections, link_overlap, tta, intensity_range, overwrite, quiet):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
     An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
@@ -303,7 +311,7 @@ def segment(input_path, output, model, block_shape, halo, mask, voxel_size, work
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
                   link_sections=link_sections, link_overlap=link_overlap, cluster=cluster,
-                  command=_command_line(), progress=not quiet, tta=tta)
+                  command=_command_line(), progress=not quiet, tta=tta, intensity_range=intensity_range)
     click.echo(format_report(report))
 
 
@@ -336,7 +344,12 @@ def clusters():
 @click.option("--per-section", is_flag=True, help="Objects are the 2D objects of each z-section.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(pred, gt, per_section, as_json):
-    """AP@0.5, mAP, adapted Rand error and variation of information against ground truth."""
+    """Instance metrics against ground truth, block by block (volumes of any size).
+
+    AP@0.5, AP@0.75 and mAP over IoU 0.50:0.05:0.95 (MitoEM/COCO; predicted objects
+    ranked by size), AP by object size, precision/recall at IoU 0.5, adapted Rand error,
+    variation of information (split and merge parts), Symmetric Best Dice and |DiC|
+    (CVPPP)."""
     from .evaluation import evaluate_zarr, format_metrics
     metrics = _run(evaluate_zarr, pred, gt, per_section)
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))

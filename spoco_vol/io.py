@@ -15,6 +15,11 @@ import zarr
 from .errors import SpocoInputError
 
 
+def split_volume_path(path: str) -> tuple[str, str]:
+    """``a/b.zarr/c/d`` -> (``a/b.zarr``, ``c/d``): the store and the path inside it."""
+    return _split_store_path(path)
+
+
 def _split_store_path(path: str) -> tuple[str, str]:
     """Split ``a/b.zarr/c/d`` into (``a/b.zarr``, ``c/d``): the outermost existing zarr root."""
     path = os.path.normpath(os.path.expanduser(os.fspath(path)))
@@ -99,6 +104,8 @@ def _multiscales(group) -> list | None:
 def _scale_of(ms: list, dataset: str, ndim: int) -> list[float] | None:
     """Scale of one OME-Zarr dataset, converted to nm where the axes say micrometer."""
     axes = [a for a in ms[0].get("axes", []) if isinstance(a, dict)][-ndim:]
+    if axes and not any(a.get("unit") for a in axes):
+        return None  # a scale in voxels: the physical size is unknown
     factor = 1000.0 if any(a.get("unit") == "micrometer" for a in axes) else 1.0
     for ds in ms[0]["datasets"]:
         if ds["path"] == dataset:
@@ -127,6 +134,48 @@ def read_voxel_size(path: str | os.PathLike) -> list[float] | None:
         return None
     ms = _multiscales(group)
     return _scale_of(ms, array_path.split("/")[-1], arr.ndim) if ms else None
+
+
+def zarr_format(arr) -> int:
+    """2 or 3: the zarr format an opened array is stored in."""
+    return int(getattr(arr.metadata, "zarr_format", 3))
+
+
+def ome_image(path: str | os.PathLike) -> str | None:
+    """The directory of the OME-Zarr multiscale image a volume path opens (the group, or
+    the group of the level-0 array named), or None for a plain zarr array."""
+    path = os.fspath(path)
+    root, inner = _split_store_path(path)
+    try:
+        node = zarr.open(root, mode="r", path=inner) if inner else zarr.open(root, mode="r")
+    except Exception:
+        return None
+    if isinstance(node, zarr.Group):
+        return os.path.normpath(path) if _multiscales(node) else None
+    parent = "/".join(node.path.split("/")[:-1])
+    try:
+        group = zarr.open_group(root, mode="r", path=parent) if parent else zarr.open_group(root, mode="r")
+    except Exception:
+        return None
+    ms = _multiscales(group)
+    if ms and node.path.split("/")[-1] == ms[0]["datasets"][0]["path"]:
+        return os.path.normpath(os.path.join(root, *parent.split("/"))) if parent else os.path.normpath(root)
+    return None
+
+
+def ome_scales(image_dir: str) -> list[list[float]] | None:
+    """The scale of each level of an OME-Zarr image (as stored), level 0 first."""
+    group = zarr.open_group(image_dir, mode="r")
+    ms = _multiscales(group)
+    if not ms:
+        return None
+    out = []
+    for ds in ms[0]["datasets"]:
+        scale = next((t["scale"] for t in ds.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
+        if scale is None:
+            return None
+        out.append([float(x) for x in scale])
+    return out
 
 
 def create_array(path: str, data_or_shape, dtype=None, chunks=None, attrs: dict | None = None,

@@ -83,16 +83,41 @@ def model_grid_index(i: np.ndarray, n: int, m: int, scale: float | None = None) 
     return np.minimum((i * (m / n)).astype(np.int64), m - 1)
 
 
+LABELS_NAME = "spoco"  # the labels' name inside an OME-Zarr image (image.zarr/labels/spoco)
+PYRAMID_MIN = 256        # the label pyramid stops when every axis is at most this long
+PYRAMID_LEVELS = 8
+
+
 def default_output_path(input_path: str) -> str:
-    """``<input store>_labels.zarr`` beside the input."""
-    return io.store_root(input_path).rstrip(os.sep).removesuffix(".zarr") + "_labels.zarr"
+    """Into the image's own labels group (``image.zarr/labels/spoco``, the OME-Zarr
+    labels layout) when the input is an OME-Zarr image; else ``<store>_labels.zarr``
+    beside it, with the array's path in the name (``vol.zarr/raw`` ->
+    ``vol_raw_labels.zarr``), so that two arrays of one store do not collide."""
+    image = io.ome_image(input_path)
+    if image is not None:
+        return os.path.join(image, "labels", LABELS_NAME)
+    root, inner = io.split_volume_path(input_path)
+    stem = root.rstrip(os.sep).removesuffix(".zarr")
+    return stem + ("_" + inner.strip("/").replace("/", "_") if inner else "") + "_labels.zarr"
+
+
+def labels_of_image(output: str, input_path: str) -> str | None:
+    """The OME-Zarr image whose labels group ``output`` is (``image/labels/NAME``), or None."""
+    image = io.ome_image(input_path)
+    out = os.path.abspath(output)
+    if image is not None and os.path.dirname(out) == os.path.join(os.path.abspath(image), "labels") \
+            and os.path.basename(out) not in ("", ".", ".."):
+        return image
+    return None
 
 
 def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
     out = os.path.abspath(output)
     inp = os.path.abspath(io.store_root(input_path))
-    if out == inp or out.startswith(inp + os.sep):
-        raise SpocoInputError(f"output {output} lies inside the input {input_path}")
+    inside_image = labels_of_image(output, input_path) is not None
+    if (out == inp or out.startswith(inp + os.sep)) and not inside_image:
+        raise SpocoInputError(f"output {output} lies inside the input {input_path} (only an OME-Zarr image's "
+                              "labels/NAME may)")
     if inp.startswith(out + os.sep):
         raise SpocoInputError(f"output {output} contains the input {input_path}")
     if os.path.exists(out) and not overwrite:
@@ -103,24 +128,93 @@ def check_output_path(output: str, input_path: str, overwrite: bool) -> None:
     if inp == partial or inp.startswith(partial + os.sep):
         raise SpocoInputError(f"input {input_path} lies in the output's work directory {partial}")
     parent = os.path.dirname(out) or "."
+    if inside_image:
+        parent = os.path.dirname(parent)  # the labels group is made when the run starts
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise SpocoInputError(f"cannot write output {output}: {parent} is not a writable directory")
 
 
-def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float] | None, attrs: dict) -> None:
-    """OME-Zarr 0.4 multiscales (one level, dataset "0"), marked as a label image, plus our run report."""
+def label_pyramid(shape: Sequence[int], voxel_size: Sequence[float] | None,
+                  image_scales: Sequence[Sequence[float]] | None = None) -> list[list[int]]:
+    """Downsampling factors of each level of the labels' pyramid (level 0 first),
+    relative to the input grid. An OME-Zarr input's own levels where they are integer
+    downsamplings of its level 0 (so the labels overlay each level of the image);
+    otherwise halving, per level, the axes whose voxels are finest (an axis thicker than
+    twice the finest waits: thick EM sections keep z until x and y catch up), until no
+    axis is longer than PYRAMID_MIN."""
+    ndim = len(shape)
+    if image_scales and len(image_scales) > 1:
+        base = image_scales[0]
+        levels = [[1] * ndim]
+        for sc in image_scales[1:]:
+            f = [s / b for s, b in zip(sc[-ndim:], base[-ndim:])]
+            if not all(abs(x - round(x)) < 1e-6 and round(x) >= 1 for x in f):
+                break
+            levels.append([int(round(x)) for x in f])
+        if len(levels) > 1:
+            return levels
+    vs = list(voxel_size) if voxel_size else [1.0] * ndim
+    levels = [[1] * ndim]
+    while len(levels) < PYRAMID_LEVELS:
+        f = levels[-1]
+        cur = [-(-n // x) for n, x in zip(shape, f)]
+        if max(cur) <= PYRAMID_MIN:
+            break
+        size = [v * x for v, x in zip(vs, f)]
+        finest = min(s for s, c in zip(size, cur) if c > 1)
+        step = [2 if c > 1 and s < 2 * finest else 1 for s, c in zip(size, cur)]
+        levels.append([x * k for x, k in zip(f, step)])
+    return levels
+
+
+def write_ome_metadata(group: zarr.Group, ndim: int, voxel_size: Sequence[float] | None, attrs: dict,
+                       levels: Sequence[Sequence[int]] = ((1, 1, 1),), zarr_format: int = 2,
+                       source_image: bool = False) -> None:
+    """OME-Zarr multiscales of a label image (datasets "0", "1", ... at ``levels``'
+    downsampling factors), plus our run report: version 0.4 in a zarr v2 group, 0.5
+    (under "ome") in a zarr v3 group. Without a voxel size the axes carry no unit and the
+    scale counts voxels: no made-up physical size. ``source_image``: the labels live in
+    an image's labels group (``source`` points back to it)."""
     axes = ["z", "y", "x"][-ndim:]
     vs = list(voxel_size) if voxel_size else [1.0] * ndim
-    group.attrs["multiscales"] = [{
-        "version": "0.4",
+    unit = {"unit": "nanometer"} if voxel_size else {}
+    multiscale = {
         "name": "labels",
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in axes],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": vs}]}],
-    }]
+        "axes": [{"name": a, "type": "space", **unit} for a in axes],
+        "datasets": [{"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": [float(v * f) for v, f in zip(vs, list(fac)[-ndim:])]}]}
+            for k, fac in enumerate(levels)],
+    }
     # "image-label" marks the image as a label image: OME-Zarr readers (ome-zarr-py, and
     # napari-ome-zarr on top of it) then open it as a labels layer, not as intensities.
-    group.attrs["image-label"] = {"version": "0.4"}
+    label = {"source": {"image": "../../"}} if source_image else {}
+    if zarr_format == 2:
+        group.attrs["multiscales"] = [{"version": "0.4", **multiscale}]
+        group.attrs["image-label"] = {"version": "0.4", **label}
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale], "image-label": label}
     group.attrs["spoco_vol"] = attrs
+
+
+def labels_group(image: str, zarr_format: int) -> str:
+    """The ``labels`` group of an OME-Zarr image (made if missing): its directory."""
+    path = os.path.join(image, "labels")
+    if not io.is_zarr_store(path):
+        zarr.open_group(path, mode="a", zarr_format=zarr_format)
+    return path
+
+
+def register_label(image: str, name: str, zarr_format: int) -> None:
+    """List ``name`` in the image's labels group (the OME-Zarr labels layout)."""
+    group = zarr.open_group(labels_group(image, zarr_format), mode="r+")
+    if zarr_format == 2:
+        names = list(group.attrs.get("labels", []))
+        group.attrs["labels"] = names + ([name] if name not in names else [])
+    else:
+        ome = dict(group.attrs.get("ome", {"version": "0.5"}))
+        names = list(ome.get("labels", []))
+        ome["labels"] = names + ([name] if name not in names else [])
+        group.attrs["ome"] = ome
 
 
 def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",

@@ -194,8 +194,8 @@ def _prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     used_ids = [v.keep_ids if v.keep_ids is not None else s["object_ids"] for v, s in zip(train_vols, stats)]
     annotated = sum(int(s["object_sizes"][np.isin(s["object_ids"], ids)].sum()) for s, ids in zip(stats, used_ids))
     vs = train_vols[0].voxel_size
-    normalization = {"mean": mean, "std": std, "kind": "zscore", "input_dtype": reference["input_dtype"],
-                     "input_range": list(reference["input_range"])}
+    normalization = {"mean": mean, "std": std, "kind": "zscore", "input_dtype": intensity.model_dtype(reference),
+                     "input_range": list(intensity.model_range(reference))}
     return train_vols, val_vols, held, normalization, {
         "objects_total": int(n), "objects_annotated": int(kept), "objects_held_out": len(held),
         "objects_used": int(kept - len(held)),

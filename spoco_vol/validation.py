@@ -99,4 +99,4 @@ def choose_radius(radii: Sequence[float], scores: Sequence[float], objects_held_
     tolerance = RADIUS_TOLERANCE if objects_held_out else 0.0
     candidates = np.flatnonzero(scores >= scores.max() - tolerance - 1e-12)
     i = int(candidates[-1] if prefer_larger or objects_held_out else candidates[0])
-    return float(radii[i]), float(scores[i])
+    return (None if radii[i] is None else float(radii[i])), float(scores[i])

@@ -1,4 +1,4 @@
-"""Recipes: a YAML list of steps (train, segment, evaluate) run in order.
+"""Recipes: a YAML list of steps (fine_tune, train, segment, evaluate) run in order.
 
 A recipe resumes like a single run does: a step whose output is complete and was made
 with the same settings is skipped; an interrupted step picks up where it stopped (a
@@ -7,7 +7,7 @@ training run from its ``latest.pt``, a segmentation from ``<output>.partial``).
     name: em-mito-finetune
     vars: {volume: data/my.zarr}           # ${volume} below; `spoco-vol run --set volume=...`
     steps:
-      - train: {raw: "${volume}/raw", labels: "${volume}/sparse", out: runs/ft, init: bundled}
+      - fine_tune: {raw: "${volume}/raw", labels: "${volume}/sparse", out: runs/ft, model: vnc-mito-2d}
       - segment: {input: "${volume}/raw", output: "${volume}_labels.zarr", model: runs/ft/best.pt}
       - evaluate: {pred: "${volume}_labels.zarr", gt: "${volume}/labels", out: metrics.json}
 """
@@ -22,7 +22,7 @@ import yaml
 
 from .errors import SpocoInputError
 
-STEP_KINDS = ("train", "segment", "evaluate")
+STEP_KINDS = ("fine_tune", "train", "segment", "evaluate")
 
 
 def load_workflow(path: str, overrides: dict | None = None) -> dict:
@@ -73,16 +73,37 @@ def load_workflow(path: str, overrides: dict | None = None) -> dict:
     return {"name": recipe.get("name", os.path.basename(path)), "steps": steps}
 
 
-def _train_step(options: dict, log) -> str:
-    from .training import TrainConfig, train
+def _volume_lists(options: dict) -> dict:
     options = dict(options)
     for key in ("raw", "labels", "val_raw", "val_labels"):
         if isinstance(options.get(key), str):
             options[key] = [options[key]]
+    return options
+
+
+def _train_step(options: dict, log) -> str:
+    from .training import TrainConfig
     try:
-        cfg = TrainConfig(**options, progress=False)
+        cfg = TrainConfig(**_volume_lists(options), progress=False)
     except TypeError as exc:
         raise SpocoInputError(f"train step: {exc}") from None
+    return _run_training(cfg)
+
+
+def _fine_tune_step(options: dict, log) -> str:
+    """`spoco-vol fine-tune`'s recipe: raw, labels, out, model, and any TrainConfig field."""
+    from .training import fine_tune_config
+    options = _volume_lists(options)
+    try:
+        cfg = fine_tune_config(options.pop("raw"), options.pop("labels"), options.pop("out"),
+                               options.pop("model", "vnc-mito-2d"), progress=False, **options)
+    except TypeError as exc:
+        raise SpocoInputError(f"fine_tune step: {exc}") from None
+    return _run_training(cfg)
+
+
+def _run_training(cfg) -> str:
+    from .training import train
     summary_path = os.path.join(cfg.out, "summary.json")
     if os.path.exists(summary_path):
         with open(summary_path) as f:
@@ -136,7 +157,8 @@ def _evaluate_step(options: dict, log) -> str:
     return f"evaluated {pred}" + (f" -> {out}" if out else "")
 
 
-_STEPS: dict[str, Callable] = {"train": _train_step, "segment": _segment_step, "evaluate": _evaluate_step}
+_STEPS: dict[str, Callable] = {"fine_tune": _fine_tune_step, "train": _train_step, "segment": _segment_step,
+                               "evaluate": _evaluate_step}
 
 
 def run_workflow(path: str, overrides: dict | None = None, log: Callable[[str], None] = print) -> list[str]:

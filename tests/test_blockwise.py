@@ -17,22 +17,33 @@ from conftest import tiny_checkpoint
 SHORT_OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
 
 
-def test_output_is_ome_zarr_that_plain_zarr_and_napari_conventions_read(tmp_path):
+def _ome_attrs(group) -> tuple[dict, dict]:
+    """(multiscale, image-label) of an OME-Zarr 0.4 (zarr v2) or 0.5 (zarr v3) label image."""
+    if group.metadata.zarr_format == 2:
+        assert group.attrs["multiscales"][0]["version"] == "0.4"
+        return group.attrs["multiscales"][0], group.attrs["image-label"]
+    ome = group.attrs["ome"]
+    assert ome["version"] == "0.5" and "multiscales" not in group.attrs
+    return ome["multiscales"][0], ome["image-label"]
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_output_is_ome_zarr_that_plain_zarr_and_napari_conventions_read(tmp_path, zarr_format):
+    """The output's zarr format follows the input's: v2 -> OME-Zarr 0.4, v3 -> 0.5."""
     data = np.random.default_rng(0).integers(0, 256, (3, 40, 36)).astype(np.uint8)
-    inp = _input_volume(tmp_path, data)
+    inp = _input_volume(tmp_path, data, zarr_format=zarr_format)
     model, _ = tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
     out = str(tmp_path / "seg.zarr")
     segment_blockwise(inp, out, model, voxel_size=[40, 4, 4], device="cpu", workers=0,
                       block_shape=[2, 20, 20], halo=[0, 12, 12])
     assert sorted(os.listdir(tmp_path)) == sorted(["vol.zarr", "seg.zarr", "model.pt"])  # no .partial left
     group = zarr.open_group(out, mode="r")
-    assert group.metadata.zarr_format == 2
-    ms = group.attrs["multiscales"]
-    assert ms[0]["version"] == "0.4"
-    assert [a["name"] for a in ms[0]["axes"]] == ["z", "y", "x"]
-    assert all(a["type"] == "space" and a["unit"] == "nanometer" for a in ms[0]["axes"])
-    assert ms[0]["datasets"] == [{"path": "0", "coordinateTransformations": [
-        {"type": "scale", "scale": [40, 4, 4]}]}]
+    assert group.metadata.zarr_format == zarr_format
+    ms, label = _ome_attrs(group)
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert all(a["type"] == "space" and a["unit"] == "nanometer" for a in ms["axes"])
+    assert ms["datasets"] == [{"path": "0", "coordinateTransformations": [
+        {"type": "scale", "scale": [40, 4, 4]}]}]  # no pyramid for so small a volume
     arr = zarr.open_array(os.path.join(out, "0"), mode="r")  # plain zarr reads dataset 0
     assert arr.shape == data.shape and arr.chunks == (2, 20, 20)  # chunks = block grid
     assert sorted(group.keys()) == ["0"]  # fragments and side files are gone
@@ -51,11 +62,94 @@ def test_output_is_ome_zarr_that_plain_zarr_and_napari_conventions_read(tmp_path
     assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"]
 
 
+def _ome_image(path, data, zarr_format, scales=((40, 4, 4), (40, 8, 8))):
+    """An OME-Zarr image (0.4 in v2, 0.5 in v3) with a level per scale, each the first
+    voxel of 2x2 in y and x of the one before."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    level = data
+    for k in range(len(scales)):
+        a = group.create_array(str(k), shape=level.shape, dtype=level.dtype, chunks=(1, *level.shape[1:]))
+        a[...] = level
+        level = level[:, ::2, ::2]
+    ms = {"axes": [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
+          "datasets": [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": list(sc)}]}
+                       for k, sc in enumerate(scales)]}
+    if zarr_format == 2:
+        group.attrs["multiscales"] = [{"version": "0.4", **ms}]
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [ms]}
+    return str(path)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_labels_go_into_an_ome_zarr_images_labels_group(tmp_path, zarr_format):
+    """An OME-Zarr image as input: by default the labels are written as image/labels/spoco
+    and listed in image/labels (the layout napari and neuroglancer read together with
+    the image), with a level for each of the image's levels; ome-zarr's reader finds
+    them from the image."""
+    data = np.random.default_rng(1).integers(0, 256, (2, 64, 48)).astype(np.uint8)
+    image = _ome_image(tmp_path / "img.zarr", data, zarr_format)
+    model, _ = tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
+    report = segment_blockwise(image, model=model, device="cpu", workers=0, block_shape=[1, 32, 24],
+                               halo=[0, 12, 12])
+    out = os.path.join(image, "labels", "spoco")
+    assert report["output"] == out
+    labels_group = zarr.open_group(os.path.join(image, "labels"), mode="r")
+    names = labels_group.attrs["labels"] if zarr_format == 2 else labels_group.attrs["ome"]["labels"]
+    assert names == ["spoco"]
+    group = zarr.open_group(out, mode="r")
+    ms, label = _ome_attrs(group)
+    assert label["source"] == {"image": "../../"}
+    assert [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]] == [[40, 4, 4], [40, 8, 8]]
+    lab0, lab1 = group["0"][...], group["1"][...]
+    np.testing.assert_array_equal(lab1, lab0[:, ::2, ::2])  # nearest: level 0's voxel at 2x the index
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    nodes = list(Reader(parse_url(image))())
+    label_nodes = [n for n in nodes if n.load(Label) is not None]
+    assert label_nodes and np.array_equal(np.asarray(label_nodes[0].data[0]), lab0)
+    with pytest.raises(SpocoInputError, match="exists"):  # the same default again: --overwrite needed
+        segment_blockwise(image, model=model, device="cpu", workers=0, block_shape=[1, 32, 24], halo=[0, 12, 12])
+    with pytest.raises(SpocoInputError, match="inside the input"):  # elsewhere in the image: refused
+        segment_blockwise(image, os.path.join(image, "mine"), model, device="cpu", workers=0)
+
+
+def test_label_pyramid_levels():
+    from spoco_vol.pipeline import label_pyramid
+    # thick sections: z waits until y and x are coarser than it
+    assert label_pyramid((20, 1024, 1024), [50, 4.6, 4.6]) == [[1, 1, 1], [1, 2, 2], [1, 4, 4]]
+    levels = label_pyramid((100, 4096, 4096), [50, 4.6, 4.6])
+    assert levels[3] == [1, 8, 8] and levels[4] == [2, 16, 16]  # from 36.8 nm y/x on, z (50 nm) halves too
+    assert label_pyramid((64, 512, 512), [10, 10, 10])[1] == [2, 2, 2]  # isotropic: all axes
+    assert label_pyramid((8, 100, 100), [40, 4, 4]) == [[1, 1, 1]]  # small: no pyramid
+    # an OME-Zarr image's own levels, where they are integer downsamplings
+    assert label_pyramid((8, 100, 100), None, [[40, 4, 4], [40, 8, 8], [80, 16, 16]]) == \
+        [[1, 1, 1], [1, 2, 2], [2, 4, 4]]
+
+
+def test_pyramid_of_a_large_volume_is_built_blockwise(tmp_path):
+    """A volume longer than 256 voxels gets levels until every axis is at most 256;
+    each level is the nearest downsampling of the one before, computed chunk by chunk."""
+    data = np.random.default_rng(2).integers(0, 256, (2, 600, 40)).astype(np.uint8)
+    inp = _input_volume(tmp_path, data)
+    model, _ = tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
+    out = str(tmp_path / "seg.zarr")
+    segment_blockwise(inp, out, model, voxel_size=[4, 4, 4], device="cpu", workers=0, block_shape=[2, 128, 40],
+                      halo=[0, 12, 12])
+    group = zarr.open_group(out, mode="r")
+    ms, _ = _ome_attrs(group)
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [[4, 4, 4], [8, 8, 8], [8, 16, 16]]  # z (2 sections) is one voxel from level 1 on
+    lab = group["0"][...]
+    np.testing.assert_array_equal(group["1"][...], lab[::2, ::2, ::2])
+    np.testing.assert_array_equal(group["2"][...], lab[::2, ::4, ::4])
+
+
 # ------------------------------------------------------------------------ end to end
 
-def _input_volume(tmp_path, data, name="vol.zarr"):
+def _input_volume(tmp_path, data, name="vol.zarr", zarr_format=3):
     arr = zarr.create_array(str(tmp_path / name), shape=data.shape, dtype=data.dtype,
-                            chunks=(1, *data.shape[1:]))
+                            chunks=(1, *data.shape[1:]), zarr_format=zarr_format)
     arr[...] = data
     return str(tmp_path / name)
 
@@ -69,7 +163,7 @@ def test_segment_end_to_end(tmp_path):
     out = str(tmp_path / "vol_labels.zarr")  # default output name beside the input
     assert report["output"] == out
     group = zarr.open_group(out, mode="r")
-    assert "multiscales" in group.attrs
+    assert "multiscales" in group.attrs["ome"]  # a zarr v3 input: OME-Zarr 0.5
     labels = zarr.open_array(out + "/0", mode="r")
     assert labels.shape == (2, 64, 64)
     assert np.dtype(labels.dtype).kind == "u"
@@ -278,7 +372,7 @@ def _segment_cli(inp, out, *more, crash_at=None):
                           env=env, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("crash_at", ["segment:0", "stitch", "relabel:2", "finalize"])
+@pytest.mark.parametrize("crash_at", ["segment:0", "stitch", "relabel:2", "pyramid:1", "finalize"])
 def test_rerun_after_kill_resumes_to_bit_identical_labels(tmp_path, crash_at):
     """The whole run is SIGKILLed at a point of each pass; the same command again
     finishes it, and the labels are bit-identical to an uninterrupted run's."""
@@ -300,7 +394,8 @@ def test_rerun_after_kill_resumes_to_bit_identical_labels(tmp_path, crash_at):
         assert report["resumed"] and report["blocks_done_before"] == done_before and 1 <= done_before < 8
     elif crash_at != "finalize":
         assert report["blocks_done_before"] == 8  # every block was segmented before the kill
-    assert sorted(zarr.open_group(out, mode="r").keys()) == ["0"]
+    assert sorted(zarr.open_group(out, mode="r").keys()) == ["0", "1"]  # the labels and their pyramid
+    np.testing.assert_array_equal(zarr.open_array(out + "/1", mode="r")[...], a[...][:, ::2, ::2])
 
 
 def test_partial_run_with_other_settings_is_refused(tmp_path):

@@ -28,7 +28,8 @@ def test_identical():
     assert r["arand"] == pytest.approx(0.0)
     assert r["voi"] == pytest.approx(0.0)
     assert r["f1"] == 1.0
-    assert "arand" in format_metrics(r) and len(format_metrics(r).splitlines()) == len(r)
+    table = format_metrics(r)
+    assert "arand" in table and len([l for l in table.splitlines() if l.startswith("  ")]) == len(r)
 
 
 def test_known_ap_tp_fp_tp():
@@ -262,3 +263,112 @@ def test_matches_naive_greedy(seed):
     m = match_objects(pred, gt, thresholds=th)
     for k, t in enumerate(th):
         assert m["tp"][k].tolist() == _naive_tp(pred, gt, t)
+
+
+# ------------------------------------------------------------------ tables, blockwise
+
+def _cases():
+    """Hand-made predictions of blobs(): what each should score at IoU 0.5."""
+    gt = blobs()
+    perfect = gt * 5
+    split = gt.copy()
+    split[0:4, 0:2] = 8                     # GT 1 (16) split into 8 + 8: one half matches (IoU 0.5), one is false
+    merge = gt.copy()
+    merge[6:9, 6:12] = 2                    # GT 2 grows into the background: IoU 9/18 (still 0.5)
+    merge2 = gt.copy()
+    merge2[0:9, 0:9] = 1                    # GT 1 and 2 merged with background: both missed
+    missed = gt.copy()
+    missed[gt == 3] = 0
+    false = gt.copy()
+    false[0:2, 8:12] = 9
+    return gt, {"perfect": (perfect, 3, 0, 0), "split": (split, 3, 1, 0), "merge": (merge, 3, 0, 0),
+                "merge2": (merge2, 1, 1, 2), "missed": (missed, 2, 0, 1), "false": (false, 3, 1, 0),
+                "empty": (np.zeros_like(gt), 0, 0, 3)}
+
+
+def test_hand_made_cases():
+    gt, cases = _cases()
+    for name, (pred, tp, fp, fn) in cases.items():
+        r = evaluate_segmentation(pred, gt)
+        assert (r["tp"], r["fp"], r["fn"]) == (tp, fp, fn), name
+    r = evaluate_segmentation(cases["perfect"][0], gt)
+    assert r["sbd"] == 1.0 and r["abs_dic"] == 0 and r["arand"] == pytest.approx(0) and r["voi"] == pytest.approx(0)
+    r = evaluate_segmentation(cases["empty"][0], gt)
+    assert r["ap@0.5"] == 0 and r["sbd"] == 0 and r["abs_dic"] == 3
+    r = evaluate_segmentation(cases["missed"][0], gt)
+    assert r["sbd"] == pytest.approx(2 / 3) and r["abs_dic"] == 1  # BestDice(gt, pred) = (1 + 1 + 0) / 3
+    r = evaluate_segmentation(cases["split"][0], gt)
+    # pred objects: 8 (Dice 2*8/24 with GT 1), 8 (same), 2 and 3 exact: BD(pred, gt) = (2/3 + 2/3 + 2) / 4
+    assert r["sbd"] == pytest.approx(min((2 / 3 * 2 + 2) / 4, (2 / 3 + 2) / 3))
+
+
+def test_table_metrics_equal_skimage_and_the_array_functions():
+    from skimage.metrics import adapted_rand_error as sk_arand, variation_of_information as sk_voi
+    gt, cases = _cases()
+    for name, (pred, *_) in cases.items():
+        r = evaluate_segmentation(pred, gt)
+        err, prec, rec = sk_arand(gt, pred, ignore_labels=(0,))
+        assert r["arand"] == pytest.approx(err, abs=1e-12) and r["rand_recall"] == pytest.approx(prec)
+        split, merge = sk_voi(gt, pred, ignore_labels=(0,))
+        assert r["voi_split"] == pytest.approx(max(split, 0), abs=1e-12)
+        assert r["voi_merge"] == pytest.approx(max(merge, 0), abs=1e-12)
+        ref = average_precision(pred, gt, thresholds=(0.5, 0.75))
+        assert r["ap@0.5"] == ref["ap@0.5"] and r["ap@0.75"] == ref["ap@0.75"], name
+
+
+@pytest.mark.parametrize("per_section", [False, True])
+def test_blockwise_tables_give_exactly_the_whole_volumes_metrics(tmp_path, per_section):
+    """Blocks that cut objects in every axis (and size ties broken by first appearance
+    across blocks): the merged table gives the whole-array metrics bit for bit."""
+    import zarr
+    from scipy import ndimage
+    from spoco_vol.evaluation import contingency, merge_tables, metrics_from_table
+    from spoco_vol.evaluation_blockwise import evaluate_volumes
+    from conftest import synthetic_blobs
+    _, gt = synthetic_blobs((6, 64, 64), n=8, seed=1)
+    gt[1:4, 30:40, 30:40] = 77  # an object spanning sections
+    pred = (ndimage.grey_dilation(gt, size=(1, 3, 3)).astype(np.int64) * 3).astype(np.uint32)
+    pred[2, 10:20, 10:20] = 999
+    pred[4, 50:53, 50:53] = 5000
+    whole = evaluate_segmentation(pred, gt, per_section)
+    tables = [contingency(pred[a:a + 4, b:b + 23, c:c + 40], gt[a:a + 4, b:b + 23, c:c + 40], per_section,
+                          offset=(a, b, c), shape=gt.shape)
+              for a in range(0, 6, 4) for b in range(0, 64, 23) for c in range(0, 64, 40)]
+    merged = metrics_from_table(merge_tables(tables[::-1]))  # the order of the blocks does not matter
+    for k, v in whole.items():
+        assert merged[k] == v, k
+    for name, arr in (("pred", pred), ("gt", gt)):
+        z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=arr.shape, dtype=arr.dtype, chunks=(2, 16, 32))
+        z[...] = arr
+    r = evaluate_volumes(str(tmp_path / "pred.zarr"), str(tmp_path / "gt.zarr"), per_section, block_voxels=2048)
+    for k, v in whole.items():
+        assert r[k] == v, k
+
+
+def test_evaluate_command_json_and_the_per_section_hint(tmp_path):
+    """A 2D model's result (one section per object) against 3D labels: one warning that
+    --per-section is probably meant; --json prints the metrics as JSON."""
+    import json
+    import warnings
+    import zarr
+    from click.testing import CliRunner
+    from spoco_vol.cli import cli
+    from spoco_vol.errors import SpocoWarning
+    from spoco_vol.evaluation import evaluate_zarr
+    gt = np.zeros((4, 16, 16), np.uint16)
+    gt[:, 2:8, 2:8] = 1
+    gt[:, 10:14, 9:15] = 2
+    pred = (gt + 10 * np.arange(4)[:, None, None] * (gt > 0)).astype(np.uint16)  # per-section ids
+    for name, arr in (("pred", pred), ("gt", gt)):
+        zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=arr.shape, dtype=arr.dtype, chunks=(1, 16, 16))[...] = arr
+    p, g = str(tmp_path / "pred.zarr"), str(tmp_path / "gt.zarr")
+    with pytest.warns(SpocoWarning, match="--per-section"):
+        r = evaluate_zarr(p, g)
+    assert r["tp"] == 0 and "pred_single_section_share" not in r
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate_zarr(p, g, per_section=True)["ap@0.5"] == 1.0
+    out = CliRunner().invoke(cli, ["evaluate", "--pred", p, "--gt", g, "--per-section", "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["ap@0.5"] == 1.0
+    out = CliRunner().invoke(cli, ["evaluate", "--pred", p, "--gt", g, "--per-section"])
+    assert "average precision" in out.output and "ap@0.5" in out.output

@@ -143,12 +143,12 @@ def test_train_then_foreground_classifier(blob_volume, tmp_path):
     raw, labels = blob_volume
     out = str(tmp_path / "run")
     r = run(["train", "--raw", raw, "--labels", labels, "--out", out, *TINY, "--iterations", "3",
-             "--object-fraction", "0.5", "--foreground-iterations", "6"])
+             "--object-fraction", "0.5", "--val-sections", "1", "--foreground-iterations", "6"])
     assert r.exit_code == 0, r.output
     fg = json.load(open(os.path.join(out, "summary.json")))["foreground"]
-    assert [it for it, *_ in fg["val_ap_history"]] == [1, 2, 3, 4, 5, 6]
+    assert [it for it, *_ in fg["val_score_history"]] == [1, 2, 3, 4, 5, 6]
     assert 0 < fg["prior"] < 1
-    assert not fg["kept"] and max(a for _, a, _ in fg["val_ap_history"]) <= fg["val_ap_without"]
+    assert not fg["kept"] and max(a for _, a, _ in fg["val_score_history"]) <= fg["val_score_without"]
     assert "foreground" not in load_checkpoint(os.path.join(out, "best.pt"))
     assert "foreground" not in load_checkpoint(os.path.join(out, "latest.pt"))
 
@@ -172,10 +172,10 @@ def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, t
     r = run(args)
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
-    assert result["foreground_kept"] and result["val_ap_without"] == 0
-    best_ap = max(a for _, a, _ in result["val_ap_history"])
-    assert result["val_ap"] == best_ap > 0
-    assert {it: a for it, a, _ in result["val_ap_history"]}[result["iteration"]] == best_ap
+    assert result["foreground_kept"] and result["val_score_without"] == 0
+    best_ap = max(a for _, a, _ in result["val_score_history"])
+    assert result["val_score"] == best_ap > 0
+    assert {it: a for it, a, _ in result["val_score_history"]}[result["iteration"]] == best_ap
     ck = load_checkpoint(added)
     assert ck["foreground"]["iterations"] == result["iteration"] and ck["foreground"]["threshold"] == 0.5
     assert classifier_from_checkpoint(ck) is not None
@@ -188,7 +188,6 @@ def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, t
 def test_foreground_options_are_checked_before_anything_is_written(blob_volume, tmp_path):
     raw, labels = blob_volume
     for extra, message in ((["--foreground-iterations", "5"], "needs sparse labels"),
-                           (["--mode", "sparse", "--foreground-iterations", "5"], "--foreground-prior"),
                            (["--object-fraction", "0.5", "--foreground-iterations", "5", "--foreground-prior",
                              "1.5"], "must be in [0, 1)")):
         out = str(tmp_path / "run")
@@ -280,7 +279,7 @@ def test_calibrate_chooses_the_classifiers_radius_again(blob_volume, tmp_path):
     ck = load_checkpoint(cal)
     assert ck["foreground"]["background_radius"] == ck["inference"]["background_radius"]
     assert ck["foreground"]["background_radius"] in classifier_radii(ck["inference"], ck["delta_d"])
-    assert "foreground_val_ap" in r.output
+    assert "foreground_val_score" in r.output
 
 
 def test_best_radius_keeps_the_objects_the_embeddings_radius_deletes():
@@ -289,13 +288,13 @@ def test_best_radius_keeps_the_objects_the_embeddings_radius_deletes():
     to 1.0 keeps it (AP 1); the largest of those, the nearest to the embeddings' own,
     is chosen."""
     from spoco_vol.foreground import best_radius
-    from spoco_vol.training import held_out_ap
+    from spoco_vol.training import held_out_score
     yy, xx = np.mgrid[:48, :48]
     disc = (yy - 24) ** 2 + (xx - 24) ** 2 < 100
     labels = disc.astype(np.uint32)
     embeddings = np.zeros((2, 48, 48), np.float32)
     embeddings[0][disc] = 1.0
     inference = {"background_embedding": [0.0, 0.0], "background_radius": 1.5, "min_size": 0}
-    assert held_out_ap([embeddings], [labels], 2.0, inference) == 0.0
+    assert held_out_score([embeddings], [labels], 2.0, inference) == 0.0
     probabilities = [disc.astype(np.float32)]
     assert best_radius([embeddings], [labels], 2.0, inference, probabilities) == (1.0, 1.0)

@@ -30,7 +30,8 @@ def test_em_recipe_end_to_end_then_skips_what_is_done(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     vol = _sample_volume(tmp_path)
     recipe = os.path.join(RECIPES, "em_mito_finetune.yaml")
-    args = ["run", recipe, "--set", f"volume={vol}", "--set", "iterations=3", "--set", "runs=out"]
+    args = ["run", recipe, "--set", f"volume={vol}", "--set", "iterations=3", "--set", "foreground_iterations=2",
+            "--set", "runs=out"]
     r = CliRunner().invoke(cli, args + ["--set", "cluster=local"])
     assert r.exit_code == 0, r.output
     assert os.path.exists("out/model/best.pt") and os.path.exists("out/labels.zarr/0")
