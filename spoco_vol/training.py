@@ -88,7 +88,7 @@ class TrainConfig:
 #: "I annotated a few objects of my volume": fine-tuning a bundled (or any) model on
 #: sparse annotations (label 0 = unlabeled), the recipe measured in benchmarks/RESULTS.md
 #: ("Transfer to Lucchi"): pseudo-background, TTA, a foreground classifier, held-out objects.
-FINE_TUNE_RECIPE = dict(mode="sparse", iterations=1000, w_background=1.0, background_warmup=100,
+FINE_TUNE_RECIPE = dict(mode="sparse", iterations=500, w_background=1.0, background_warmup=100,
                         background_select_radius=3.0, tta=True, foreground_iterations=600)
 
 

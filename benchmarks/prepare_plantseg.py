@@ -1,0 +1,69 @@
+"""Write the PlantSeg 3D light-microscopy crops (../shared/data/plantseg_nuclei_crops and
+plantseg_ovule_crop) as zarr volumes for the 3D experiments (benchmarks/train_3d.sh).
+
+- nuclei: OUT/nuclei_{1135,1136,1137}.zarr with ``raw`` (uint8) and ``labels`` (3D
+  nucleus instances), voxel size in nm as the ``voxel_size`` attribute. The three
+  rotations train on two crops and test on the third.
+- ovule: OUT/ovule.zarr, the 32 x 128 x 128 crop of cells with stained boundaries (dense
+  labels), split along x: ``train_raw``/``train_labels`` x < 80, ``test_raw``/
+  ``test_labels`` x >= 80 (cells cut by the split are cut in both halves).
+
+Data: kreshuklab/plant-seg test resources at 9d748063 (repository MIT); ovule crop from
+Wolny et al. 2020, eLife 9:e57613.
+
+    python benchmarks/prepare_plantseg.py OUT_DIR [--data ../shared/data]
+"""
+import argparse
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from spoco_vol import io
+
+DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+NUCLEI = ("1135", "1136", "1137")
+OVULE_SPLIT_X = 80
+
+
+def _relabel(labels):
+    """Consecutive ids 1..n (0 kept)."""
+    ids = np.unique(labels[labels > 0])
+    lut = np.zeros(int(labels.max()) + 1, np.uint32)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    return lut[labels]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--data", default=DEFAULT)
+    a = p.parse_args()
+    for crop in NUCLEI:
+        d = np.load(os.path.join(a.data, "plantseg_nuclei_crops", f"{crop}_mini.npz"))
+        attrs = {"voxel_size": [float(v) for v in d["resolution_nm"]],
+                 "source": f"PlantSeg test resources, {crop}_mini (kreshuklab/plant-seg, MIT)"}
+        path = os.path.join(a.out, f"nuclei_{crop}.zarr")
+        io.create_array(path + "/raw", d["raw"], chunks=(50, 100, 100), attrs=attrs, overwrite=True)
+        io.create_array(path + "/labels", _relabel(d["labels"]), chunks=(50, 100, 100), attrs=attrs, overwrite=True)
+        print("wrote", path, int(d["labels"].max()), "nuclei")
+    d = np.load(os.path.join(a.data, "plantseg_ovule_crop", "sample_ovule.npz"))
+    attrs = {"voxel_size": [float(v) for v in d["resolution_nm"]],
+             "source": "PlantSeg sample_ovule (Wolny et al. 2020, eLife; kreshuklab/plant-seg, MIT)"}
+    path = os.path.join(a.out, "ovule.zarr")
+    for name, sl in (("train", np.s_[:, :, :OVULE_SPLIT_X]), ("test", np.s_[:, :, OVULE_SPLIT_X:])):
+        lab = d["labels"][sl]
+        # a cell cut by the split can fall apart into pieces: each piece is an object
+        pieces = np.zeros(lab.shape, np.uint32)
+        n = 0
+        for i in np.unique(lab[lab > 0]):
+            comp, k = ndimage.label(lab == i)
+            pieces[comp > 0] = comp[comp > 0] + n
+            n += k
+        io.create_array(f"{path}/{name}_raw", np.ascontiguousarray(d["raw"][sl]), attrs=attrs, overwrite=True)
+        io.create_array(f"{path}/{name}_labels", pieces, attrs=attrs, overwrite=True)
+        print("wrote", f"{path}/{name}", n, "cells")
+
+
+if __name__ == "__main__":
+    main()
