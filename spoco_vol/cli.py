@@ -127,6 +127,9 @@ def cli():
 @click.option("--background-warmup", type=click.IntRange(0), default=0, show_default=True,
               help="Iterations before the pseudo-background term starts.")
 @click.option("--momentum", type=float, default=0.999, show_default=True, help="EMA momentum m of network g.")
+@click.option("--offset-distances", type=INTS, default=None,
+              help="Long-range affinity offsets of inference, in model pixels along each axis [default: 3,9,27]; "
+                   "shorter ones suit small objects and need a smaller blockwise halo.")
 @click.option("--downsample", type=FLOATS, default=None,
               help="Input voxels per model pixel (z,y,x), e.g. 1,2,2 to train at half XY resolution "
                    "[default: with --init, what brings the data's voxel size to the model's; else 1,1,1].")
@@ -168,7 +171,7 @@ def cli():
 def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fraction, mode, init, lr,
           schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
           consistency_weight, unlabeled_weight, background_weight, background_select_radius, background_warmup,
-          momentum, downsample, voxel_size, val_raw, val_labels,
+          momentum, offset_distances, downsample, voxel_size, val_raw, val_labels,
           val_sections, val_objects, val_every, elastic, seed, device, amp, tta, foreground_iterations, foreground_prior,
           intensity_range, threads,
           resume, stop_after, overwrite, quiet):
@@ -186,7 +189,7 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
                       delta_d=delta_d, threshold=threshold, w_consistency=consistency_weight,
                       w_unlabeled=unlabeled_weight, w_background=background_weight,
                       background_warmup=background_warmup, background_select_radius=background_select_radius,
-                      momentum=momentum, downsample=downsample,
+                      momentum=momentum, offset_distances=offset_distances, downsample=downsample,
                       voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
                       val_sections=val_sections, val_objects=val_objects, val_every=val_every, elastic=elastic,
                       seed=seed, device=device, amp=amp, tta=tta, foreground_iterations=foreground_iterations,

@@ -17,7 +17,7 @@ from .evaluation import evaluate_segmentation, format_metrics
 from .blockwise import format_report, segment_blockwise
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "vnc_sample.npz")
-EXPECTED_AP = 0.83  # the bundled model on the sample (VNC 13-19, 512 x 512 crop), blockwise as below
+EXPECTED_AP = 0.70  # the bundled model on this 512 x 512 crop, blockwise as below (0.824 on the whole sections)
 
 
 def write_sample(path: str, overwrite: bool = False) -> tuple[str, str]:
@@ -57,7 +57,8 @@ def run_demo(out: str | None = None, device: str = "auto", overwrite: bool = Fal
         "counting as found when it overlaps a true one by IoU >= 0.5 (1 = every object found, no false",
         "ones); mAP averages AP over IoU 0.50-0.95 (boundary accuracy); ARand and VOI measure",
         "splits and merges over voxel pairs (0 = perfect).",
-        f"Expected here: AP@0.5 about {EXPECTED_AP:.2f} (this model on these sections, benchmarks/RESULTS.md);",
+        f"Expected here: AP@0.5 about {EXPECTED_AP:.2f} (the crop cuts objects at its border; on the whole "
+        "1024 x 1024 sections 0.824, benchmarks/RESULTS.md);",
         f"this run: {metrics['ap@0.5']:.3f}" + ("" if abs(metrics["ap@0.5"] - EXPECTED_AP) < 0.05 else
                                               "  -- far from it: check the installation"),
     ])

@@ -23,6 +23,7 @@ import torch
 from . import bundled, data, intensity, losses, model as model_mod, transforms, validation
 from .errors import SpocoInputError, warn
 from .inference import resolve_device, autocast_context, autocast_dtype
+from .affinities import default_offsets
 from .validation import choose_radius
 
 LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency", "background")
@@ -57,6 +58,7 @@ class TrainConfig:
     background_warmup: int = 0             # iterations before it starts (g must mean something)
     background_select_radius: float | None = None  # pseudo-background: g within this of its mode (default delta_d)
     momentum: float = 0.999
+    offset_distances: Sequence[int] | None = None  # long-range affinity offsets [default: 3, 9, 27 per axis]
     downsample: Sequence[float] | None = None  # input voxels per model pixel, (z, y, x) [default: to --init's
                                                # voxel size when fine-tuning, else 1, 1, 1]
     voxel_size: Sequence[float] | None = None
@@ -401,7 +403,8 @@ def _validate(net, loss_fn, patches, device, amp):
 
 
 def calibrate_background(net, images, device, amp, delta_v: float, delta_d: float,
-                         min_size: int = 0, tta: bool = False, embeddings=None, objects=None) -> dict:
+                         min_size: int = 0, tta: bool = False, embeddings=None, objects=None,
+                         offsets=None) -> dict:
     """The background embedding and the pixel radius around it, for inference.
 
     The embedding is the mode of the label-0 pixels' embeddings: start at their median,
@@ -416,6 +419,7 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     ``tta``: embed with test-time augmentation (the radius fits the embeddings it is
     measured on, so inference must then use it too).
     ``embeddings``: the images' embeddings, if already predicted (as above).
+    ``offsets``: the affinity offsets inference uses [default: affinities.default_offsets].
     Returns {} when the patches have no label 0 (dense labels: no background).
     """
     from .inference import predict_embeddings
@@ -438,7 +442,7 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
     grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, 0.25)
     scores = [held_out_score([embs[k] for k in scored], [labels[k] for k in scored], delta_d,
                              {"background_embedding": background, "background_radius": float(r),
-                              "min_size": min_size},
+                              "min_size": min_size, "offsets": offsets},
                              objects=None if objects is None else [objects[k] for k in scored]) for r in grid]
     radius, score = choose_radius(grid, scores, objects is not None, prefer_larger=False)
     return {"background_embedding": background, "background_radius": radius,
@@ -529,6 +533,8 @@ def _check_parameters(cfg: TrainConfig) -> None:
         raise SpocoInputError(f"--voxel-size must be positive, got {list(cfg.voxel_size)}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise SpocoInputError(f"--out {cfg.out} exists and is not a directory")
+    if cfg.offset_distances is not None and (not len(cfg.offset_distances) or min(cfg.offset_distances) < 2):
+        raise SpocoInputError("--offset-distances takes long-range distances >= 2 (direct neighbours are always used)")
     if cfg.foreground_iterations < 0:
         raise SpocoInputError("--foreground-iterations must be >= 0")
     if cfg.foreground_iterations:
@@ -560,6 +566,7 @@ def train(cfg: TrainConfig) -> dict:
         "training_data": init_ckpt.get("training_data"), "training_command": init_ckpt.get("training_command"),
         "fine_tuned_from": init_ckpt.get("training", {}).get("fine_tuned_from")}
     ds = list(cfg.downsample)
+    offsets = None if cfg.offset_distances is None else default_offsets(cfg.dims, cfg.offset_distances)
     # Specks below a quarter of the smallest annotated objects (1st percentile) are noise.
     min_size = max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4))
     rng = np.random.default_rng(cfg.seed)
@@ -655,6 +662,7 @@ def train(cfg: TrainConfig) -> dict:
         inference = {"downsample": ds,
                      "min_size": min_size,
                      "tta": cfg.tta,
+                     **({"offsets": offsets} if offsets else {}),
                      **(background or {})}
         ck = model_mod.make_checkpoint(
             net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
@@ -715,7 +723,8 @@ def train(cfg: TrainConfig) -> dict:
                 sched.step(val_loss)
             if val_images:
                 val_background = calibrate_background(net, val_images, device, cfg.amp, cfg.delta_v,
-                                                       cfg.delta_d, min_size, cfg.tta, objects=val_objects)
+                                                       cfg.delta_d, min_size, cfg.tta, objects=val_objects,
+                                                       offsets=offsets)
                 val_score = val_background.get("background_radius_val_score")
         writer.writerow([it, *(f"{vals[k]:.6g}" if k in vals else "" for k in LOG_TERMS),
                          f"{opt.param_groups[0]['lr']:.3g}", f"{elapsed:.2f}",
@@ -756,13 +765,13 @@ def train(cfg: TrainConfig) -> dict:
         background = val_background
     else:
         background = calibrate_background(net, bg_images, device, cfg.amp, cfg.delta_v, cfg.delta_d, min_size,
-                                          cfg.tta, objects=val_objects)
+                                          cfg.tta, objects=val_objects, offsets=offsets)
     best_path = os.path.join(cfg.out, "best.pt")
     if os.path.exists(best_path) and not val_images:  # else calibrated when it was chosen
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         best_net = model_mod.model_from_checkpoint(best).to(device)
         best["inference"].update(calibrate_background(best_net, bg_images, device, cfg.amp,
-                                                      cfg.delta_v, cfg.delta_d, min_size, cfg.tta))
+                                                      cfg.delta_v, cfg.delta_d, min_size, cfg.tta, offsets=offsets))
         model_mod.save_checkpoint(best, best_path)
     model_mod.save_checkpoint(checkpoint(cfg.iterations, True, background), os.path.join(cfg.out, "latest.pt"))
     fg_summary = None
@@ -857,7 +866,8 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     from .inference import predict_embeddings
     embeddings = [predict_embeddings(net, raw, device=dev, amp=amp, tta=tta) for raw, _ in val]
     ckpt["inference"].update(calibrate_background(net, val, dev, amp, ckpt["delta_v"], ckpt["delta_d"],
-                                                  ckpt["inference"].get("min_size", 0), tta, embeddings), tta=tta)
+                                                  ckpt["inference"].get("min_size", 0), tta, embeddings,
+                                                  offsets=ckpt["inference"].get("offsets")), tta=tta)
     shown = {k: v for k, v in ckpt["inference"].items() if k != "background_embedding"}
     if ckpt.get("foreground"):
         shown.update(_recalibrate_classifier_radius(ckpt, embeddings, val, dev, amp, tta))

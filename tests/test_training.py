@@ -389,3 +389,31 @@ def test_fine_tuning_resamples_to_the_models_voxel_size(tmp_path):
     assert ck["training"]["fine_tuned_from"]["model"] == base + "/best.pt"
     assert ck["training"]["fine_tuned_from"]["sha256"] == __import__("spoco_vol.model").model.checkpoint_checksum(
         load_checkpoint(base + "/best.pt"))
+
+
+def test_fine_tune_command_on_a_sparsely_annotated_real_volume(tmp_path, monkeypatch):
+    """`spoco-vol fine-tune` with nothing but the data: the bundled VNC sample (real EM)
+    declared as 5 nm data with every 5th object annotated. The data are resampled to
+    the bundled model's 9.2 nm, the annotations trained as sparse, objects held out to
+    choose and calibrate, TTA and the classifier attempted, and the checkpoint says what
+    it was fine-tuned from and with which command."""
+    from spoco_vol import training
+    from spoco_vol.demo import write_sample
+    monkeypatch.setitem(training.FINE_TUNE_RECIPE, "foreground_iterations", 2)  # the recipe's 600 take minutes
+    raw, labels = write_sample(str(tmp_path / "vol.zarr"))
+    lab = np.asarray(io.open_volume(labels)[...])
+    sparse = np.where(np.isin(lab, np.unique(lab[lab > 0])[::5]), lab, 0)
+    io.create_array(str(tmp_path / "vol.zarr" / "sparse"), sparse, chunks=(1, 512, 512))
+    out = str(tmp_path / "run")
+    r = run(["fine-tune", "--raw", raw, "--labels", str(tmp_path / "vol.zarr" / "sparse"), "--out", out,
+             "--voxel-size", "50,5,5", "--iterations", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    s = json.load(open(out + "/summary.json"))
+    assert s["mode"] == "sparse" and s["downsample"] == [1, 1.84, 1.84]
+    assert s["validation"] == "PQ of held-out objects" and s["objects_held_out"] >= 1
+    assert "foreground" in s
+    ck = load_checkpoint(out + "/best.pt")
+    assert ck["inference"]["tta"] is True and ck["voxel_size"] == [50.0, pytest.approx(9.2), pytest.approx(9.2)]
+    assert ck["training"]["fine_tuned_from"]["model"] == "vnc-mito-2d"
+    assert ck["training_command"].startswith("spoco-vol fine-tune --raw")
+    assert ck["training"]["objects_annotated"] == int(np.unique(sparse).size - 1)
