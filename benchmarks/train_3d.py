@@ -24,9 +24,9 @@ import numpy as np
 
 CROPS = ("1135", "1136", "1137")
 NUCLEI = ["--patch-shape", "32,48,48", "--downsample", "1,2,2", "--features", "16,32,64", "--batch-size", "2",
-          "--iterations", "1500", "--offset-distances", "3,9", "--val-every", "250"]
+          "--iterations", "1000", "--offset-distances", "3,9", "--val-every", "250"]
 OVULE = ["--patch-shape", "24,64,64", "--features", "16,32,64", "--pool-factors", "1,2,2,2,2,2",
-         "--batch-size", "2", "--iterations", "1500", "--offset-distances", "3,9", "--val-every", "250"]
+         "--batch-size", "2", "--iterations", "1000", "--offset-distances", "3,9", "--val-every", "250"]
 SPARSE = ["--object-fraction", "0.1", "--background-weight", "1", "--background-warmup", "300",
           "--background-select-radius", "3"]
 BLOCK = [64, 64, 64]
@@ -80,6 +80,7 @@ def main():
     p.add_argument("work")
     p.add_argument("--only", choices=["nuclei", "ovule"])
     p.add_argument("--settings", default="full,p10")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per training run [default: all]")
     a = p.parse_args()
     path = os.path.join(a.work, "results_3d.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
@@ -92,10 +93,11 @@ def main():
             out = os.path.join(a.work, "runs", key)
             extra = (["--val-sections", "20"] if setting == "full" else SPARSE)
             cmd = [exe, "train", *data, "--dims", "3", *options, *extra, "--out", out, "--quiet"]
+            threads = ["--threads", str(a.threads)] if a.threads else []
             if not os.path.exists(os.path.join(out, "summary.json")):
                 resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]
                 print("run:", " ".join(cmd + resume), flush=True)
-                subprocess.run(cmd + resume, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(cmd + resume + threads, check=True, stdout=subprocess.DEVNULL)
             summary = json.load(open(os.path.join(out, "summary.json")))
             entry = {"dataset": name, "setting": setting, "command": " ".join(["spoco-vol", *cmd[1:]]),
                      "train_seconds": summary["seconds"], "objects_used": summary["objects_used"],

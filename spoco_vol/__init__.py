@@ -4,12 +4,15 @@ The SPOCO method (Wolny et al., CVPR 2022): a U-Net learns pixel embeddings from
 annotated objects; affinities between embeddings are partitioned by the Mutex Watershed.
 
 Python API (the CLI is a thin layer over these; each has a docstring):
+    spoco_vol.fine_tune(raw, labels, out)     fine-tune a bundled model on a few annotated objects (the
+                                              recipe of `spoco-vol fine-tune`; keyword overrides)
     spoco_vol.train(TrainConfig(...))         train, fine-tune or resume a model from zarr volumes
     spoco_vol.calibrate(model, raw, labels, out)  re-measure a model's background rule on held-out data
     spoco_vol.segment(input, output, model, client=... | cluster="slurm" | workers=N, ...)
                                               segment a zarr volume blockwise into OME-Zarr labels;
                                               resumes an interrupted run
-    spoco_vol.evaluate_segmentation(pred, gt) AP@0.5, mAP, adapted Rand error, VOI
+    spoco_vol.evaluate(pred_path, gt_path)    AP, mAP, ARand, VOI, SBD of two zarr label volumes, block by block
+    spoco_vol.evaluate_segmentation(pred, gt) the same for two in-memory arrays
     spoco_vol.run_workflow("workflows/x.yaml", {"volume": ...})  a recipe's steps, resumable
     spoco_vol.load_cluster_config(name), spoco_vol.open_cluster(config)
                                               cluster configs (cluster_configs/*.yaml) and a
@@ -17,12 +20,20 @@ Python API (the CLI is a thin layer over these; each has a docstring):
     spoco_vol.run_demo()                      the bundled sample, segmented and scored
 """
 __version__ = "0.1.0"
-__all__ = ["TrainConfig", "calibrate", "evaluate_segmentation", "load_cluster_config", "open_cluster",
+__all__ = ["TrainConfig", "calibrate", "evaluate", "evaluate_segmentation", "fine_tune", "load_cluster_config", "open_cluster",
            "run_demo", "run_workflow", "segment", "train", "__version__"]
 
-from .evaluation import evaluate_segmentation  # noqa: E402
+from .evaluation import evaluate_segmentation, evaluate_zarr as evaluate  # noqa: E402
 from .blockwise import segment_blockwise as segment  # noqa: E402
 from .cluster import load_cluster_config, open_cluster  # noqa: E402
 from .demo import run_demo  # noqa: E402
 from .training import TrainConfig, recalibrate_checkpoint as calibrate, train  # noqa: E402
+
+
+def fine_tune(raw, labels, out, model="vnc-mito-2d", **overrides) -> dict:
+    """`spoco-vol fine-tune` from Python: ``raw``/``labels`` a path or a list of paths;
+    ``overrides``: any TrainConfig field. Returns the training summary."""
+    from .training import fine_tune_config
+    as_list = (lambda v: [v] if isinstance(v, str) else list(v))
+    return train(fine_tune_config(as_list(raw), as_list(labels), out, model, **overrides))
 from .workflow import run_workflow  # noqa: E402

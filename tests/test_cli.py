@@ -146,3 +146,17 @@ def test_demo_segments_the_bundled_real_sample(tmp_path):
     assert ap >= 0.6, r.output  # a 512x512 crop: objects cut by its border; full figures in RESULTS.md
     again = invoke("demo", "--out", str(tmp_path / "demo"))
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_models_are_listed_and_chosen_by_name(blob_volume, tmp_path):
+    from spoco_vol.bundled import MODELS, model_path
+    r = invoke("models")
+    assert r.exit_code == 0
+    for name in MODELS:
+        assert name in r.output and os.path.isfile(model_path(name))
+    assert "9.2" in r.output and "held out" in r.output
+    assert model_path("vnc-mito-2d") == BUNDLED_MODEL and model_path(None) == BUNDLED_MODEL
+    raw, _ = blob_volume
+    bad = invoke("segment", "--input", raw, "--output", str(tmp_path / "s.zarr"), "--model", "no-such-model")
+    assert bad.exit_code == 2 and "no bundled model named 'no-such-model'" in bad.output
+    assert invoke("info", "vnc-mito-2d").exit_code == 0
