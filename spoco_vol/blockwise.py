@@ -677,7 +677,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
         raise SpocoInputError(f"voxel size must be positive, got {vs}")
     if vs is None and ckpt.get("voxel_size"):
         warn(f"the voxel size of {input_path} is unknown (none in its metadata, no --voxel-size): it is segmented "
-             f"as if it had the model's {' x '.join(f'{v:g}' for v in ckpt['voxel_size'][-arr.ndim:])} nm, without "
+             f"as if it had the model's {io.format_voxel_size(ckpt['voxel_size'][-arr.ndim:])}, without "
              "resampling; give --voxel-size Z,Y,X in nm")
     intensity_mapping = intensity.volume_mapping(arr, ckpt["normalization"], intensity_range, f"input {input_path}")
     if mask:

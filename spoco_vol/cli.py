@@ -245,7 +245,8 @@ def models():
     """List the bundled models: name, voxel size, modality, held-out scores, model card."""
     from .bundled import list_models
     for m in _run(list_models):
-        vs = "unknown" if m["voxel_size_nm"] is None else " x ".join(f"{v:g}" for v in m["voxel_size_nm"]) + " nm"
+        from .io import format_voxel_size
+        vs = format_voxel_size(m["voxel_size_nm"])
         click.echo(f"{m['name']}\n  {m['dims']}D, {vs}; {m['modality']}\n  held out: {m['held_out']}\n"
                    f"  card: {m['card']}\n  file: {m['path']}")
 

@@ -92,6 +92,11 @@ def validate_volume(arr, what: str = "input", *, integer: bool = False,
         raise SpocoInputError(f"{what} must be numeric (integer or float), got dtype {arr.dtype}")
 
 
+def format_voxel_size(vs) -> str:
+    """``[50, 9.2, 9.2]`` -> ``50 x 9.2 x 9.2 nm``; None -> ``unknown``."""
+    return "unknown" if vs is None else " x ".join(f"{v:g}" for v in vs) + " nm"
+
+
 def check_finite(block: np.ndarray, what: str, where: str = "") -> None:
     if np.dtype(block.dtype).kind == "f" and not np.isfinite(block).all():
         raise SpocoInputError(f"{what} contains NaN or inf{(' in ' + where) if where else ''}")

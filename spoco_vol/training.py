@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import bundled, data, intensity, losses, model as model_mod, transforms, validation
+from . import bundled, data, intensity, io, losses, model as model_mod, transforms, validation
 from .errors import SpocoInputError, warn
 from .inference import resolve_device, autocast_context, autocast_dtype
 from .affinities import default_offsets
@@ -250,7 +250,7 @@ def training_downsample(cfg: TrainConfig, init_ckpt: dict | None, train_vols) ->
     if any(vs is None for vs in sizes):
         name = next(v.name for v in train_vols if v.voxel_size is None)
         warn(f"the voxel size of {name} is unknown (none in its metadata, no --voxel-size): training at its own "
-             f"resolution, not at the model's {format_voxel_size(model_vs)}; give --voxel-size Z,Y,X in nm to "
+             f"resolution, not at the model's {io.format_voxel_size(model_vs)}; give --voxel-size Z,Y,X in nm to "
              "resample it")
         return [1, 1, 1]
     dims = init_ckpt["architecture"]["dims"]
@@ -261,12 +261,8 @@ def training_downsample(cfg: TrainConfig, init_ckpt: dict | None, train_vols) ->
         factors.append([1 / s for s in scale])
     if any(not np.allclose(f, factors[0], rtol=0.05) for f in factors):
         raise SpocoInputError("the training volumes have different voxel sizes "
-                              f"({', '.join(format_voxel_size(vs) for vs in sizes)}); give --downsample for all")
+                              f"({', '.join(io.format_voxel_size(vs) for vs in sizes)}); give --downsample for all")
     return [int(round(f)) if abs(f - round(f)) < 1e-6 else round(float(f), 6) for f in factors[0]]
-
-
-def format_voxel_size(vs) -> str:
-    return " x ".join(f"{v:g}" for v in vs) + " nm"
 
 
 def _model_voxel_size(cfg: TrainConfig, vs):
