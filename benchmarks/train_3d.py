@@ -29,7 +29,7 @@ OVULE = ["--patch-shape", "24,64,64", "--features", "16,32,64", "--pool-factors"
          "--batch-size", "2", "--iterations", "1000", "--offset-distances", "3,9", "--val-every", "250"]
 SPARSE = ["--object-fraction", "0.1", "--background-weight", "1", "--background-warmup", "300",
           "--background-select-radius", "3"]
-BLOCK = [64, 64, 64]
+BLOCK = [64, 80, 80]
 
 
 def runs(work, only):

@@ -22,6 +22,7 @@ from .segmentation import segment_embeddings
 
 BUNDLED_MODEL = model_path(None)  # the default model (spoco_vol.bundled)
 RESAMPLE_TOLERANCE = 0.2  # voxel sizes within 20% of the model's are used as they are
+INTEGER_SNAP = 0.02       # a downsampling within 2% of an integer factor is that factor (block mean)
 
 
 def model_scale(input_vs: Sequence[float] | None, model_vs: Sequence[float] | None,
@@ -34,7 +35,9 @@ def model_scale(input_vs: Sequence[float] | None, model_vs: Sequence[float] | No
     for a, mv in zip(spatial_axes, model_vs[-len(spatial_axes):]):
         ratio = input_vs[a] / mv
         if abs(ratio - 1) > RESAMPLE_TOLERANCE:
-            scale[a] = ratio
+            factor = round(1 / ratio)
+            # 126.8 nm data for a 255.1 nm model: 2x block means, as in training, not a 0.497 zoom
+            scale[a] = 1 / factor if factor >= 2 and abs(1 / ratio - factor) <= INTEGER_SNAP * factor else ratio
     return scale
 
 

@@ -28,6 +28,14 @@ def test_model_scale_2d_model_on_3d_input():
     assert model_scale([40, 4.6, 4.6], [50, 9.2, 9.2], [1, 2]) == [1.0, 0.5, 0.5]
 
 
+def test_model_scale_snaps_to_an_integer_factor_within_2_percent():
+    # 126.8 nm data and a model trained at 2 x 127.6 nm: 2x block means, as in its training
+    assert model_scale([283.7, 126.8, 126.8], [283.7, 255.1, 255.1], [0, 1, 2]) == [1.0, 0.5, 0.5]
+    # 5 nm data for a 9.2 nm model: 1.84 is no integer, a linear zoom
+    assert model_scale([5, 5, 5], [50, 9.2, 9.2], [1, 2]) == [1.0, 5 / 9.2, 5 / 9.2]
+    assert model_scale([40, 4.3, 4.3], [40, 9.2, 9.2], [0, 1, 2])[1] == pytest.approx(4.3 / 9.2)  # 2.14: no snap
+
+
 def test_model_scale_3d_and_unknown():
     assert model_scale([20, 4, 16], [40, 8, 8], [0, 1, 2]) == [0.5, 0.5, 2.0]
     assert model_scale([40, 4, 4], None, [1, 2]) == [1.0, 1.0, 1.0]
