@@ -139,7 +139,8 @@ def cli():
 @click.option("--val-labels", multiple=True, help="Validation labels, one per --val-raw.")
 @click.option("--val-sections", type=click.IntRange(0), default=None,
               help="Without --val-raw: hold out the last N z-sections of each volume, fully labeled "
-                   "[default: 1 with full labels; with sparse labels objects are held out, --val-objects].")
+                   "[default with full labels: 1 for a 2D model, one patch deep for a 3D one; with sparse labels "
+                   "objects are held out, --val-objects].")
 @click.option("--val-objects", type=float, default=0.2, show_default=True,
               help="Sparse labels without --val-raw/--val-sections: the seeded share of the annotated objects "
                    "held out from training to choose the checkpoint and calibrate the background.")

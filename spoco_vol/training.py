@@ -64,8 +64,8 @@ class TrainConfig:
     voxel_size: Sequence[float] | None = None
     val_raw: Sequence[str] = ()
     val_labels: Sequence[str] = ()
-    val_sections: int | None = None        # without val volumes: hold out the last N sections [default:
-                                           # 1 with full labels; with sparse labels objects are held out]
+    val_sections: int | None = None        # without val volumes: hold out the last N sections [default, full
+                                           # labels: 1 (2D), one patch deep (3D); sparse: objects held out]
     val_objects: float = 0.2               # sparse labels, no validation data: share of the annotated
                                            # objects held out to choose the checkpoint and calibrate
     val_every: int = 250
@@ -149,7 +149,9 @@ def _prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     val_vols = []
     # Sparse labels: no section is fully annotated, so held-out sections cannot score a
     # model; a share of the annotated objects is held out instead (spoco_vol.validation).
-    val_sections = cfg.val_sections if cfg.val_sections is not None else (0 if mode == "sparse" else 1)
+    # Full labels: the last section (2D models), or a slab one patch deep (3D models).
+    full_default = 1 if cfg.dims == 2 else int(np.ceil(cfg.patch_shape[0] * (cfg.downsample or (1,))[0]))
+    val_sections = cfg.val_sections if cfg.val_sections is not None else (0 if mode == "sparse" else full_default)
     hold_out_objects = not cfg.val_raw and cfg.val_sections is None and mode == "sparse" and cfg.val_objects > 0
     if cfg.val_raw:
         if len(cfg.val_raw) != len(cfg.val_labels):
