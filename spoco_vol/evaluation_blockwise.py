@@ -17,7 +17,7 @@ from . import io
 from .errors import SpocoInputError
 from .evaluation import contingency, merge_tables, metrics_from_table
 
-BLOCK_VOXELS = 4 * 2 ** 20  # per task: ~100 bytes of working memory per voxel
+BLOCK_VOXELS = 2 * 2 ** 20  # per task: ~150 bytes of working memory per voxel (300 MB)
 FAN_IN = 8                  # tables merged per task
 
 
