@@ -22,9 +22,12 @@ FAN_IN = 8                  # tables merged per task
 
 
 def evaluation_blocks(shape: Sequence[int], chunks: Sequence[int], block_voxels: int = BLOCK_VOXELS) -> list:
-    """Chunk-aligned blocks (tuples of slices) of at most about ``block_voxels``: whole
-    chunks, grouped along the leading axes while they fit."""
+    """Blocks (tuples of slices) of at most about ``block_voxels``: whole chunks, grouped
+    along the leading axes while they fit; a chunk larger than that is cut along its
+    first axis (read twice, decoded twice: memory is what is bounded)."""
     block = list(chunks)
+    if np.prod(block) > block_voxels:
+        block[0] = max(1, block_voxels // int(np.prod(block[1:])))
     for axis in range(len(shape)):  # grow the first axes in whole chunks
         while block[axis] < shape[axis] and np.prod(block) * 2 <= block_voxels:
             block[axis] = min(shape[axis], block[axis] + chunks[axis])

@@ -372,3 +372,17 @@ def test_evaluate_command_json_and_the_per_section_hint(tmp_path):
     assert out.exit_code == 0 and json.loads(out.output)["ap@0.5"] == 1.0
     out = CliRunner().invoke(cli, ["evaluate", "--pred", p, "--gt", g, "--per-section"])
     assert "average precision" in out.output and "ap@0.5" in out.output
+
+
+def test_evaluation_blocks_cover_the_volume_once_within_the_budget():
+    from spoco_vol.evaluation_blockwise import evaluation_blocks
+    for shape, chunks, budget in (((10, 20, 30), (3, 7, 30), 500), ((10, 20, 30), (4, 20, 30), 1000),
+                                  ((5, 6), (2, 2), 10 ** 6)):
+        blocks = evaluation_blocks(shape, chunks, budget)
+        cover = np.zeros(shape, np.int64)
+        for b in blocks:
+            cover[b] += 1
+            assert np.prod([s.stop - s.start for s in b]) <= max(budget, np.prod(chunks))
+        assert (cover == 1).all()
+    # a chunk above the budget is cut along its first axis
+    assert evaluation_blocks((8, 100, 100), (8, 100, 100), 20_000)[0][0] == slice(0, 2)
