@@ -450,7 +450,6 @@ def calibrate_background(net, images, device, amp, delta_v: float, delta_d: floa
 def held_out_segmentation(embeddings: np.ndarray, delta_d: float, inference: dict, foreground=None) -> np.ndarray:
     """Segment held-out embeddings (model grid) as inference would, with ``inference``'s
     background rule (and a foreground classifier's probabilities)."""
-    from .affinities import default_offsets
     from .segmentation import segment_embeddings
     dims = embeddings.ndim - 1
     return segment_embeddings(embeddings, inference.get("offsets") or default_offsets(dims), delta_d,
