@@ -3,7 +3,10 @@ plantseg_ovule_crop) as zarr volumes for the 3D experiments (benchmarks/train_3d
 
 - nuclei: OUT/nuclei_{1135,1136,1137}.zarr with ``raw`` (uint8) and ``labels`` (3D
   nucleus instances), voxel size in nm as the ``voxel_size`` attribute. The three
-  rotations train on two crops and test on the third.
+  rotations train on one crop and test on another. For each crop the script prints
+  whether its raw carries an image: the correlation of neighbouring voxels and the mean
+  intensity inside and outside the nuclei (1137's raw is uniform noise, see
+  benchmarks/train_3d.py).
 - ovule: OUT/ovule.zarr, the 32 x 128 x 128 crop of cells with stained boundaries (dense
   labels), split along x: ``train_raw``/``train_labels`` x < 80, ``test_raw``/
   ``test_labels`` x >= 80 (cells cut by the split are cut in both halves).
@@ -46,7 +49,11 @@ def main():
         path = os.path.join(a.out, f"nuclei_{crop}.zarr")
         io.create_array(path + "/raw", d["raw"], chunks=(50, 100, 100), attrs=attrs, overwrite=True)
         io.create_array(path + "/labels", _relabel(d["labels"]), chunks=(50, 100, 100), attrs=attrs, overwrite=True)
-        print("wrote", path, int(d["labels"].max()), "nuclei")
+        raw = d["raw"].astype(np.float64)
+        corr = np.corrcoef(raw[..., :-1].ravel(), raw[..., 1:].ravel())[0, 1]
+        inside = d["labels"] > 0
+        print(f"wrote {path}: {int(d['labels'].max())} nuclei; neighbouring voxels correlate {corr:.3f}, "
+              f"mean intensity inside / outside the nuclei {raw[inside].mean():.1f} / {raw[~inside].mean():.1f}")
     d = np.load(os.path.join(a.data, "plantseg_ovule_crop", "sample_ovule.npz"))
     attrs = {"voxel_size": [float(v) for v in d["resolution_nm"]],
              "source": "PlantSeg sample_ovule (Wolny et al. 2020, eLife; kreshuklab/plant-seg, MIT)"}

@@ -148,7 +148,8 @@ def cli():
 @click.option("--elastic/--no-elastic", default=False, show_default=True, help="Elastic deformation augmentation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (fp16 with loss scaling on GPUs without bf16).")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision where the hardware runs it natively: bf16 (fp16 with loss scaling on GPUs "
+                   "without bf16); fp32 on CPUs without native bf16.")
 @click.option("--tta/--no-tta", default=False, show_default=True,
               help="Validate and calibrate with test-time augmentation (8 rotated/flipped predictions "
                    "averaged, 8x the prediction time); the model then segments with it by default. "

@@ -26,20 +26,36 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has it (CPUs: 2.4x faster U-Net inference than fp32 on this
-    machine's; CUDA from Ampere on): its fp32 exponent range needs no loss scaling in
-    training. fp16 on older GPUs, where training then scales the loss (training.train)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN's own test: AVX-512 or
+    AMX). Without it (AVX2-only CPUs, e.g. many AMD EPYC) bf16 falls back to reference
+    kernels: the bundled U-Net ran 46x slower in bf16 than in fp32 on such a machine
+    (benchmarks/bench_speed.py)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed precision for the U-Net on ``device``, or None for plain fp32.
+
+    bf16 where the hardware has it (CPUs with fast bf16: 2.4x faster U-Net inference
+    than fp32 on an AVX-512 machine; CUDA from Ampere on): its fp32 exponent range needs
+    no loss scaling in training. fp16 on older GPUs, where training then scales the loss
+    (training.train). fp32 on CPUs without fast bf16, where bf16 is much slower."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def autocast_context(device: torch.device, enabled: bool = True):
-    """Mixed precision for the U-Net (dtype from ``autocast_dtype``); off: plain fp32."""
-    if not enabled:
+    """Mixed precision for the U-Net (dtype from ``autocast_dtype``); off, or on a device
+    without a fast half type: plain fp32."""
+    dtype = autocast_dtype(device) if enabled else None
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device))
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _tile_starts(size: int, core: int) -> list[int]:

@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+from spoco_vol import inference
 from spoco_vol.inference import predict_embeddings, resolve_device
 from spoco_vol.model import UNet
 
@@ -32,6 +33,24 @@ def test_group_norm_is_not_local():
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_cpu_mixed_precision_only_with_native_bf16(monkeypatch):
+    """bf16 autocast on a CPU without native bf16 runs reference kernels (46x slower than
+    fp32, benchmarks/RESULTS.md): the default then stays in fp32."""
+    cpu = torch.device("cpu")
+    conv = torch.nn.Conv2d(1, 2, 3)
+    x = torch.ones(1, 1, 8, 8)
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    assert inference.autocast_dtype(cpu) is None
+    with inference.autocast_context(cpu, True):
+        assert conv(x).dtype == torch.float32
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    assert inference.autocast_dtype(cpu) == torch.bfloat16
+    with inference.autocast_context(cpu, True):
+        assert conv(x).dtype == torch.bfloat16
+    with inference.autocast_context(cpu, False):
+        assert conv(x).dtype == torch.float32
 
 
 def test_test_time_augmentation_is_the_mean_of_the_eight_views():
