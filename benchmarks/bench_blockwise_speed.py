@@ -25,10 +25,10 @@ from bioimage_cpp.segmentation import mutex_watershed as library_mws
 from distributed import Client, LocalCluster
 
 from spoco_vol import io, transforms
-from spoco_vol.affinities import default_offsets, embedding_affinities, number_of_attractive
+from spoco_vol.affinities import embedding_affinities, number_of_attractive
 from spoco_vol.blockwise import segment_blockwise
 from spoco_vol.inference import predict_embeddings
-from spoco_vol.model import load_checkpoint, model_from_checkpoint
+from spoco_vol import checkpoint
 from spoco_vol.pipeline import BUNDLED_MODEL, model_scale, resample_raw
 from spoco_vol.segmentation import background_distance, segment_embeddings
 
@@ -43,19 +43,19 @@ def best_of(fn, repeat=3):
 
 
 def watershed_overhead(raw, vs, ckpt_path):
-    ckpt = load_checkpoint(ckpt_path)
-    net = model_from_checkpoint(ckpt)
-    inf = ckpt["inference"]
-    offsets = inf.get("offsets") or default_offsets(2)
+    ckpt = checkpoint.load(ckpt_path)
+    net = ckpt.network()
+    inf = ckpt.inference
+    offsets = [list(o) for o in inf.offsets]
     n_attr, strides = number_of_attractive(offsets), [2, 2]
-    scale = model_scale(vs, ckpt["voxel_size"], [1, 2], 3)
-    image = transforms.normalize(resample_raw(raw.astype(np.float32), scale), ckpt["normalization"])
+    scale = model_scale(vs, ckpt.voxel_size, [1, 2], 3)
+    image = transforms.normalize(resample_raw(raw.astype(np.float32), scale), ckpt.normalization)
     t_lib = t_ours = t_aff = 0.0
     vox = 0
     for sec in image:
         emb = predict_embeddings(net, sec, device=torch.device("cpu"))
-        affs = embedding_affinities(emb, offsets, ckpt["delta_d"])
-        mask = background_distance(emb, inf["background_embedding"]) >= inf["background_radius"]
+        affs = embedding_affinities(emb, offsets, ckpt.delta_d)
+        mask = background_distance(emb, inf.background_embedding) >= inf.background_radius
         weights = affs.astype(np.float32, copy=True)
         weights[n_attr:] = 1 - weights[n_attr:]
         t_lib += best_of(lambda: library_mws(weights, offsets, n_attr, strides=strides, mask=mask))
@@ -63,10 +63,9 @@ def watershed_overhead(raw, vs, ckpt_path):
 
         def ours():
             timings.clear()
-            segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
-                               background_embedding=inf["background_embedding"],
-                               background_radius=inf["background_radius"], min_size=inf.get("min_size", 0),
-                               timings=timings)
+            segment_embeddings(emb, offsets, ckpt.delta_d, strides=strides,
+                               background_embedding=inf.background_embedding,
+                               background_radius=inf.background_radius, min_size=inf.min_size, timings=timings)
             return timings["watershed"], timings["affinities"]
         runs = [ours() for _ in range(3)]
         t_ours += min(r[0] for r in runs)

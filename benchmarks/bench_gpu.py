@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from spoco_vol import data, io, losses, model as model_mod, transforms
+from spoco_vol import checkpoint, data, io, losses, transforms
 from spoco_vol.evaluation import evaluate_segmentation
 from spoco_vol.inference import autocast_context
 from spoco_vol.pipeline import BUNDLED_MODEL, segment_array
@@ -46,13 +46,13 @@ def best_time(fn, repeat=3, sync=False):
 
 def unet_table(ck, raw, dev, sync, batch):
     """The U-Net alone on normalised 512^2 tiles of the test stack (model grid)."""
-    tiles = transforms.normalize(raw[:, ::2, ::2].astype(np.float32), ck["normalization"])
+    tiles = transforms.normalize(raw[:, ::2, ::2].astype(np.float32), ck.normalization)
     x = torch.from_numpy(np.ascontiguousarray(np.resize(tiles, (batch, *tiles.shape[1:]))[:, None]))
-    net_cpu = model_mod.model_from_checkpoint(ck)
+    net_cpu = ck.network()
     with torch.no_grad():
         t_ref, ref = best_time(lambda: net_cpu(x[:4]), repeat=1)
     ref = ref.numpy()
-    net_gpu = model_mod.model_from_checkpoint(ck).to(dev)
+    net_gpu = ck.network().to(dev)
     xg = x.to(dev)
     mvox = x.numel() / 1e6
     print(f"\nU-Net on {batch} x 512^2 tiles{'':<10}{'sec':>8}{'Mvox/s':>9}{'x CPU':>7}{'max|d|':>8}{'mean|d|':>9}")
@@ -91,10 +91,10 @@ def training_table(ck, train, dev, sync):
     sampler = data.PatchSampler([vol], (256, 256), 2, (1, 2, 2), rng=np.random.default_rng(0))
     batch = [sampler.batch(4) for _ in range(4)]  # sampled once: this times the step, not the reads
     print(f"\ntraining iteration (4 x 256^2){'':<14}{'sec':>8}{'it/s':>9}")
-    for mode, kwargs in (("full", {}), ("sparse", {"w_background": 1.0, "background_radius": 3.0})):
+    for mode, kwargs in (("full", {}), ("sparse", {"background_weight": 1.0, "background_radius": 3.0})):
         loss = losses.SpocoLoss(mode=mode, **kwargs)
         for d in (cpu, dev):
-            f = model_mod.model_from_checkpoint(ck).to(d).train()
+            f = ck.network().to(d).train()
             g = losses.make_momentum_network(f)
             opt = torch.optim.Adam(f.parameters(), lr=1e-5)
             gen = torch.Generator().manual_seed(0)
@@ -102,7 +102,7 @@ def training_table(ck, train, dev, sync):
             def step(i=[0]):
                 raws, labs = batch[i[0] % 4]
                 i[0] += 1
-                xb = torch.from_numpy(transforms.normalize(raws, ck["normalization"])[:, None]).to(d)
+                xb = torch.from_numpy(transforms.normalize(raws, ck.normalization)[:, None]).to(d)
                 with autocast_context(d):
                     e = f(xb)
                 with torch.no_grad(), autocast_context(d):
@@ -133,7 +133,7 @@ def main():
     if sync:
         print(f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
               f"bf16 supported {torch.cuda.is_bf16_supported()}")
-    ck = model_mod.load_checkpoint(a.model)
+    ck = checkpoint.load(a.model)
     raw = np.asarray(io.open_volume(a.test + "/raw")[...])
     tables = {int(t) for t in a.tables.split(",")}
     if 1 in tables:

@@ -27,8 +27,9 @@ from scipy.spatial import cKDTree
 from spoco_vol import io
 from spoco_vol.blockwise import segment_blockwise
 from spoco_vol.evaluation import adapted_rand_error, variation_of_information
-from spoco_vol.model import load_checkpoint, save_checkpoint
-from spoco_vol.training import TrainConfig, train
+from spoco_vol import checkpoint
+from spoco_vol.config import TrainConfig
+from spoco_vol.training import train
 
 OFFSETS_3D = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -3, 0], [0, 0, -3],
               [-9, 0, 0], [0, -9, 0], [0, 0, -9]]
@@ -74,11 +75,9 @@ def main():
         s = train(TrainConfig(raw=[f"{work}/train.zarr/raw"], labels=[f"{work}/train.zarr/labels"],
                               out=f"{work}/model", dims=3, patch_shape=(32, 64, 64), batch_size=2,
                               iterations=a.iterations, features=(8, 16, 32), val_every=200, progress=False,
-                              w_consistency=0, overwrite=True, command="bench_seams_3d.py"))
+                              consistency_weight=0, overwrite=True, command="bench_seams_3d.py"))
         print(f"trained {s['iterations']} iterations in {time.perf_counter() - t:.0f} s")
-        ck = load_checkpoint(model)
-        ck["inference"]["offsets"] = OFFSETS_3D
-        save_checkpoint(ck, model)
+        checkpoint.save(checkpoint.load(model).with_inference(offsets=OFFSETS_3D), model)
     runs = [("single block", list(shape), True), ("blocks 32x64x64", [32, 64, 64], True),
             ("blocks 40x48x80", [40, 48, 80], True), ("blocks 32x64x64, no stitching", [32, 64, 64], False),
             ("blocks 40x48x80, no stitching", [40, 48, 80], False)]

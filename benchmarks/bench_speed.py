@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from spoco_vol import data, losses, model as model_mod, transforms
+from spoco_vol import checkpoint, data, losses, transforms
 from spoco_vol.affinities import default_offsets, embedding_affinities
 from spoco_vol.inference import autocast_context, autocast_dtype, cpu_has_fast_bf16, predict_embeddings
 from spoco_vol.pipeline import BUNDLED_MODEL
@@ -36,8 +36,8 @@ def main():
     p.add_argument("--train-labels", default="/tmp/vnc/vnc_train.zarr/labels")
     a = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    ck = model_mod.load_checkpoint(a.model)
-    net = model_mod.model_from_checkpoint(ck)
+    ck = checkpoint.load(a.model)
+    net = ck.network()
     cpu = torch.device("cpu")
     img = np.random.default_rng(0).normal(size=(a.size, a.size)).astype(np.float32)
     mvox = img.size / 1e6
@@ -57,7 +57,7 @@ def main():
     rows.append(("U-Net, the default (--amp)", t_default, mvox / t_default,
                  f"picks {'bf16' if picked else 'fp32'} here"))
     offsets = default_offsets(2)
-    ta, affs = timed(lambda: embedding_affinities(e32, offsets, ck["delta_d"]))
+    ta, affs = timed(lambda: embedding_affinities(e32, offsets, ck.delta_d))
     rows.append(("affinities (8 offsets)", ta, mvox / ta, ""))
     for strides in ([1, 1], [2, 2]):
         tm, _ = timed(lambda: mutex_watershed(affs, offsets, strides))
@@ -65,14 +65,14 @@ def main():
     # one training step at the bundled model's settings (batch 4, 256^2, consistency on)
     vol = data.open_training_volume(a.train_raw, a.train_labels)
     sampler = data.PatchSampler([vol], (256, 256), 2, (1, 2, 2), rng=np.random.default_rng(0))
-    f = model_mod.model_from_checkpoint(ck).train()
+    f = ck.network().train()
     g = losses.make_momentum_network(f)
     loss = losses.SpocoLoss(mode="full")
     opt = torch.optim.Adam(f.parameters(), lr=1e-5)
 
     def step():
         raws, labs = sampler.batch(4)
-        x = torch.from_numpy(transforms.normalize(raws, ck["normalization"])[:, None])
+        x = torch.from_numpy(transforms.normalize(raws, ck.normalization)[:, None])
         with autocast_context(cpu):
             e = f(x)
         with torch.no_grad(), autocast_context(cpu):

@@ -15,7 +15,7 @@ import numpy as np
 
 from spoco_vol import io
 from spoco_vol.evaluation import evaluate_segmentation, foreground_restricted
-from spoco_vol.model import load_checkpoint, uses_tta
+from spoco_vol import checkpoint
 from spoco_vol.pipeline import segment_array
 
 
@@ -33,16 +33,16 @@ def main():
     header = f"{'checkpoint':<34}{'AP@0.5':>8}{'AP@0.5 fg':>10}{'mAP':>7}{'prec':>6}{'recall':>7}{'ARand':>7}{'VOI':>7}{'#pred':>7}{'#gt':>6}{'tta':>5}{'sec':>7}"
     print(header)
     for path in a.checkpoints:
-        ck = load_checkpoint(path)
+        ck = checkpoint.load(path)
         if a.no_background:
-            ck["inference"]["background_embedding"] = None
+            ck = ck.with_inference(background_embedding=None)
         t = time.perf_counter()
         pred = segment_array(raw, ck, input_voxel_size=vs, device=a.device)
         sec = time.perf_counter() - t
         m = evaluate_segmentation(pred, gt, per_section=True)
         fg = evaluate_segmentation(foreground_restricted(pred, gt), gt, per_section=True)
         print(f"{path[-34:]:<34}{m['ap@0.5']:>8.3f}{fg['ap@0.5']:>10.3f}{m['map']:>7.3f}{m['precision']:>6.2f}{m['recall']:>7.2f}{m['arand']:>7.3f}"
-              f"{m['voi']:>7.2f}{m['n_pred']:>7}{m['n_gt']:>6}{'yes' if uses_tta(ck) else 'no':>5}{sec:>7.1f}", flush=True)
+              f"{m['voi']:>7.2f}{m['n_pred']:>7}{m['n_gt']:>6}{'yes' if ck.inference.tta else 'no':>5}{sec:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

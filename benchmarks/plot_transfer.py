@@ -63,7 +63,7 @@ def _colour(labels, seed=0):
 
 def pictures(results, test, section, path):
     from spoco_vol import io
-    from spoco_vol.model import load_checkpoint
+    from spoco_vol import checkpoint
     from spoco_vol.pipeline import labels_from_embeddings, predict_array
     raw = np.asarray(io.open_volume(test + "/raw")[section])
     gt = np.asarray(io.open_volume(test + "/labels")[section])
@@ -76,7 +76,7 @@ def pictures(results, test, section, path):
     fig, axes = plt.subplots(len(picks), 4, figsize=(12, 2.6 * len(picks)))
     axes = np.atleast_2d(axes)
     for row, r in zip(axes, picks):
-        ck = load_checkpoint(r["checkpoint"])
+        ck = checkpoint.load(r["checkpoint"])
         emb, scale, fg = predict_array(raw, ck, input_voxel_size=vs, device="cpu")
         seg = labels_from_embeddings(emb, ck, raw.shape, scale, foreground=fg)
         name = {"bundled": "VNC model as is", "fine-tune": f"fine-tuned, {r['pct']}%",

@@ -6,7 +6,7 @@ Keeps only what inference needs (no optimizer or momentum state) and names the d
 """
 import argparse
 
-from spoco_vol.model import checkpoint_checksum, load_checkpoint, save_checkpoint
+from spoco_vol import checkpoint
 
 VNC = ("Drosophila L3 VNC ssTEM stack1, sections 0-11 (section 12 validation), mitochondria, Gerhard et al. 2013, "
        "doi:10.6084/m9.figshare.856713, CC BY-NC-SA 3.0")
@@ -19,14 +19,11 @@ def main():
     p.add_argument("--data", default=VNC, help="what it was trained on, with source and licence")
     p.add_argument("--calibration", default=None, help="the calibration command, if it was recalibrated")
     a = p.parse_args()
-    ck = load_checkpoint(a.src)
-    ck.pop("training_state", None)
-    ck["training_data"] = a.data
-    ck["training_command"] = " ".join(ck["training_command"].split())
-    if a.calibration:
-        ck["calibration_command"] = a.calibration
-    save_checkpoint(ck, a.dst)
-    print(a.dst, checkpoint_checksum(ck))
+    ck = checkpoint.load(a.src).for_inference()
+    ck = ck.with_record(training_data=a.data, training_command=" ".join(ck.training_command.split()),
+                        **({"calibration_command": a.calibration} if a.calibration else {}))
+    checkpoint.save(ck, a.dst)
+    print(a.dst, ck.sha256)
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ def evaluate(ckpt_path, raw_path, gt_path, tmp):
     from spoco_vol import io
     from spoco_vol.blockwise import segment_blockwise
     from spoco_vol.evaluation import adapted_rand_error, evaluate_segmentation
-    from spoco_vol.model import load_checkpoint
+    from spoco_vol import checkpoint
     from spoco_vol.pipeline import segment_array
     raw = np.asarray(io.open_volume(raw_path)[...])
     gt = np.asarray(io.open_volume(gt_path)[...])
     vs = io.read_voxel_size(raw_path)
     t = time.perf_counter()
-    whole = segment_array(raw, load_checkpoint(ckpt_path), input_voxel_size=vs, device="cpu")
+    whole = segment_array(raw, checkpoint.load(ckpt_path), input_voxel_size=vs, device="cpu")
     seconds = time.perf_counter() - t
     m = evaluate_segmentation(whole, gt)
     out = os.path.join(tmp, "blockwise.zarr")

@@ -31,8 +31,8 @@ DOWNSAMPLE = "1,1.84,1.84"   # 5 nm -> the bundled model's 9.2 nm: the same reso
 
 
 def _recipe_flags():
-    from spoco_vol.training import FINE_TUNE_RECIPE as r
-    return ["--mode", r["mode"], "--background-weight", str(r["w_background"]),
+    from spoco_vol.config import FINE_TUNE_RECIPE as r
+    return ["--mode", r["mode"], "--background-weight", str(r["background_weight"]),
             "--background-warmup", str(r["background_warmup"]), "--background-select-radius",
             str(r["background_select_radius"]), "--tta" if r["tta"] else "--no-tta",
             "--foreground-iterations", str(r["foreground_iterations"])]
@@ -57,12 +57,12 @@ def commands(work, kind, pct, seed):
 def evaluate(ckpt_path, test):
     from spoco_vol import io
     from spoco_vol.evaluation import evaluate_segmentation
-    from spoco_vol.model import load_checkpoint
+    from spoco_vol import checkpoint
     from spoco_vol.pipeline import segment_array
     raw = np.asarray(io.open_volume(test + "/raw")[...])
     gt = np.asarray(io.open_volume(test + "/labels")[...])
     t = time.perf_counter()
-    pred = segment_array(raw, load_checkpoint(ckpt_path), input_voxel_size=io.read_voxel_size(test + "/raw"),
+    pred = segment_array(raw, checkpoint.load(ckpt_path), input_voxel_size=io.read_voxel_size(test + "/raw"),
                          device="cpu")
     m = evaluate_segmentation(pred, gt, per_section=True)
     return {k: m[k] for k in ("ap@0.5", "ap@0.75", "map", "precision", "recall", "n_pred", "n_gt")} | {

@@ -27,13 +27,15 @@ from .evaluation import evaluate_segmentation, evaluate_zarr as evaluate  # noqa
 from .blockwise import segment_blockwise as segment  # noqa: E402
 from .cluster import load_cluster_config, open_cluster  # noqa: E402
 from .demo import run_demo  # noqa: E402
-from .training import TrainConfig, recalibrate_checkpoint as calibrate, train  # noqa: E402
+from .calibration import recalibrate_checkpoint as calibrate  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .training import train  # noqa: E402
 
 
 def fine_tune(raw, labels, out, model="vnc-mito-2d", **overrides) -> dict:
     """`spoco-vol fine-tune` from Python: ``raw``/``labels`` a path or a list of paths;
     ``overrides``: any TrainConfig field. Returns the training summary."""
-    from .training import fine_tune_config
+    from .config import fine_tune_config
     as_list = (lambda v: [v] if isinstance(v, str) else list(v))
     return train(fine_tune_config(as_list(raw), as_list(labels), out, model, **overrides))
 from .workflow import run_workflow  # noqa: E402

@@ -63,22 +63,51 @@ class BlockGrid:
         for index in itertools.product(*(range(g) for g in self.grid_shape)):
             yield self.block(index)
 
+    def block_at(self, linear: int) -> Block:
+        """The block numbered ``linear`` (C order)."""
+        return self.block(np.unravel_index(int(linear), self.grid_shape))
+
+    def index_ranges(self, roi: Sequence[slice] | None = None) -> list[range]:
+        """Per axis, the grid indices of the blocks whose core overlaps ``roi``: a box."""
+        if roi is None:
+            return [range(g) for g in self.grid_shape]
+        return [range(r.start // b, -(-r.stop // b)) for r, b in zip(roi, self.block_shape)]
+
+    def count(self, roi: Sequence[slice] | None = None) -> int:
+        return int(np.prod([len(r) for r in self.index_ranges(roi)]))
+
+    def linear_indices(self, roi: Sequence[slice] | None = None) -> Iterator[int]:
+        """The numbers of the blocks whose core overlaps ``roi``, in C order, made one at
+        a time (a terabyte volume has ~500k blocks: no list of Block objects)."""
+        strides = np.cumprod((1,) + self.grid_shape[:0:-1])[::-1]
+        for index in itertools.product(*self.index_ranges(roi)):
+            yield int(np.dot(index, strides))
+
+    def upper_neighbours(self, linear: int, axes: Sequence[int],
+                         roi: Sequence[slice] | None = None) -> list[tuple[int, int]]:
+        """(neighbour, axis) of each block after ``linear`` along one of ``axes`` that
+        also overlaps ``roi``."""
+        index = np.unravel_index(int(linear), self.grid_shape)
+        ranges = self.index_ranges(roi)
+        out = []
+        for a in axes:
+            if index[a] + 1 in ranges[a]:
+                nxt = list(index)
+                nxt[a] += 1
+                out.append((int(np.ravel_multi_index(nxt, self.grid_shape)), a))
+        return out
+
     def blocks(self, roi: Sequence[slice] | None = None) -> list[Block]:
         """The blocks whose core overlaps ``roi`` (all blocks without one), in C order."""
-        return [b for b in self if roi is None or intersect(b.core, roi) is not None]
+        return [self.block_at(b) for b in self.linear_indices(roi)]
 
     def faces(self, axes: Sequence[int] | None = None,
               roi: Sequence[slice] | None = None) -> Iterator[tuple[Block, Block, int]]:
         """Each pair of face-adjacent blocks (both overlapping ``roi``) once, as (lower, upper, axis)."""
         axes = range(len(self.shape)) if axes is None else axes
-        for block in self.blocks(roi):
-            for a in axes:
-                if block.index[a] + 1 < self.grid_shape[a]:
-                    nxt = list(block.index)
-                    nxt[a] += 1
-                    upper = self.block(nxt)
-                    if roi is None or intersect(upper.core, roi) is not None:
-                        yield block, upper, a
+        for b in self.linear_indices(roi):
+            for up, a in self.upper_neighbours(b, axes, roi):
+                yield self.block_at(b), self.block_at(up), a
 
 
 def intersect(a: Sequence[slice], b: Sequence[slice]) -> tuple[slice, ...] | None:

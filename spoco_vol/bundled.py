@@ -37,12 +37,12 @@ def model_path(name_or_path: str | None) -> str:
 def list_models() -> list[dict]:
     """One row per bundled model: name, file, voxel size, dimensionality, modality,
     held-out scores, card."""
-    from .model import load_checkpoint
+    from . import checkpoint
     rows = []
     for name, entry in MODELS.items():
         path = os.path.join(DATA, entry["file"])
-        ck = load_checkpoint(path)
-        rows.append({"name": name, "path": path, "dims": ck["architecture"]["dims"],
-                     "voxel_size_nm": ck.get("voxel_size"), "modality": entry["modality"],
+        ck = checkpoint.load(path)
+        rows.append({"name": name, "path": path, "dims": ck.dims,
+                     "voxel_size_nm": ck.voxel_size, "modality": entry["modality"],
                      "held_out": entry["held_out"], "card": os.path.join(DATA, entry["card"])})
     return rows

@@ -1,12 +1,21 @@
 """The ``spoco-vol`` command line: thin click wrappers around the Python API."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 
 import click
 
-from .errors import SpocoInputError
+from .config import FINE_TUNE_RECIPE, TrainConfig
+from .errors import SpocoInputError, SpocoRunError
+
+_D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # defaults live in the config class
+
+
+def _csv(values) -> str:
+    """A sequence default as the command line writes it (256,256)."""
+    return ",".join(map(str, values))
 
 
 class InputError(click.ClickException):
@@ -66,11 +75,22 @@ def _assignments(items, option: str, parse: bool = True) -> dict:
     return out
 
 
+class RunStopped(click.ClickException):
+    """A run that stopped partway: one error line, exit code 1 (130 / 143 after SIGINT /
+    SIGTERM); its finished work is kept and the same command resumes it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except SpocoInputError as exc:
         raise InputError(str(exc)) from None
+    except SpocoRunError as exc:
+        raise RunStopped(str(exc), exc.exit_code) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,45 +108,50 @@ def cli():
 @click.option("--labels", "labels", multiple=True, required=True,
               help="Label zarr array (integers, 0 = unlabeled), one per --raw.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (checkpoints, log.csv, loss.png).")
-@click.option("--dims", type=click.IntRange(2, 3), default=2, show_default=True,
+@click.option("--dims", type=click.IntRange(2, 3), default=_D["dims"], show_default=True,
               help="2: a 2D model trained on sections; 3: a 3D model.")
-@click.option("--patch-shape", type=INTS, default="256,256", show_default=True,
+@click.option("--patch-shape", type=INTS, default=_csv(_D["patch_shape"]), show_default=True,
               help="Patch size in model pixels (after --downsample), e.g. 256,256 or 32,128,128.")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--iterations", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--object-fraction", type=float, default=1.0, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=_D["batch_size"], show_default=True)
+@click.option("--iterations", type=click.IntRange(1), default=_D["iterations"], show_default=True)
+@click.option("--object-fraction", type=float, default=_D["object_fraction"], show_default=True,
               help="Keep a seeded random fraction P of the annotated objects (SPOCO@P). "
                    "1 = use labels as they are; below 1 trains in the sparse (positive-unlabeled) mode.")
-@click.option("--mode", type=click.Choice(["auto", "sparse", "full"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(["auto", "sparse", "full"]), default=_D["mode"], show_default=True,
               help="full: background (0) is an object; sparse: 0 is unlabeled. auto: full iff P = 1.")
 @click.option("--init", default=None,
               help="Fine-tune from this checkpoint, a path or a bundled model's name (`spoco-vol models`); lr/10 by "
                    "default, and the data are resampled to its voxel size unless --downsample is given.")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4, or 2e-5 with --init].")
-@click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine", show_default=True)
-@click.option("--features", type=INTS, default="16,32,64,128", show_default=True, help="U-Net features per level.")
-@click.option("--norm", type=click.Choice(["group", "batch"]), default="batch", show_default=True,
+@click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default=_D["schedule"], show_default=True)
+@click.option("--features", type=INTS, default=_csv(_D["features"]), show_default=True,
+              help="U-Net features per level.")
+@click.option("--norm", type=click.Choice(["group", "batch"]), default=_D["norm"], show_default=True,
               help="batch: at inference a fixed per-channel map, so a voxel's embedding does not depend on "
                    "the block around it (blockwise = whole volume); group: statistics of each tile.")
 @click.option("--pool-factors", type=INTS, default=None,
               help="Per-level pooling factors, flattened, e.g. 1,2,2,1,2,2,2,2,2 for 3 poolings in 3D "
                    "[default: 2 on every axis].")
-@click.option("--embedding-dim", type=int, default=16, show_default=True)
-@click.option("--delta-v", type=float, default=0.5, show_default=True, help="Pull margin (embedding units).")
-@click.option("--delta-d", type=float, default=2.0, show_default=True, help="Push margin (embedding units).")
-@click.option("--threshold", type=float, default=0.9, show_default=True, help="Soft-mask kernel threshold t.")
-@click.option("--consistency-weight", type=float, default=1.0, show_default=True,
+@click.option("--embedding-dim", type=int, default=_D["embedding_dim"], show_default=True)
+@click.option("--delta-v", type=float, default=_D["delta_v"], show_default=True, help="Pull margin (embedding units).")
+@click.option("--delta-d", type=float, default=_D["delta_d"], show_default=True, help="Push margin (embedding units).")
+@click.option("--threshold", type=float, default=_D["threshold"], show_default=True,
+              help="Soft-mask kernel threshold t.")
+@click.option("--consistency-weight", type=float, default=_D["consistency_weight"], show_default=True,
               help="Weight of the embedding-consistency term (0 disables the momentum network).")
-@click.option("--unlabeled-weight", type=float, default=1.0, show_default=True, help="Weight of the unlabeled push.")
-@click.option("--background-weight", type=float, default=0.0, show_default=True,
+@click.option("--unlabeled-weight", type=float, default=_D["unlabeled_weight"], show_default=True,
+              help="Weight of the unlabeled push.")
+@click.option("--instance-weight", type=float, default=_D["instance_weight"], show_default=True,
+              help="Weight of the instance (soft-mask Dice) term.")
+@click.option("--background-weight", type=float, default=_D["background_weight"], show_default=True,
               help="Sparse mode: weight of the pseudo-background term (the unlabeled pixels at the mode "
                    "of the momentum network's embeddings are pulled into one cluster).")
 @click.option("--background-select-radius", type=click.FloatRange(0, min_open=True), default=None,
               help="Pseudo-background term: unlabeled pixels whose momentum embedding lies within this "
                    "distance of the background mode count as background [default: --delta-d].")
-@click.option("--background-warmup", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--background-warmup", type=click.IntRange(0), default=_D["background_warmup"], show_default=True,
               help="Iterations before the pseudo-background term starts.")
-@click.option("--momentum", type=float, default=0.999, show_default=True, help="EMA momentum m of network g.")
+@click.option("--momentum", type=float, default=_D["momentum"], show_default=True, help="EMA momentum m of network g.")
 @click.option("--offset-distances", type=INTS, default=None,
               help="Long-range affinity offsets of inference, in model pixels along each axis [default: 3,9,27]; "
                    "shorter ones suit small objects and need a smaller blockwise halo.")
@@ -141,20 +166,24 @@ def cli():
               help="Without --val-raw: hold out the last N z-sections of each volume, fully labeled "
                    "[default with full labels: 1 for a 2D model, one patch deep for a 3D one; with sparse labels "
                    "objects are held out, --val-objects].")
-@click.option("--val-objects", type=float, default=0.2, show_default=True,
+@click.option("--val-objects", type=float, default=_D["val_objects"], show_default=True,
               help="Sparse labels without --val-raw/--val-sections: the seeded share of the annotated objects "
                    "held out from training to choose the checkpoint and calibrate the background.")
-@click.option("--val-every", type=click.IntRange(1), default=250, show_default=True, help="Iterations between validations/checkpoints.")
-@click.option("--elastic/--no-elastic", default=False, show_default=True, help="Elastic deformation augmentation.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision where the hardware runs it natively: bf16 (fp16 with loss scaling on GPUs "
+@click.option("--val-every", type=click.IntRange(1), default=_D["val_every"], show_default=True,
+              help="Iterations between validations/checkpoints.")
+@click.option("--elastic/--no-elastic", default=_D["elastic"], show_default=True,
+              help="Elastic deformation augmentation.")
+@click.option("--seed", type=int, default=_D["seed"], show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D["device"], show_default=True)
+@click.option("--amp/--no-amp", default=_D["amp"], show_default=True,
+              help="Mixed precision where the hardware runs it natively: bf16 (fp16 with loss scaling on GPUs "
                    "without bf16); fp32 on CPUs without native bf16.")
-@click.option("--tta/--no-tta", default=False, show_default=True,
+@click.option("--tta/--no-tta", default=_D["tta"], show_default=True,
               help="Validate and calibrate with test-time augmentation (8 rotated/flipped predictions "
                    "averaged, 8x the prediction time); the model then segments with it by default. "
                    "Recommended for sparse labels.")
-@click.option("--foreground-iterations", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--foreground-iterations", type=click.IntRange(0), default=_D["foreground_iterations"],
+              show_default=True,
               help="Sparse labels: then train a foreground classifier this many iterations (positive-unlabeled; "
                    "its pixels called background are background at inference). Kept in best.pt if it raises "
                    "the held-out AP@0.5. 600 suits the VNC recipe.")
@@ -169,36 +198,13 @@ def cli():
 @click.option("--stop-after", type=click.IntRange(1), default=None,
               help="Stop after N iterations of this run, saving a resumable latest.pt (walltime-limited jobs).")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --out.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fraction, mode, init, lr,
-          schedule, features, norm, pool_factors, embedding_dim, delta_v, delta_d, threshold,
-          consistency_weight, unlabeled_weight, background_weight, background_select_radius, background_warmup,
-          momentum, offset_distances, downsample, voxel_size, val_raw, val_labels,
-          val_sections, val_objects, val_every, elastic, seed, device, amp, tta, foreground_iterations, foreground_prior,
-          intensity_range, threads,
-          resume, stop_after, overwrite, quiet):
+@click.option("--progress/--quiet", default=True, help="Show a progress bar.")
+def train(**settings):
     """Train (or fine-tune) a SPOCO embedding model from sparse or full annotations."""
-    from .training import TrainConfig, train as train_fn
-    if pool_factors is not None:
-        n = len(features) - 1
-        if len(pool_factors) != n * dims:
-            raise InputError(f"--pool-factors needs {n}x{dims} = {n * dims} numbers for {len(features)} levels")
-        pool_factors = [pool_factors[i * dims:(i + 1) * dims] for i in range(n)]
-    cfg = TrainConfig(raw=list(raw), labels=list(labels), out=out, dims=dims, patch_shape=patch_shape,
-                      batch_size=batch_size, iterations=iterations, object_fraction=object_fraction,
-                      mode=mode, init=init, lr=lr, schedule=schedule, features=features, norm=norm,
-                      pool_factors=pool_factors, embedding_dim=embedding_dim, delta_v=delta_v,
-                      delta_d=delta_d, threshold=threshold, w_consistency=consistency_weight,
-                      w_unlabeled=unlabeled_weight, w_background=background_weight,
-                      background_warmup=background_warmup, background_select_radius=background_select_radius,
-                      momentum=momentum, offset_distances=offset_distances, downsample=downsample,
-                      voxel_size=voxel_size, val_raw=list(val_raw), val_labels=list(val_labels),
-                      val_sections=val_sections, val_objects=val_objects, val_every=val_every, elastic=elastic,
-                      seed=seed, device=device, amp=amp, tta=tta, foreground_iterations=foreground_iterations,
-                      foreground_prior=foreground_prior, intensity_range=intensity_range, threads=threads,
-                      resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not quiet,
-                      command=_command_line())
-    summary = _run(train_fn, cfg)
+    from .training import train as train_fn
+    settings.update(raw=list(settings["raw"]), labels=list(settings["labels"]), val_raw=list(settings["val_raw"]),
+                    val_labels=list(settings["val_labels"]))
+    summary = _run(train_fn, TrainConfig(**settings, command=_command_line()))
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -211,21 +217,20 @@ def train(raw, labels, out, dims, patch_shape, batch_size, iterations, object_fr
 @click.option("--out", required=True, type=click.Path(), help="Output directory (best.pt, log.csv, loss.png).")
 @click.option("--model", default="vnc-mito-2d", show_default=True,
               help="The model to start from: a bundled model's name (`spoco-vol models`) or a checkpoint path.")
-@click.option("--iterations", type=click.IntRange(1), default=None,
-              help="Training iterations [default: the recipe's, training.FINE_TUNE_RECIPE].")
+@click.option("--iterations", type=click.IntRange(1), default=FINE_TUNE_RECIPE["iterations"], show_default=True,
+              help="Training iterations (the recipe's: config.FINE_TUNE_RECIPE).")
 @click.option("--voxel-size", type=FLOATS, default=None,
               help="Voxel size of the raw data in nm (z,y,x) [default: from the zarr metadata]; the data are "
                    "resampled to the model's voxel size.")
-@click.option("--val-objects", type=float, default=0.2, show_default=True,
+@click.option("--val-objects", type=float, default=_D["val_objects"], show_default=True,
               help="Share of your annotated objects held out to choose the checkpoint and calibrate the background.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=_D["seed"], show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D["device"], show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --out.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def fine_tune(raw, labels, out, model, iterations, voxel_size, val_objects, seed, device, threads, resume, overwrite,
-              quiet):
+@click.option("--progress/--quiet", default=True, help="Show progress bars.")
+def fine_tune(raw, labels, out, model, **settings):
     """Fine-tune a model on the few objects you annotated in your volume (the recommended start).
 
     Runs the sparse-annotation recipe (benchmarks/RESULTS.md, "Transfer to Lucchi"): your
@@ -233,11 +238,9 @@ def fine_tune(raw, labels, out, model, iterations, voxel_size, val_objects, seed
     size, a share of your objects is held out to choose the checkpoint and calibrate the
     background, with a pseudo-background term, test-time augmentation and a foreground
     classifier. Then: spoco-vol segment --input VOL --model OUT/best.pt"""
-    from .training import fine_tune_config, train as train_fn
-    overrides = {"iterations": iterations} if iterations else {}
-    cfg = _run(fine_tune_config, list(raw), list(labels), out, model, voxel_size=voxel_size, val_objects=val_objects,
-               seed=seed, device=device, threads=threads, resume=resume, overwrite=overwrite, progress=not quiet,
-               command=_command_line(), **overrides)
+    from .config import fine_tune_config
+    from .training import train as train_fn
+    cfg = _run(fine_tune_config, list(raw), list(labels), out, model, **settings, command=_command_line())
     summary = _run(train_fn, cfg)
     click.echo(json.dumps(summary, indent=2))
 
@@ -299,10 +302,9 @@ def models():
                    "[0, 1] as 0..1; README 'Inputs as they come'].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
                                                  "with other settings).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--progress/--quiet", default=True, help="Show progress bars.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, cluster_set, stitch,
-            device, roi,
-            save_embeddings, link_sections, link_overlap, tta, intensity_range, overwrite, quiet):
+            device, roi, save_embeddings, link_sections, link_overlap, tta, intensity_range, overwrite, progress):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
     An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
@@ -317,7 +319,7 @@ def segment(input_path, output, model, block_shape, halo, mask, voxel_size, work
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
                   link_sections=link_sections, link_overlap=link_overlap, cluster=cluster,
-                  command=_command_line(), progress=not quiet, tta=tta, intensity_range=intensity_range)
+                  command=_command_line(), progress=progress, tta=tta, intensity_range=intensity_range)
     click.echo(format_report(report))
 
 
@@ -387,7 +389,7 @@ def demo(out, device, overwrite):
 def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
     """Re-measure a model's background embedding and radius on labeled data (AP@0.5)."""
     import os
-    from .training import recalibrate_checkpoint
+    from .calibration import recalibrate_checkpoint
     if os.path.exists(out) and not overwrite:
         raise InputError(f"{out} exists (use --overwrite to replace it)")
     result = _run(recalibrate_checkpoint, model, raw, labels, out,
@@ -411,17 +413,14 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_foreground(model, raw, labels, out, object_fraction, seed, foreground_prior, iterations, val_sections,
-                     device, threads, overwrite, quiet):
+@click.option("--progress/--quiet", default=True, help="Show a progress bar.")
+def train_foreground(model, raw, labels, out, overwrite, **settings):
     """Add a foreground classifier (positive-unlabeled) to a sparse-label checkpoint."""
     import os
     from .foreground import add_classifier
     if os.path.exists(out) and not overwrite:
         raise InputError(f"{out} exists (use --overwrite to replace it)")
-    result = _run(add_classifier, model, list(raw), list(labels), out, object_fraction=object_fraction, seed=seed,
-                  prior=foreground_prior, iterations=iterations, val_sections=val_sections, device=device,
-                  threads=threads, progress=not quiet)
+    result = _run(add_classifier, model, list(raw), list(labels), out, **settings)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -429,14 +428,11 @@ def train_foreground(model, raw, labels, out, object_fraction, seed, foreground_
 @click.argument("checkpoint", required=False)
 def info(checkpoint):
     """Show what a checkpoint holds [default: the bundled model]."""
-    from .model import checkpoint_checksum, load_checkpoint
+    from . import checkpoint as checkpoint_mod
     from .bundled import model_path
-    ck = _run(lambda: load_checkpoint(model_path(checkpoint)))
-    shown = {k: v for k, v in ck.items() if k not in ("state_dict", "training_state")}
-    if ck.get("foreground"):
-        shown["foreground"] = {k: v for k, v in ck["foreground"].items() if k != "state_dict"}
-    shown["sha256"] = checkpoint_checksum(ck)
-    shown["parameters"] = int(sum(v.numel() for v in ck["state_dict"].values()))
+    ck = _run(lambda: checkpoint_mod.load(model_path(checkpoint)))
+    shown = ck.summary()
+    shown["parameters"] = int(sum(v.numel() for v in ck.state_dict.values()))
     click.echo(json.dumps(shown, indent=2, default=str))
 
 

@@ -139,3 +139,12 @@ def _read_padded(image: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.
             mode = "edge"
         block = np.pad(block, pad, mode=mode)
     return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def predict_foreground(net, image: np.ndarray, *, device: torch.device, amp: bool = True,
+                       tta: bool = False) -> np.ndarray:
+    """Object probability (float32, shape of ``image``) of a normalised image from a
+    foreground classifier (spoco_vol.foreground); ``tta``: the mean logit of the 8
+    rotated/flipped predictions, as for the embeddings."""
+    from scipy.special import expit
+    return expit(predict_embeddings(net, image, device=device, amp=amp, tta=tta)[0]).astype(np.float32)

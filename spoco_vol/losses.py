@@ -384,17 +384,17 @@ class PseudoBackgroundLoss(nn.Module):
 
 class SpocoLoss(nn.Module):
     def __init__(self, mode: str = "sparse", delta_v: float = 0.5, delta_d: float = 2.0, threshold: float = 0.9,
-                 w_pull: float = 1.0, w_push: float = 1.0, w_reg: float = 0.001, w_instance: float = 1.0,
-                 w_unlabeled: float = 1.0, w_consistency: float = 1.0, anchor: str = "mean",
-                 w_background: float = 0.0, background_radius: Optional[float] = None):
+                 pull_weight: float = 1.0, push_weight: float = 1.0, reg_weight: float = 0.001,
+                 instance_weight: float = 1.0, unlabeled_weight: float = 1.0, consistency_weight: float = 1.0,
+                 anchor: str = "mean", background_weight: float = 0.0, background_radius: Optional[float] = None):
         super().__init__()
         if mode not in ("sparse", "full"):
             raise ValueError(f"mode must be 'sparse' or 'full', got {mode!r}")
         self.mode = mode
         ignore = 0 if mode == "sparse" else None
-        self.weights = dict(pull=w_pull, push=w_push, reg=w_reg, instance=w_instance,
-                            unlabeled=w_unlabeled if mode == "sparse" else 0.0, consistency=w_consistency,
-                            background=w_background if mode == "sparse" else 0.0)
+        self.weights = dict(pull=pull_weight, push=push_weight, reg=reg_weight, instance=instance_weight,
+                            unlabeled=unlabeled_weight if mode == "sparse" else 0.0, consistency=consistency_weight,
+                            background=background_weight if mode == "sparse" else 0.0)
         self.pull = PullLoss(delta_v, ignore)
         self.push = PushLoss(delta_d, ignore)
         self.reg = RegularizerLoss(ignore)

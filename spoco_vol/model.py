@@ -1,24 +1,11 @@
-"""The SPOCO embedding network (a plain U-Net) and its self-describing checkpoint.
-
-A checkpoint is a dict of tensors and plain Python values only, so that it loads with
-``torch.load(..., weights_only=True)``: no pickled classes, nothing executed on load.
-It carries everything needed to *use* the weights (architecture, margins, input
-normalisation, voxel size, inference parameters) so that ``spoco-vol segment`` never
-asks the user to repeat training-time choices.
-"""
+"""The SPOCO embedding network: a plain U-Net (its checkpoints: spoco_vol.checkpoint)."""
 from __future__ import annotations
 
-import hashlib
-import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from .errors import SpocoInputError
-
-CHECKPOINT_FORMAT = "spoco-vol-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 def _conv(dims: int):
@@ -138,92 +125,3 @@ def receptive_halo(model: UNet) -> list[int]:
             halo = [h + (f - 1) * s for h, s, f in zip(halo, scale, model.pool_factors[level])]
             scale = [s * f for s, f in zip(scale, model.pool_factors[level])]
     return halo
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def make_checkpoint(model: UNet, *, delta_v: float, delta_d: float, normalization: dict,
-                    voxel_size: Sequence[float] | None, training_data: str,
-                    training_command: str, inference: dict | None = None,
-                    extra: dict | None = None) -> dict[str, Any]:
-    """Everything needed to use ``model`` later, as plain data."""
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "architecture": dict(model.config),
-        "embedding_dim": model.embedding_dim,
-        "delta_v": float(delta_v),
-        "delta_d": float(delta_d),
-        "normalization": dict(normalization),
-        "voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
-        "training_data": str(training_data),
-        "training_command": str(training_command),
-        "inference": dict(inference or {}),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-    }
-    if extra:
-        ckpt.update(extra)
-    return ckpt
-
-
-def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a spoco-vol checkpoint (weights_only: no arbitrary unpickling)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise SpocoInputError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign/corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpocoInputError(f"cannot read checkpoint {path}: {first}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SpocoInputError(f"{path} is not a spoco-vol checkpoint (no '{CHECKPOINT_FORMAT}' header)")
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise SpocoInputError(f"{path} was written by a newer spoco-vol (format {ckpt['format_version']})")
-    for key in ("architecture", "state_dict", "delta_v", "delta_d", "normalization"):
-        if key not in ckpt:
-            raise SpocoInputError(f"checkpoint {path} lacks '{key}'")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> UNet:
-    try:
-        model = build_model(ckpt["architecture"])
-    except (TypeError, ValueError) as exc:
-        raise SpocoInputError(f"checkpoint architecture is invalid: {exc}") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise SpocoInputError(f"checkpoint weights do not fit its architecture: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    return model
-
-
-def uses_tta(ckpt: dict, override: bool | None = None) -> bool:
-    """Whether to predict with test-time augmentation: ``override`` if given, else what
-    the checkpoint's background was calibrated with (its ``inference.tta``)."""
-    return bool(ckpt.get("inference", {}).get("tta", False)) if override is None else bool(override)
-
-
-def checkpoint_checksum(ckpt: dict) -> str:
-    """SHA-256 of the weights (and of a foreground classifier's): identifies the model in
-    output metadata and resume hashes."""
-    h = hashlib.sha256()
-    # A foreground classifier changes the labels too (a model without one hashes as before).
-    fg = ckpt.get("foreground") or {}
-    for prefix, state in (("", ckpt["state_dict"]), ("foreground.", fg.get("state_dict", {}))):
-        for k in sorted(state):
-            t = state[k].detach().cpu().contiguous()
-            h.update((prefix + k).encode())
-            h.update(t.float().numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes())
-    if fg:
-        h.update(f"foreground.threshold={fg.get('threshold')}".encode())
-    return h.hexdigest()

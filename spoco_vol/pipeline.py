@@ -1,6 +1,7 @@
 """Segmenting one in-memory array (a block, or a small volume) and the helpers around it:
 resampling to the model's voxel size and back, output checks, OME-Zarr metadata.
-The blockwise driver (blockwise.py) calls ``segment_array`` once per block.
+The blockwise engine (spoco_vol/blockwise) calls ``predict_array`` and
+``labels_from_embeddings`` once per block.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from . import intensity, io, model as model_mod, transforms
-from .affinities import default_offsets
+from . import intensity, io, transforms
 from .bundled import model_path
+from .checkpoint import Checkpoint
 from .errors import SpocoInputError
-from .foreground import classifier_from_checkpoint, predict_foreground, segmentation_settings
-from .inference import predict_embeddings, resolve_device
+from .inference import predict_embeddings, predict_foreground, resolve_device
 from .segmentation import segment_embeddings
 
 BUNDLED_MODEL = model_path(None)  # the default model (spoco_vol.bundled)
@@ -220,7 +220,7 @@ def register_label(image: str, name: str, zarr_format: int) -> None:
         group.attrs["ome"] = ome
 
 
-def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
+def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, device="auto",
                   timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None,
                   intensity_mapping: dict | None = None):
     """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, the
@@ -231,23 +231,23 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     checkpoint's networks, if already built. ``intensity_mapping``: the input volume's
     mapping onto the model's intensity range (spoco_vol.intensity; None: as it is)."""
     timings = timings if timings is not None else {}
-    dims = ckpt["architecture"]["dims"]
+    dims = ckpt.dims
     if raw.ndim not in (2, 3):
         raise SpocoInputError(f"input must be 2D or 3D, got {raw.ndim}D")
     if dims > raw.ndim:
         raise SpocoInputError(f"the model is {dims}D but the input is {raw.ndim}D")
     io.check_finite(raw, "input")
     spatial_axes = list(range(raw.ndim - dims, raw.ndim))
-    scale = model_scale(input_voxel_size, ckpt.get("voxel_size"), spatial_axes, raw.ndim)
+    scale = model_scale(input_voxel_size, ckpt.voxel_size, spatial_axes, raw.ndim)
     t = time.perf_counter()
-    image = transforms.normalize(resample_raw(intensity.apply(raw, intensity_mapping), scale), ckpt["normalization"])
+    image = transforms.normalize(resample_raw(intensity.apply(raw, intensity_mapping), scale), ckpt.normalization)
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t
     t = time.perf_counter()
-    net = net if net is not None else model_mod.model_from_checkpoint(ckpt)
-    if foreground_net is None and ckpt.get("foreground"):
-        foreground_net = classifier_from_checkpoint(ckpt)
+    net = net if net is not None else ckpt.network()
+    if foreground_net is None and ckpt.has_foreground:
+        foreground_net = ckpt.foreground_network()
     dev = resolve_device(device)
-    tta = model_mod.uses_tta(ckpt, tta)
+    tta = ckpt.inference.uses_tta(tta)
     sections = [image] if dims == raw.ndim else list(image)
     embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32)
     probabilities = None if foreground_net is None else np.zeros(image.shape, np.float32)
@@ -260,7 +260,7 @@ def predict_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     return embeddings, scale, probabilities
 
 
-def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequence[int],
+def labels_from_embeddings(embeddings: np.ndarray, ckpt: Checkpoint, input_shape: Sequence[int],
                            scale: Sequence[float], *, strides: Sequence[int] | None = None,
                            timings: dict | None = None, region: Sequence[slice] | None = None,
                            foreground: np.ndarray | None = None) -> np.ndarray:
@@ -269,22 +269,18 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequ
     a 2D model on a 3D input, with ids unique over the sections. ``foreground``: the
     foreground classifier's probabilities on the model grid (predict_array)."""
     timings = timings if timings is not None else {}
-    dims = ckpt["architecture"]["dims"]
-    inf = segmentation_settings(ckpt)
-    offsets = inf.get("offsets") or default_offsets(dims)
-    strides = strides or inf.get("strides") or [2] * dims
-    per_section = dims < len(input_shape)
+    inf = ckpt.inference
+    strides = strides or inf.strides
+    per_section = ckpt.dims < len(input_shape)
     out = np.zeros(embeddings.shape[1:], dtype=np.uint64)
     next_id = 0
     for z in range(out.shape[0] if per_section else 1):
         emb = embeddings[:, z] if per_section else embeddings
         fg = foreground if foreground is None or not per_section else foreground[z]
-        lab = segment_embeddings(emb, offsets, ckpt["delta_d"], strides=strides,
-                                 background_embedding=inf.get("background_embedding"),
-                                 background_radius=inf.get("background_radius"),
-                                 min_size=inf.get("min_size", 0), foreground=fg,
-                                 foreground_threshold=(ckpt.get("foreground") or {}).get("threshold", 0.5),
-                                 timings=timings)
+        lab = segment_embeddings(emb, inf.offsets, ckpt.delta_d, strides=strides,
+                                 background_embedding=inf.background_embedding,
+                                 background_radius=inf.background_radius, min_size=inf.min_size, foreground=fg,
+                                 foreground_threshold=inf.foreground_threshold, timings=timings)
         t = time.perf_counter()
         lab[lab > 0] += np.uint64(next_id)  # per-section objects get ids unique over the volume
         next_id = int(lab.max()) if lab.max() > 0 else next_id
@@ -299,7 +295,7 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: dict, input_shape: Sequ
     return labels
 
 
-def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device="auto",
+def segment_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, device="auto",
                   strides: Sequence[int] | None = None, timings: dict | None = None,
                   net=None, keep_embeddings: bool = False, region: Sequence[slice] | None = None,
                   tta: bool | None = None, intensity_mapping: dict | None = None):
@@ -313,7 +309,7 @@ def segment_array(raw: np.ndarray, ckpt: dict, *, input_voxel_size=None, device=
     rules of spoco_vol.intensity].
     """
     if intensity_mapping is None:
-        intensity_mapping = intensity.volume_mapping(raw, ckpt["normalization"])
+        intensity_mapping = intensity.volume_mapping(raw, ckpt.normalization)
     timings = timings if timings is not None else {}
     embeddings, scale, foreground = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device,
                                                   timings=timings, net=net, tta=tta,

@@ -123,9 +123,32 @@ def link_sections(labels: np.ndarray, min_overlap: float) -> np.ndarray:
     return fastremap.remap(labels, dict(zip(ids.tolist(), new_ids.tolist())), preserve_missing_labels=True)
 
 
+class MergeTable:
+    """Final ids of every block's objects: ``table[b][l - 1]`` is the id of block b's
+    object l. Two flat arrays (one entry per object, one offset per block), not one array
+    per block: a terabyte run has ~500k blocks."""
+
+    def __init__(self, final: np.ndarray, start: np.ndarray):
+        self.final, self.start = final, start
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def __getitem__(self, block: int) -> np.ndarray:
+        return self.final[self.start[block]:self.start[block + 1]]
+
+    def __iter__(self):
+        return (self[b] for b in range(len(self)))
+
+    @property
+    def objects(self) -> int:
+        """The number of final objects."""
+        return int(self.final.max()) if len(self.final) else 0
+
+
 def merge_table(objects_per_block: Sequence[int], block_shape: Sequence[int],
-                edges: np.ndarray) -> list[np.ndarray]:
-    """Final consecutive ids per block: ``table[b][l - 1]`` is the id of block b's object l.
+                edges: np.ndarray) -> MergeTable:
+    """Final consecutive ids per block (MergeTable).
 
     Size: one entry per object, never per voxel. Components of the merge graph are
     numbered by their first fragment in (block, local id) order.
@@ -134,7 +157,7 @@ def merge_table(objects_per_block: Sequence[int], block_shape: Sequence[int],
     start = np.concatenate([[0], np.cumsum(counts)])
     n = int(start[-1])
     if n == 0:
-        return [np.zeros(0, np.uint64) for _ in counts]
+        return MergeTable(np.zeros(0, np.uint64), start)
     size = int(np.prod(block_shape))
     edges = np.asarray(edges, dtype=np.uint64).reshape(-1, 2)
     # global id -> compact index: block = (id - 1) // size, local = (id - 1) % size + 1
@@ -144,8 +167,7 @@ def merge_table(objects_per_block: Sequence[int], block_shape: Sequence[int],
     graph = coo_matrix((np.ones(len(compact), np.int8), (compact[:, 0], compact[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     # scipy numbers components in order of their lowest node: consecutive and deterministic
-    final = component.astype(np.uint64) + np.uint64(1)
-    return [final[start[b]:start[b + 1]] for b in range(len(counts))]
+    return MergeTable(component.astype(np.uint64) + np.uint64(1), start)
 
 
 def relabel_block(fragments: np.ndarray, linear: int, block_shape: Sequence[int],

@@ -82,7 +82,7 @@ def _volume_lists(options: dict) -> dict:
 
 
 def _train_step(options: dict, log) -> str:
-    from .training import TrainConfig
+    from .config import TrainConfig
     try:
         cfg = TrainConfig(**_volume_lists(options), progress=False)
     except TypeError as exc:
@@ -92,7 +92,7 @@ def _train_step(options: dict, log) -> str:
 
 def _fine_tune_step(options: dict, log) -> str:
     """`spoco-vol fine-tune`'s recipe: raw, labels, out, model, and any TrainConfig field."""
-    from .training import fine_tune_config
+    from .config import fine_tune_config
     options = _volume_lists(options)
     try:
         cfg = fine_tune_config(options.pop("raw"), options.pop("labels"), options.pop("out"),
@@ -116,20 +116,12 @@ def _run_training(cfg) -> str:
 
 
 def _segment_step(options: dict, log) -> str:
-    import zarr
     from .blockwise import segment_blockwise
     options = dict(options)
     input_path = options.pop("input")
-    plan = segment_blockwise(input_path, **{**options, "overwrite": True}, dry_run=True)
-    out = plan["output"]
-    if os.path.exists(out):
-        try:
-            attrs = zarr.open_group(out, mode="r").attrs.asdict()
-        except Exception:
-            attrs = {}
-        if attrs.get("spoco_vol_run", {}).get("hash") == plan["run_hash"] and "spoco_vol" in attrs:
-            return f"skipped: {out} is complete and was made with these settings"
     report = segment_blockwise(input_path, **options, progress=True)
+    if report.get("already_complete"):
+        return f"skipped: {report['output']} is complete and was made with these settings"
     return f"segmented {input_path} into {report['output']}: {report['objects']} objects"
 
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from spoco_vol import io
-from spoco_vol.model import UNet, make_checkpoint, save_checkpoint
+from spoco_vol import checkpoint
+from spoco_vol.model import UNet
+
 
 def synthetic_blobs(shape=(4, 64, 64), n=6, seed=0):
     """Bright discs (per-section objects) on a dark noisy background, with their labels."""
@@ -36,13 +38,13 @@ def blob_volume(tmp_path):
 
 
 def tiny_checkpoint(tmp_path, voxel_size=None, inference=None):
-    """An untrained 2D checkpoint saved as tmp_path/model.pt: (path, checkpoint dict)."""
+    """An untrained 2D checkpoint saved as tmp_path/model.pt: (path, Checkpoint)."""
     torch.manual_seed(0)
     net = UNet(dims=2, features=(4, 8), embedding_dim=4)
-    ckpt = make_checkpoint(net, delta_v=0.5, delta_d=2.0,
-                           normalization={"mean": 0.0, "std": 1.0, "kind": "zscore"},
-                           voxel_size=voxel_size, training_data="none", training_command="test",
-                           inference=inference or {})
+    ckpt = checkpoint.make_checkpoint(net, delta_v=0.5, delta_d=2.0,
+                                      normalization={"mean": 0.0, "std": 1.0, "kind": "zscore"},
+                                      voxel_size=voxel_size, training_data="none", training_command="test",
+                                      inference=inference or {})
     path = tmp_path / "model.pt"
-    save_checkpoint(ckpt, path)
+    checkpoint.save(ckpt, path)
     return str(path), ckpt

@@ -10,7 +10,7 @@ import zarr
 from spoco_vol import io
 from spoco_vol.blockwise import format_report, required_halo, segment_blockwise
 from spoco_vol.errors import SpocoInputError
-from spoco_vol.model import checkpoint_checksum, load_checkpoint
+from spoco_vol import checkpoint
 from spoco_vol.pipeline import BUNDLED_MODEL
 from conftest import tiny_checkpoint
 
@@ -108,8 +108,11 @@ def test_labels_go_into_an_ome_zarr_images_labels_group(tmp_path, zarr_format):
     nodes = list(Reader(parse_url(image))())
     label_nodes = [n for n in nodes if n.load(Label) is not None]
     assert label_nodes and np.array_equal(np.asarray(label_nodes[0].data[0]), lab0)
-    with pytest.raises(SpocoInputError, match="exists"):  # the same default again: --overwrite needed
-        segment_blockwise(image, model=model, device="cpu", workers=0, block_shape=[1, 32, 24], halo=[0, 12, 12])
+    again = segment_blockwise(image, model=model, device="cpu", workers=0, block_shape=[1, 32, 24],
+                              halo=[0, 12, 12])  # the same command again: already complete, nothing written
+    assert again["already_complete"] and again["output"] == out
+    with pytest.raises(SpocoInputError, match="exists"):  # other settings into the same labels: --overwrite needed
+        segment_blockwise(image, model=model, device="cpu", workers=0, block_shape=[1, 32, 32], halo=[0, 12, 12])
     with pytest.raises(SpocoInputError, match="inside the input"):  # elsewhere in the image: refused
         segment_blockwise(image, os.path.join(image, "mine"), model, device="cpu", workers=0)
 
@@ -172,13 +175,13 @@ def test_segment_end_to_end(tmp_path):
     # per-section objects get ids unique over the volume
     assert not (set(np.unique(lab[0])) - {0}) & (set(np.unique(lab[1])) - {0})
     assert report["shape"] == [2, 64, 64]
-    assert report["model_sha256"] == checkpoint_checksum(ckpt)
-    assert group.attrs["spoco_vol"]["model_sha256"] == checkpoint_checksum(ckpt)
+    assert report["model_sha256"] == ckpt.sha256
+    assert group.attrs["spoco_vol"]["model_sha256"] == ckpt.sha256
     assert group.attrs["spoco_vol"]["command"] == "spoco-vol segment test"
     np.testing.assert_array_equal(io.open_volume(inp)[...], data)  # input untouched
-    # a second run refuses to overwrite, the output is kept
+    # a second run with other settings refuses to overwrite, the output is kept
     with pytest.raises(SpocoInputError, match="exists"):
-        segment_blockwise(inp, model=model, device="cpu", workers=0)
+        segment_blockwise(inp, model=model, device="cpu", workers=0, stitch=False)
     np.testing.assert_array_equal(zarr.open_array(out + "/0", mode="r")[...], lab)
 
 
@@ -246,7 +249,7 @@ def test_blockwise_equals_single_block_on_real_em(tmp_path):
 def test_halo_and_block_shape_checks(tmp_path):
     inp = _input_volume(tmp_path, np.zeros((2, 64, 64), np.uint8))
     model, ckpt = tiny_checkpoint(tmp_path)
-    need = required_halo(load_checkpoint(model), 3, [1.0, 1.0, 1.0])
+    need = required_halo(checkpoint.load(model), 3, [1.0, 1.0, 1.0])
     assert need[0] == 0 and need[1] == need[2] >= 27  # 2D model: no context across sections
     with pytest.raises(SpocoInputError, match="shorter than the longest affinity offset"):
         segment_blockwise(inp, str(tmp_path / "o.zarr"), model, halo=[0, 5, 5], workers=0)
@@ -310,7 +313,7 @@ def test_saved_embeddings_tile_the_model_grid_like_a_single_block(tmp_path):
     assert emb.shape == (4, 2, 30, 38) and emb.chunks == (4, 1, 16, 16) and emb.dtype == np.float16
     assert emb.attrs["spoco_vol"]["input_voxels_per_element"] == [1, 2, 2]
     assert report["embeddings"] == "embeddings"
-    _, whole = segment_array(data, load_checkpoint(model), input_voxel_size=[40, 4, 4], device="cpu",
+    _, whole = segment_array(data, checkpoint.load(model), input_voxel_size=[40, 4, 4], device="cpu",
                              keep_embeddings=True)
     np.testing.assert_allclose(emb[...].astype(np.float32), whole, atol=0.02, rtol=0.01)
     with pytest.raises(SpocoInputError, match="multiple of the model's downsampling"):
@@ -432,27 +435,48 @@ def test_test_time_augmentation_blockwise(tmp_path):
     assert dry[0] == dry[1] != dry[2]
 
 
-def test_failing_block_names_its_region(tmp_path):
+def test_a_corrupt_chunk_stops_the_run_and_the_repaired_input_finishes_it(tmp_path):
+    """A permanent fault: one input chunk corrupted on disk. The run stops with one line
+    naming the block, its region, the cause and the file with the traceback; the blocks
+    that do not read the chunk are kept; with the chunk restored, the same command
+    finishes the run, redoing only the blocks that were not finished, and the labels are
+    bit-identical to an undisturbed run's."""
+    import re
+    import shutil
     inp = _real_crop(tmp_path)
+    ref = str(tmp_path / "ref.zarr")
+    segment_blockwise(inp, ref, BUNDLED_MODEL, block_shape=[1, 192, 192], workers=0, device="cpu")
     chunk = os.path.join(inp, "c", "1", "1", "0")  # zarr v3 chunk of section 1, y 192:384, x 0:192
+    shutil.copy(chunk, str(tmp_path / "chunk.bak"))
     with open(chunk, "wb") as f:
         f.write(b"not a compressed chunk")
     out = str(tmp_path / "out.zarr")
     r = _segment_cli(inp, out)
-    assert r.returncode == 2
+    assert r.returncode == 1, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     # whichever block of section 1 reads the chunk first (with its halo) is named, with its region
-    import re
-    assert re.fullmatch(r"Error: block \(1, \d, \d\) \(voxels 1:2,\d+:\d+,\d+:\d+\) failed: \w+: .+", line), line
-    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    m = re.fullmatch(r"Error: block \(1, \d, \d\) \(voxels 1:2,\d+:\d+,\d+:\d+\) failed 3 times: \w+: .+ "
+                     r"\(traceback in (\S+)\); \S+ keeps every finished block: fix the cause and run the same "
+                     r"command again to finish the run", line)
+    assert m, line
+    assert os.path.isfile(m.group(1)) and "Traceback" in open(m.group(1)).read()
+    assert not os.path.exists(out)
+    kept = sorted(os.listdir(out + ".partial/blocks"))
+    assert len(kept) == 4  # in-process, blocks run in order: all of section 0 finished first
+    shutil.copy(str(tmp_path / "chunk.bak"), chunk)
+    resumed = _segment_cli(inp, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = zarr.open_group(out, mode="r").attrs["spoco_vol"]
+    assert report["resumed"] and report["blocks_done_before"] == 4
+    np.testing.assert_array_equal(zarr.open_array(ref + "/0", mode="r")[...], zarr.open_array(out + "/0")[...])
 
 
 def test_labels_are_bit_identical_for_any_worker_count(tmp_path, monkeypatch):
     """In-process, and on LocalClusters of 1, 2 and 4 worker processes (so other torch
     thread counts and other block completion orders): the same labels, bit for bit.
     Only 3 tasks are in flight at a time, so the top-up of the submission window runs."""
-    import spoco_vol.blockwise
-    monkeypatch.setattr(spoco_vol.blockwise, "MAX_IN_FLIGHT", 3)
+    from spoco_vol.blockwise import executor
+    monkeypatch.setattr(executor, "MAX_IN_FLIGHT", 3)
     inp = _real_crop(tmp_path)
     runs = []
     for workers in (0, 1, 2, 4):

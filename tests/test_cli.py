@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from spoco_vol import io
 from spoco_vol.cli import cli
-from spoco_vol.model import UNet, make_checkpoint, save_checkpoint
+from spoco_vol.checkpoint import make_checkpoint, save as save_checkpoint
+from spoco_vol.model import UNet
 from spoco_vol.pipeline import BUNDLED_MODEL
 
 
@@ -114,12 +115,18 @@ def test_segment_bad_inputs(blob_volume, tmp_path, tiny_model):
 
 
 def test_existing_output_is_kept_without_overwrite(blob_volume, tmp_path, tiny_model):
+    """The same command again on its complete output says so and exits 0 (a job script
+    rerun after a kill that landed just after the final rename); other settings are
+    refused unless --overwrite; nothing is touched either way."""
     raw, _ = blob_volume
     out = str(tmp_path / "seg.zarr")
     assert invoke("segment", "--input", raw, "--output", out, "--model", tiny_model).exit_code == 0
     before = sorted(os.listdir(out))
     zarr.open_group(out, mode="a").attrs["marker"] = "old"
-    assert "--overwrite" in one_error_line(invoke("segment", "--input", raw, "--output", out, "--model", tiny_model))
+    again = invoke("segment", "--input", raw, "--output", out, "--model", tiny_model)
+    assert again.exit_code == 0 and "already complete" in again.output
+    assert "--overwrite" in one_error_line(invoke("segment", "--input", raw, "--output", out, "--model", tiny_model,
+                                                  "--no-stitch"))
     assert zarr.open_group(out, mode="r").attrs["marker"] == "old" and sorted(os.listdir(out)) == before
     r = invoke("segment", "--input", raw, "--output", out, "--model", tiny_model, "--overwrite")
     assert r.exit_code == 0 and "marker" not in zarr.open_group(out, mode="r").attrs

@@ -9,18 +9,19 @@ import torch
 from click.testing import CliRunner
 
 from conftest import synthetic_blobs, tiny_checkpoint
-from spoco_vol import io, losses
+from spoco_vol import checkpoint, io, losses
+from spoco_vol.checkpoint import Checkpoint, InferenceSettings
 from spoco_vol.cli import cli
 from spoco_vol.errors import SpocoInputError
-from spoco_vol.foreground import classifier_from_checkpoint, unlabeled_object_share
-from spoco_vol.model import UNet, load_checkpoint, save_checkpoint
+from spoco_vol.foreground import unlabeled_object_share
+from spoco_vol.model import UNet
 from spoco_vol.pipeline import BUNDLED_MODEL, predict_array, segment_array
 
 
-def with_classifier(ckpt: dict, bias: float | None = None, seed: int = 0) -> dict:
+def with_classifier(ckpt: Checkpoint, bias: float | None = None, seed: int = 0) -> Checkpoint:
     """``ckpt`` plus a foreground U-Net of its architecture (random weights; with ``bias``
     its output is that constant logit)."""
-    arch = ckpt["architecture"]
+    arch = ckpt.architecture
     torch.manual_seed(seed)
     net = UNet(dims=arch["dims"], embedding_dim=1, features=arch["features"], norm=arch["norm"],
                pool_factors=arch["pool_factors"])
@@ -28,8 +29,12 @@ def with_classifier(ckpt: dict, bias: float | None = None, seed: int = 0) -> dic
         with torch.no_grad():
             net.final.weight.zero_()
             net.final.bias.fill_(bias)
-    return {**ckpt, "foreground": {"architecture": dict(net.config), "state_dict": net.state_dict(),
-                                   "prior": 0.05, "threshold": 0.5}}
+    return ckpt.with_foreground(checkpoint.foreground_entry(net, prior=0.05))
+
+
+def variant(ckpt: Checkpoint, **fields) -> Checkpoint:
+    """A checkpoint whose stored fields are replaced (files as other versions wrote them)."""
+    return Checkpoint({**ckpt.data, **fields})
 
 
 def test_object_share_of_the_unlabeled_pixels_follows_from_the_annotated_area():
@@ -91,13 +96,13 @@ def test_pixels_the_classifier_calls_background_are_background(tmp_path):
 
 def test_classifier_that_does_not_fit_its_model_is_refused(tmp_path):
     _, ckpt = tiny_checkpoint(tmp_path)
-    bad = with_classifier(ckpt)
-    bad["foreground"]["architecture"] = {**bad["foreground"]["architecture"], "features": [4, 8, 16]}
+    fg = with_classifier(ckpt).data["foreground"]
+    bad = variant(ckpt, foreground={**fg, "architecture": {**fg["architecture"], "features": [4, 8, 16]}})
     with pytest.raises(SpocoInputError, match="foreground classifier is invalid"):
-        classifier_from_checkpoint(bad)
-    wide = with_classifier({**ckpt, "architecture": {**ckpt["architecture"], "features": [8, 16]}})
+        bad.foreground_network()
+    wide = with_classifier(variant(ckpt, architecture={**ckpt.architecture, "features": [8, 16]}))
     with pytest.raises(SpocoInputError, match="does not fit"):
-        classifier_from_checkpoint({**wide, "architecture": ckpt["architecture"]})
+        variant(wide, architecture=ckpt.architecture).foreground_network()
 
 
 def test_blocks_with_a_classifier_agree_with_one_block(tmp_path):
@@ -109,15 +114,15 @@ def test_blocks_with_a_classifier_agree_with_one_block(tmp_path):
     raw = str(tmp_path / "crop.zarr")  # two 384 x 384 sections of the bundled real EM sample
     io.create_array(raw, d["raw"][2:4, 64:448, 64:448], chunks=(1, 192, 192),
                     attrs={"voxel_size": [float(v) for v in d["voxel_size_nm"]]})
-    ck = with_classifier(load_checkpoint(BUNDLED_MODEL), seed=1)
+    ck = with_classifier(checkpoint.load(BUNDLED_MODEL), seed=1)
     # centre the random classifier's logits on this image, so that it calls about half
     # of the pixels background (the model grid is the input's, XY downsampled by 2)
     x = torch.from_numpy(d["raw"][2:4, 64:448:2, 64:448:2].astype(np.float32))[:, None]
-    x = (x - ck["normalization"]["mean"]) / ck["normalization"]["std"]
+    x = (x - ck.normalization["mean"]) / ck.normalization["std"]
     with torch.no_grad():
-        ck["foreground"]["state_dict"]["final.bias"] -= classifier_from_checkpoint(ck)(x).median()
+        ck.data["foreground"]["state_dict"]["final.bias"] -= ck.foreground_network()(x).median()
     model = str(tmp_path / "with_fg.pt")
-    save_checkpoint(ck, model)
+    checkpoint.save(ck, model)
     runs = {}
     for name, path, bs in (("single", model, [2, 384, 384]), ("blocks", model, [2, 192, 384]),
                            ("plain", BUNDLED_MODEL, [2, 384, 384])):
@@ -149,8 +154,8 @@ def test_train_then_foreground_classifier(blob_volume, tmp_path):
     assert [it for it, *_ in fg["val_score_history"]] == [1, 2, 3, 4, 5, 6]
     assert 0 < fg["prior"] < 1
     assert not fg["kept"] and max(a for _, a, _ in fg["val_score_history"]) <= fg["val_score_without"]
-    assert "foreground" not in load_checkpoint(os.path.join(out, "best.pt"))
-    assert "foreground" not in load_checkpoint(os.path.join(out, "latest.pt"))
+    assert not checkpoint.load(os.path.join(out, "best.pt")).has_foreground
+    assert not checkpoint.load(os.path.join(out, "latest.pt")).has_foreground
 
 
 def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, tmp_path):
@@ -160,12 +165,12 @@ def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, t
     raw, labels = blob_volume
     _, ckpt = tiny_checkpoint(tmp_path)
     for k in ("final.weight", "final.bias"):
-        ckpt["state_dict"][k].zero_()
-    ckpt["training"] = {"patch_shape": [32, 32], "batch_size": 2}
+        ckpt.state_dict[k].zero_()
     data = np.asarray(io.open_volume(raw)[...], np.float32)
-    ckpt["normalization"] = {"mean": float(data.mean()), "std": float(data.std()), "kind": "zscore"}
+    ckpt = variant(ckpt, training={"patch_shape": [32, 32], "batch_size": 2},
+                   normalization={"mean": float(data.mean()), "std": float(data.std()), "kind": "zscore"})
     model = str(tmp_path / "constant.pt")
-    save_checkpoint(ckpt, model)
+    checkpoint.save(ckpt, model)
     added = str(tmp_path / "added.pt")
     args = ["train-foreground", "--model", model, "--raw", raw, "--labels", labels, "--object-fraction", "0.5",
             "--iterations", "100", "--quiet", "--out", added]
@@ -176,11 +181,12 @@ def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, t
     best_ap = max(a for _, a, _ in result["val_score_history"])
     assert result["val_score"] == best_ap > 0
     assert {it: a for it, a, _ in result["val_score_history"]}[result["iteration"]] == best_ap
-    ck = load_checkpoint(added)
-    assert ck["foreground"]["iterations"] == result["iteration"] and ck["foreground"]["threshold"] == 0.5
-    assert classifier_from_checkpoint(ck) is not None
+    ck = checkpoint.load(added)
+    assert ck.foreground_record["iterations"] == result["iteration"] and ck.foreground_record["threshold"] == 0.5
+    assert ck.foreground_network() is not None
     section = data[3].astype(np.uint8)
-    assert (segment_array(section, ck, device="cpu") > 0).sum() < (segment_array(section, ckpt, device="cpu") > 0).sum()
+    assert (segment_array(section, ck, device="cpu") > 0).sum() < \
+        (segment_array(section, ckpt, device="cpu") > 0).sum()
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and "--overwrite" in r.output
 
@@ -205,7 +211,7 @@ def test_foreground_options_are_checked_before_anything_is_written(blob_volume, 
 def test_info_shows_the_classifier_without_its_weights(tmp_path):
     _, ckpt = tiny_checkpoint(tmp_path)
     path = str(tmp_path / "with_fg.pt")
-    save_checkpoint(with_classifier(ckpt), path)
+    checkpoint.save(with_classifier(ckpt), path)
     r = run(["info", path])
     assert r.exit_code == 0
     shown = json.loads(r.output)["foreground"]
@@ -215,24 +221,21 @@ def test_info_shows_the_classifier_without_its_weights(tmp_path):
 def test_a_classifier_changes_the_model_checksum_and_so_the_run_hash(tmp_path):
     """A partial blockwise run made without the classifier must not be resumed with it."""
     from spoco_vol.blockwise import segment_blockwise
-    from spoco_vol.model import checkpoint_checksum
     _, ckpt = tiny_checkpoint(tmp_path)
-    assert checkpoint_checksum(with_classifier(ckpt, 1.0)) != checkpoint_checksum(ckpt)
-    assert checkpoint_checksum(with_classifier(ckpt, 1.0)) != checkpoint_checksum(with_classifier(ckpt, 2.0))
+    assert with_classifier(ckpt, 1.0).sha256 != ckpt.sha256
+    assert with_classifier(ckpt, 1.0).sha256 != with_classifier(ckpt, 2.0).sha256
     inp = str(tmp_path / "in.zarr")
     io.create_array(inp, np.zeros((2, 32, 32), np.uint8), chunks=(1, 32, 32))
     paths = [str(tmp_path / "plain.pt"), str(tmp_path / "fg.pt")]
-    save_checkpoint(ckpt, paths[0])
-    save_checkpoint(with_classifier(ckpt, 1.0), paths[1])
+    checkpoint.save(ckpt, paths[0])
+    checkpoint.save(with_classifier(ckpt, 1.0), paths[1])
     # The background rule is part of a run too: `calibrate` changes it and not the weights,
     # and the classifier's training chooses its own radius.
-    calibrated = {**ckpt, "inference": {**ckpt["inference"], "background_embedding": [0.0] * 4,
-                                        "background_radius": 2.0}}
-    classifier_radius = with_classifier(calibrated, 1.0)
-    classifier_radius["foreground"]["background_radius"] = 0.5
+    calibrated = ckpt.with_inference(background_embedding=[0.0] * 4, background_radius=2.0)
+    classifier_radius = with_classifier(calibrated, 1.0).with_foreground_radius(0.5)
     paths += [str(tmp_path / "calibrated.pt"), str(tmp_path / "fg_radius.pt")]
-    save_checkpoint(calibrated, paths[2])
-    save_checkpoint(classifier_radius, paths[3])
+    checkpoint.save(calibrated, paths[2])
+    checkpoint.save(classifier_radius, paths[3])
     hashes = [segment_blockwise(inp, str(tmp_path / "o.zarr"), p, dry_run=True)["run_hash"] for p in paths]
     assert len(set(hashes)) == 4
 
@@ -241,44 +244,45 @@ def test_the_radius_chosen_with_the_classifier_replaces_the_embeddings_radius(tm
     """With a radius that calls every pixel background, nothing is segmented; the same
     model with a classifier that chose radius 0 (the classifier alone decides) and calls
     every pixel an object segments as if there were no background rule."""
-    from spoco_vol.foreground import classifier_radii, segmentation_settings
+    from spoco_vol.calibration import classifier_radii
     data = np.random.default_rng(2).integers(0, 256, (2, 60, 76)).astype(np.uint8)
     _, ckpt = tiny_checkpoint(tmp_path)
     no_rule = segment_array(data, ckpt, device="cpu")
     assert no_rule.any()
-    everything = {**ckpt, "inference": {**ckpt["inference"], "background_embedding": [0.0] * 4,
-                                        "background_radius": 1e6}}
+    everything = ckpt.with_inference(background_embedding=[0.0] * 4, background_radius=1e6)
     assert not segment_array(data, everything, device="cpu").any()
     fg = with_classifier(everything, 30.0)
     assert not segment_array(data, fg, device="cpu").any()  # without a radius of its own: the model's
-    fg["foreground"]["background_radius"] = 0.0
-    assert segmentation_settings(fg)["background_radius"] == 0.0 and segmentation_settings(everything) == everything["inference"]
+    fg = fg.with_foreground_radius(0.0)
+    assert fg.inference.background_radius == 0.0 and fg.settings(with_classifier=False).background_radius == 1e6
+    assert everything.inference.background_radius == 1e6
     np.testing.assert_array_equal(segment_array(data, fg, device="cpu"), no_rule)
     # the candidates: 0 (the classifier alone) up to the embeddings' own radius
-    assert classifier_radii({"background_embedding": [0.0], "background_radius": 1.0}, 2.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert classifier_radii({"background_embedding": [0.0]}, 0.5) == [0.0, 0.25, 0.5]
-    assert classifier_radii({}, 2.0) == [None]
+    plain = InferenceSettings.new(2)
+    assert classifier_radii(plain.with_background([0.0], 1.0), 2.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert classifier_radii(plain.with_background([0.0], None), 0.5) == [0.0, 0.25, 0.5]
+    assert classifier_radii(plain, 2.0) == [None]
 
 
 def test_calibrate_chooses_the_classifiers_radius_again(blob_volume, tmp_path):
     """`calibrate` moves the background embedding, so a classifier's radius is chosen
     again. A classifier that calls every pixel an object changes no segmentation, so
     the best radius with it is the embeddings' own, newly calibrated one."""
-    from spoco_vol.foreground import classifier_radii
+    from spoco_vol.calibration import classifier_radii
     raw, labels = blob_volume
     out = str(tmp_path / "run")
     assert run(["train", "--raw", raw, "--labels", labels, "--out", out, *TINY, "--iterations", "2",
                 "--object-fraction", "0.5"]).exit_code == 0
-    ck = with_classifier(load_checkpoint(out + "/best.pt"), 30.0)
-    ck["foreground"]["background_radius"] = 0.0
+    ck = with_classifier(checkpoint.load(out + "/best.pt"), 30.0).with_foreground_radius(0.0)
     model = str(tmp_path / "fg.pt")
-    save_checkpoint(ck, model)
+    checkpoint.save(ck, model)
     cal = str(tmp_path / "cal.pt")
     r = run(["calibrate", "--model", model, "--raw", raw, "--labels", labels, "--z-range", "3,4", "--out", cal])
     assert r.exit_code == 0, r.output
-    ck = load_checkpoint(cal)
-    assert ck["foreground"]["background_radius"] == ck["inference"]["background_radius"]
-    assert ck["foreground"]["background_radius"] in classifier_radii(ck["inference"], ck["delta_d"])
+    ck = checkpoint.load(cal)
+    own = ck.settings(with_classifier=False)
+    assert ck.foreground_record["background_radius"] == own.background_radius
+    assert ck.foreground_record["background_radius"] in classifier_radii(own, ck.delta_d)
     assert "foreground_val_score" in r.output
 
 
@@ -287,14 +291,13 @@ def test_best_radius_keeps_the_objects_the_embeddings_radius_deletes():
     the embeddings' radius 1.5 (AP 0). With a classifier that marks it, every radius up
     to 1.0 keeps it (AP 1); the largest of those, the nearest to the embeddings' own,
     is chosen."""
-    from spoco_vol.foreground import best_radius
-    from spoco_vol.training import held_out_score
+    from spoco_vol.calibration import best_radius, held_out_score
     yy, xx = np.mgrid[:48, :48]
     disc = (yy - 24) ** 2 + (xx - 24) ** 2 < 100
     labels = disc.astype(np.uint32)
     embeddings = np.zeros((2, 48, 48), np.float32)
     embeddings[0][disc] = 1.0
-    inference = {"background_embedding": [0.0, 0.0], "background_radius": 1.5, "min_size": 0}
+    inference = InferenceSettings.new(2).with_background([0.0, 0.0], 1.5)
     assert held_out_score([embeddings], [labels], 2.0, inference) == 0.0
     probabilities = [disc.astype(np.float32)]
     assert best_radius([embeddings], [labels], 2.0, inference, probabilities) == (1.0, 1.0)

@@ -262,7 +262,7 @@ def test_label_zero_not_pulled_in_sparse_mode():
     x.grad = None
     PullLoss(ignore_label=None)(x, lab).backward()
     assert x.grad.permute(0, 2, 3, 1)[zero].abs().sum() > 0
-    full, sparse = SpocoLoss("full"), SpocoLoss("sparse", w_instance=0, w_unlabeled=0)
+    full, sparse = SpocoLoss("full"), SpocoLoss("sparse", instance_weight=0, unlabeled_weight=0)
     assert full(changed, lab)[1]["pull"] > full(emb, lab)[1]["pull"] + 1
     assert sparse(changed, lab)[0].item() == pytest.approx(sparse(emb, lab)[0].item(), rel=1e-6)
 
@@ -412,14 +412,14 @@ def test_each_weight_scales_its_term(name):
     emb, lab, g = _spoco_inputs()
     base_total, base = SpocoLoss()(emb, lab, g, torch.Generator().manual_seed(0))
     w = {"reg": 0.001}.get(name, 1.0)
-    total2, doubled = SpocoLoss(**{f"w_{name}": 2 * w})(emb, lab, g, torch.Generator().manual_seed(0))
+    total2, doubled = SpocoLoss(**{f"{name}_weight": 2 * w})(emb, lab, g, torch.Generator().manual_seed(0))
     assert base[name].item() > 0
     assert doubled[name].item() == pytest.approx(2 * base[name].item(), rel=1e-9)
     assert total2.item() - base_total.item() == pytest.approx(base[name].item(), rel=1e-6)
     for other in WEIGHTS:
         if other != name:
             assert doubled[other].item() == pytest.approx(base[other].item(), rel=1e-9)
-    total0, zeroed = SpocoLoss(**{f"w_{name}": 0})(emb, lab, g, torch.Generator().manual_seed(0))
+    total0, zeroed = SpocoLoss(**{f"{name}_weight": 0})(emb, lab, g, torch.Generator().manual_seed(0))
     assert name not in zeroed
     assert base_total.item() - total0.item() == pytest.approx(base[name].item(), rel=1e-6)
 
@@ -437,7 +437,7 @@ def _separated(shape):
 @pytest.mark.parametrize("mode", ["sparse", "full"])
 def test_separated_embedding_is_near_zero_random_is_large(shape, mode):
     emb, lab = _separated(shape)
-    loss = SpocoLoss(mode, w_reg=0)
+    loss = SpocoLoss(mode, reg_weight=0)
     total, terms = loss(emb, lab, emb.clone(), torch.Generator().manual_seed(0))
     assert total.item() < 1e-3, terms
     rand = 0.1 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(1))
@@ -488,7 +488,7 @@ def test_pseudo_background_selection_radius():
     wide = PseudoBackgroundLoss(radius=3.0).pseudo_mask(emb[0].reshape(4, -1), u).reshape(10, 10)
     assert not narrow[2].any() and narrow[3:9].all()
     assert torch.equal(wide, bg)
-    assert SpocoLoss(w_background=1.0, background_radius=3.0).background.radius == 3.0
+    assert SpocoLoss(background_weight=1.0, background_radius=3.0).background.radius == 3.0
 
 
 def test_pseudo_background_compact_far_is_zero_spread_is_large():
@@ -519,12 +519,12 @@ def test_pseudo_background_gradient_reaches_f_not_g_and_g_chooses():
 def test_pseudo_background_in_spoco_loss():
     emb, lab, g = _spoco_inputs()
     gen = torch.Generator
-    on = SpocoLoss(w_background=1.0)(emb, lab, g, gen().manual_seed(0))[1]
+    on = SpocoLoss(background_weight=1.0)(emb, lab, g, gen().manual_seed(0))[1]
     assert on["background"].item() == pytest.approx(PseudoBackgroundLoss()(emb, g, lab).item())
-    twice = SpocoLoss(w_background=2.0)(emb, lab, g, gen().manual_seed(0))[1]
+    twice = SpocoLoss(background_weight=2.0)(emb, lab, g, gen().manual_seed(0))[1]
     assert twice["background"].item() == pytest.approx(2 * on["background"].item())
-    assert "background" not in SpocoLoss(w_background=1.0)(emb, lab)[1]  # needs g
-    assert "background" not in SpocoLoss("full", w_background=1.0)(emb, lab, g, gen().manual_seed(0))[1]
+    assert "background" not in SpocoLoss(background_weight=1.0)(emb, lab)[1]  # needs g
+    assert "background" not in SpocoLoss("full", background_weight=1.0)(emb, lab, g, gen().manual_seed(0))[1]
     assert "background" not in SpocoLoss()(emb, lab, g, gen().manual_seed(0))[1]  # off by default
 
 

@@ -6,7 +6,8 @@ import pytest
 import zarr
 
 from spoco_vol.errors import SpocoInputError
-from spoco_vol.model import UNet, make_checkpoint
+from spoco_vol.checkpoint import make_checkpoint
+from spoco_vol.model import UNet
 from spoco_vol.pipeline import (
     check_output_path, model_scale, resample_raw, restore_labels, segment_array,
 )

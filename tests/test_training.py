@@ -8,9 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spoco_vol import io
+from spoco_vol import checkpoint, io
 from spoco_vol.cli import cli
-from spoco_vol.model import load_checkpoint
+
+
+def load_checkpoint(path):
+    """The stored layout of a checkpoint file (spoco_vol.checkpoint's docstring)."""
+    return checkpoint.load(path).data
+
 
 TINY = ["--dims", "2", "--patch-shape", "32,32", "--batch-size", "2", "--features", "4,8",
         "--val-every", "3", "--quiet", "--no-amp"]
@@ -72,7 +77,7 @@ def test_tta_training_validates_and_calibrates_with_it(blob_volume, tmp_path, mo
     checkpoints segment with it: a TTA calibration of best.pt on the same section
     reproduces its background exactly (float32)."""
     from spoco_vol import inference
-    from spoco_vol.training import recalibrate_checkpoint
+    from spoco_vol.calibration import recalibrate_checkpoint
     real, asked = inference.predict_embeddings, []
 
     def recording(*args, **kwargs):
@@ -134,9 +139,9 @@ def test_resume_continues_exactly(blob_volume, tmp_path):
 def test_fp16_training_scales_the_loss_and_resumes_exactly(blob_volume, tmp_path, monkeypatch):
     """GPUs without bf16 train in fp16 with a GradScaler; its state is saved with the
     run so --resume stays exact. Emulated here: fp16 autocast on the CPU."""
-    from spoco_vol import inference, training
+    from spoco_vol import inference, loop
     monkeypatch.setattr(inference, "autocast_dtype", lambda device: torch.float16)
-    monkeypatch.setattr(training, "autocast_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(loop, "autocast_dtype", lambda device: torch.float16)
     raw, labels = blob_volume
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     args = ("--iterations", "4", "--object-fraction", "0.5", "--amp")  # TINY has --no-amp
@@ -320,11 +325,12 @@ def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
     annotated objects is held out: never in a training patch, and the score that
     chooses best.pt and calibrates the background is how well they are recovered."""
     from spoco_vol import data
-    from spoco_vol.training import TrainConfig, _prepare_volumes
+    from spoco_vol.config import TrainConfig
+    from spoco_vol.training_data import prepare_volumes
     raw, labels, sparse = _sparse_volume(tmp_path)
     n = int(np.unique(sparse).size - 1)
     cfg = TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "x"), mode="sparse", patch_shape=(32, 32))
-    vols, val_vols, held, _, info = _prepare_volumes(cfg)
+    vols, val_vols, held, _, info = prepare_volumes(cfg)
     assert not val_vols and info["objects_held_out"] == len(held) == round(0.2 * n) >= 1
     assert info["objects_used"] == n - len(held) and info["objects_annotated"] == n
     held_ids = {h.id for h in held}
@@ -364,7 +370,8 @@ def test_fine_tuning_resamples_to_the_models_voxel_size(tmp_path):
     the model is trained at its own resolution without --downsample; sizes within 20%
     are taken as they are; a volume without voxel size trains as it is, with one warning."""
     from spoco_vol.errors import SpocoWarning
-    from spoco_vol.training import TrainConfig, train
+    from spoco_vol.config import TrainConfig
+    from spoco_vol.training import train
     raw, labels, _ = _sparse_volume(tmp_path, sections=(0, 1, 2, 3))
     base = str(tmp_path / "base")
     assert run(train_args(raw, labels, base, "--iterations", "1", "--downsample", "1,2,2")).exit_code == 0
@@ -387,8 +394,7 @@ def test_fine_tuning_resamples_to_the_models_voxel_size(tmp_path):
     assert tuned["downsample"] == [1, 1, 1]
     ck = load_checkpoint(str(tmp_path / "t1/best.pt"))
     assert ck["training"]["fine_tuned_from"]["model"] == base + "/best.pt"
-    assert ck["training"]["fine_tuned_from"]["sha256"] == __import__("spoco_vol.model").model.checkpoint_checksum(
-        load_checkpoint(base + "/best.pt"))
+    assert ck["training"]["fine_tuned_from"]["sha256"] == checkpoint.load(base + "/best.pt").sha256
 
 
 def test_fine_tune_command_on_a_sparsely_annotated_real_volume(tmp_path, monkeypatch):
@@ -397,9 +403,9 @@ def test_fine_tune_command_on_a_sparsely_annotated_real_volume(tmp_path, monkeyp
     the bundled model's 9.2 nm, the annotations trained as sparse, objects held out to
     choose and calibrate, TTA and the classifier attempted, and the checkpoint says what
     it was fine-tuned from and with which command."""
-    from spoco_vol import training
+    from spoco_vol import config
     from spoco_vol.demo import write_sample
-    monkeypatch.setitem(training.FINE_TUNE_RECIPE, "foreground_iterations", 2)  # the recipe's 600 take minutes
+    monkeypatch.setitem(config.FINE_TUNE_RECIPE, "foreground_iterations", 2)  # the recipe's 600 take minutes
     raw, labels = write_sample(str(tmp_path / "vol.zarr"))
     lab = np.asarray(io.open_volume(labels)[...])
     sparse = np.where(np.isin(lab, np.unique(lab[lab > 0])[::5]), lab, 0)

@@ -1,0 +1,284 @@
+"""The passes of a blockwise run and their tasks (what a worker does for one block).
+
+1. segment: read core + halo -> embeddings -> affinities -> Mutex Watershed -> the core's
+   fragments (global ids) into ``fragments``, the face evidence into a side file.
+2. stitch: per block, merge edges across the faces it shares with its upper neighbours.
+3. relabel: per block, fragments -> final consecutive ids through the merge table.
+4. pyramid: the labels' lower-resolution levels, chunk by chunk.
+Each task reads its inputs, calls the pure functions of tasks.py, and writes only its
+own chunk, so the result does not depend on the order in which blocks finish. A block
+finished by an earlier (interrupted) run is not redone.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import signal
+import time
+
+import numpy as np
+
+from .. import checkpoint, io, stitching
+from ..stitching import merge_table, relabel_block
+from . import tasks
+from .executor import Executor, TaskFailed
+from .plan import SegmentPlan
+from .report import STAGES, Tally, peak_rss_mib
+from .workdir import WorkDir
+
+RESUME_BATCH = 1024  # finished blocks whose object counts one task of the resume pass reads
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(path: str):
+    """One model load per worker process, not per block."""
+    model = checkpoint.load(path)
+    return model, (model.network(), model.foreground_network())
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the resume tests: with SPOCO_VOL_CRASH_AT=<name> the process
+    kills itself (SIGKILL, as a node failure would) when it reaches that point."""
+    if os.environ.get("SPOCO_VOL_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- pass 1
+
+def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Prediction:
+    """Pass 1, the GPU part: read core + halo, check it, embed it (model grid)."""
+    timings = dict.fromkeys(STAGES, 0.0)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
+    block = plan.grid.block_at(linear)
+    t = time.perf_counter()
+    model, networks = _load_model(plan.model_path)
+    raw = np.asarray(io.open_volume(plan.input_path)[block.read])
+    io.check_finite(raw, "input", f"block {block.index} (voxels {tasks.region_text(block.read)})")
+    skip = not raw.any()
+    if plan.mask_path and not skip:
+        skip = not np.asarray(io.open_volume(plan.mask_path, "mask")[block.core]).any()
+    timings["read"] += time.perf_counter() - t
+    if skip:
+        return tasks.Prediction(None, None, None, timings)
+    return tasks.predict_block(raw, plan, model, networks, timings)
+
+
+def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads: int = 0) -> dict:
+    """Pass 1, the CPU part: fragments and face evidence, written; the side file last."""
+    block = plan.grid.block_at(linear)
+    work = WorkDir(plan.work)
+    model = _load_model(plan.model_path)[0]
+    frag = tasks.block_fragments(pred, block, plan, model)
+    timings = frag.timings
+    t = time.perf_counter()
+    if plan.save_embeddings and pred.embeddings is not None:
+        where, values = tasks.core_embeddings(pred.embeddings, block, plan.embedding_factors)
+        work.array("embeddings", "r+")[where] = values
+    work.array("fragments", "r+")[block.core] = frag.core
+    timings["write"] += time.perf_counter() - t
+    result = {"block": linear, "objects": frag.n_objects, "timings": timings, "peak_rss_mib": peak_rss_mib()}
+    work.write_block_record(linear, frag.n_objects, frag.faces, result)  # the block's done marker
+    _crash_point(f"segment:{linear}")
+    return result
+
+
+def segment_block(linear: int, plan: SegmentPlan, threads: int) -> dict:
+    """Pass 1 for one block in one task: prediction, then the CPU part."""
+    return finish_block(predict_block(linear, plan, threads), linear, plan)
+
+
+def count_objects(linears: list, plan: SegmentPlan) -> np.ndarray:
+    """The resume pass: object counts of blocks an earlier run finished."""
+    return WorkDir(plan.work).object_counts(linears)
+
+
+# ----------------------------------------------------------------------------- pass 2
+
+def stitch_block(job: tuple, plan: SegmentPlan) -> dict:
+    """Pass 2 for the faces a block shares with its upper neighbours: ``job`` is (lower,
+    [(upper, axis, "stitch" | "link"), ...]). Merge edges from halo agreement and face
+    affinity, or section links across a z face (--link-sections)."""
+    lower_linear, faces = job
+    t = time.perf_counter()
+    work = WorkDir(plan.work)
+    lower = plan.grid.block_at(lower_linear)
+    frag = work.array("fragments")
+    edges, own = [], None
+    for upper_linear, axis, kind in faces:
+        upper = plan.grid.block_at(upper_linear)
+        if kind == "link":  # the lower block's last core section and the upper block's first
+            last = np.asarray(frag[tasks.face_region(upper, 0, -1, 1)])[0]
+            first = np.asarray(frag[tasks.face_region(lower, 0, +1, 1)])[0]
+            edges.append(stitching.section_overlap_edges(last, first, plan.link_overlap))
+            continue
+        own = own if own is not None else work.read_faces(lower_linear)
+        other = work.read_faces(upper_linear)
+        if int(own["n_objects"]) == 0 or int(other["n_objects"]) == 0:
+            continue
+        upper_core = np.asarray(frag[tasks.face_region(lower, axis, +1, plan.depth)])
+        lower_core = np.asarray(frag[tasks.face_region(upper, axis, -1, plan.depth)])
+        edges.append(tasks.face_edges(own, other, upper_core, lower_core, axis))
+    _crash_point("stitch")
+    return {"edges": np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64),
+            "seconds": time.perf_counter() - t}
+
+
+def stitch_jobs(plan: SegmentPlan):
+    """One job per block with upper neighbours (not one per face: three times fewer
+    tasks for a 3D grid), made one at a time."""
+    grid = plan.grid
+    for b in grid.linear_indices(plan.roi):
+        faces = [(up, a, "stitch") for up, a in grid.upper_neighbours(b, plan.stitch_axes, plan.roi)]
+        if plan.link_overlap is not None:  # sections meet across z faces too
+            faces += [(up, 0, "link") for up, _ in grid.upper_neighbours(b, [0], plan.roi)]
+        if faces:
+            yield b, faces
+
+
+def count_stitch_jobs(plan: SegmentPlan) -> int:
+    ranges = plan.grid.index_ranges(plan.roi)
+    axes = set(plan.stitch_axes) | ({0} if plan.link_overlap is not None else set())
+    if not axes:
+        return 0
+    # blocks with no upper neighbour along any of the axes: the last index on all of them
+    without = int(np.prod([1 if a in axes else len(r) for a, r in enumerate(ranges)]))
+    return int(np.prod([len(r) for r in ranges])) - without
+
+
+# ----------------------------------------------------------------------------- pass 3, 4
+
+def relabel_one_block(job: tuple, plan: SegmentPlan) -> dict:
+    """Pass 3 for one block (``job``: its number and its slice of the merge table):
+    final ids, written chunk-aligned into dataset "0"."""
+    linear, table = job
+    t = time.perf_counter()
+    work = WorkDir(plan.work)
+    block = plan.grid.block_at(linear)
+    frag = np.asarray(work.array("fragments")[block.core])
+    out = relabel_block(frag, linear, plan.block_shape, table, dtype=np.dtype(plan.out_dtype))
+    work.array("0", "r+")[block.core] = out
+    work.mark_relabelled(linear)  # after the chunk is complete
+    _crash_point(f"relabel:{linear}")
+    return {"seconds": time.perf_counter() - t, "peak_rss_mib": peak_rss_mib()}
+
+
+def pyramid_chunk(job: tuple, plan: SegmentPlan) -> dict:
+    """Pass 4 for one chunk of a pyramid level (``job``: level, chunk start, step): the
+    level before downsampled by ``step`` per axis, nearest (the first voxel of each step
+    block, so level k holds level 0's voxel at k's index times the cumulative factor)."""
+    level, start, step = job
+    t = time.perf_counter()
+    work = WorkDir(plan.work)
+    dst, src = work.array(str(level), "r+"), work.array(str(level - 1))
+    region = tuple(slice(c, min(c + ch, n)) for c, ch, n in zip(start, dst.chunks, dst.shape))
+    src_region = tuple(slice(r.start * k, min(r.stop * k, n)) for r, k, n in zip(region, step, src.shape))
+    dst[region] = tasks.downsample_nearest(np.asarray(src[src_region]), step)
+    return {"seconds": time.perf_counter() - t, "peak_rss_mib": peak_rss_mib()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+class PassFailed(Exception):
+    """A task that kept failing: ``what`` names it and its region for the user, ``name``
+    is the stem of its error file, ``failure`` the executor's TaskFailed."""
+
+    def __init__(self, what: str, name: str, failure: TaskFailed):
+        super().__init__(f"{what}: {failure.error}")
+        self.what, self.name, self.failure = what, name, failure
+
+
+def _describe(pass_name: str, item, plan: SegmentPlan) -> tuple[str, str]:
+    """(what failed, in words; a file-name stem) for an item of a pass."""
+    if pass_name == "resume":
+        return f"reading the records of finished blocks {item[0]}-{item[-1]}", f"resume-{item[0]}"
+    if pass_name.startswith("pyramid"):
+        level, start, _ = item
+        return f"pyramid level {level}, chunk at {tuple(start)}", f"pyramid-{level}-{'-'.join(map(str, start))}"
+    linear = item if pass_name == "segment" else item[0]
+    block = plan.grid.block_at(linear)
+    region = block.read if pass_name == "segment" else block.core
+    what = {"segment": "block", "stitch": "stitching the faces of block", "relabel": "relabelling block"}[pass_name]
+    return f"{what} {block.index} (voxels {tasks.region_text(region)})", f"{pass_name}-{linear}"
+
+
+def run_passes(plan: SegmentPlan, executor: Executor, threads: int, log=lambda line: None) -> dict:
+    """The passes; blocks an earlier run completed are not redone. Returns the report's
+    figures. A task that keeps failing raises PassFailed, with everything finished kept
+    in the work directory."""
+    work = WorkDir(plan.work)
+    grid = plan.grid
+    tally = Tally()
+
+    def run(pass_name, fn, items, *args, total, split=None):
+        """executor.map (or map_split with ``split``, the CPU half) of one pass; a task
+        that keeps failing becomes PassFailed, naming it."""
+        try:
+            if split is not None:
+                yield from executor.map_split(fn, split, items, *args, total=total, desc=pass_name)
+            else:
+                yield from executor.map(fn, items, *args, total=total, desc=pass_name)
+        except TaskFailed as failure:
+            raise PassFailed(*_describe(pass_name, failure.item, plan), failure) from None
+    objects_per_block = np.zeros(len(grid), np.int64)  # blocks outside the ROI hold no objects
+    n_blocks = grid.count(plan.roi)
+
+    t = time.perf_counter()
+    finished = work.finished_blocks()
+    done = sorted(finished.intersection(grid.linear_indices(plan.roi))) if finished else []
+    if done:  # the resume pass: the finished blocks' object counts, read in parallel
+        batches = [done[i:i + RESUME_BATCH] for i in range(0, len(done), RESUME_BATCH)]
+        for batch, counts in run("resume", count_objects, batches, plan, total=len(batches)):
+            objects_per_block[batch] = counts
+        log(f"resuming: {len(done)} of {n_blocks} blocks were finished before")
+    finished = set(done)
+    todo = (b for b in grid.linear_indices(plan.roi) if b not in finished)  # made as they are submitted
+    pools = executor.pools()
+    if pools["GPU"]:  # prediction on the GPU workers, the rest on CPU workers meanwhile
+        results = run("segment", predict_block, todo, plan, threads, total=n_blocks - len(done), split=finish_block)
+    else:
+        results = run("segment", segment_block, todo, plan, threads, total=n_blocks - len(done))
+    for b, r in results:
+        objects_per_block[b] = r["objects"]
+        tally.add(r["timings"], r["peak_rss_mib"])
+    wall_segment = time.perf_counter() - t
+
+    t = time.perf_counter()
+    edges, stitch_seconds = [], 0.0
+    for _, r in run("stitch", stitch_block, stitch_jobs(plan), plan, total=count_stitch_jobs(plan)):
+        if len(r["edges"]):
+            edges.append(r["edges"])
+        stitch_seconds += r["seconds"]
+    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64)
+    t_merge = time.perf_counter()
+    table = merge_table(objects_per_block, plan.block_shape, edges)
+    tally.add(stitch=stitch_seconds + time.perf_counter() - t_merge)
+    wall_stitch = time.perf_counter() - t
+
+    t = time.perf_counter()
+    relabelled = work.relabelled_blocks()
+    jobs = ((b, table[b]) for b in grid.linear_indices(plan.roi) if b not in relabelled)
+    for _, r in run("relabel", relabel_one_block, jobs, plan, total=n_blocks - len(relabelled)):
+        tally.add(relabel=r["seconds"], peak=r["peak_rss_mib"])
+    wall_relabel = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for level in range(1, len(plan.pyramid)):  # each level reads the one before
+        step = [a // b for a, b in zip(plan.pyramid[level], plan.pyramid[level - 1])]
+        arr = work.array(str(level))
+        starts = list(itertools.product(*(range(0, n, c) for n, c in zip(arr.shape, arr.chunks))))
+        for _, r in run(f"pyramid {level}", pyramid_chunk, ((level, st, step) for st in starts), plan,
+                        total=len(starts)):
+            tally.add(pyramid=r["seconds"])
+        _crash_point(f"pyramid:{level}")
+    wall_pyramid = time.perf_counter() - t
+    return {"objects": table.objects, "blocks": n_blocks, "blocks_done_before": len(done),
+            "merges": int(len(edges)), "prediction_on_gpu_workers": bool(pools["GPU"]),
+            "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
+                             "relabel": round(wall_relabel, 3), "pyramid": round(wall_pyramid, 3)},
+            "seconds": {k: round(v, 3) for k, v in tally.seconds.items()},
+            # Block tasks run in worker processes (or here, with workers=0): their peak is
+            # what a block costs; this process's own peak covers the merge table.
+            "peak_rss_mib": {"worker": round(tally.worker_peak, 1), "client": round(peak_rss_mib(), 1)}}

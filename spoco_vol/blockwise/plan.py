@@ -1,0 +1,230 @@
+"""Planning a blockwise run: every check, default and derived setting, before anything
+is written.
+
+``build_plan`` reads the input's metadata and the checkpoint once, validates every
+setting and returns a frozen ``SegmentPlan``. The plan is all a block task needs (it is
+sent to the workers once per run), and its ``fingerprint`` (the fields that determine
+the labels) is hashed into the run hash that resume and "already complete" compare.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .. import __version__, bundled, checkpoint, intensity, io
+from ..blocks import BlockGrid, parse_roi
+from ..errors import SpocoInputError, warn
+from ..pipeline import check_output_path, default_output_path, label_pyramid, labels_of_image, model_scale
+
+STITCH_DEPTH = 16    # input planes of halo agreement per face
+LINK_OVERLAP = 0.5   # default --link-overlap; see benchmarks/RESULTS.md
+
+
+def default_block_shape(shape: Sequence[int], model_dims: int) -> list[int]:
+    base = [8, 512, 512] if model_dims == 2 else [64, 256, 256]
+    return [min(s, b) for s, b in zip(shape, base[-len(shape):])]
+
+
+def required_halo(model: checkpoint.Checkpoint, input_ndim: int, scale: Sequence[float]) -> list[int]:
+    """Context (input voxels per side) a block needs: the U-Net's field of view plus the
+    longest affinity offset, converted from model pixels to input voxels."""
+    dims = model.dims
+    reach = [max(abs(o[a]) for o in model.inference.offsets) for a in range(dims)]
+    model_halo = [h + r for h, r in zip(model.receptive_halo, reach)]
+    halo = [0] * (input_ndim - dims) + model_halo  # a 2D model needs no context across sections
+    return [int(np.ceil(h / s)) if s else h for h, s in zip(halo, scale)]
+
+
+def read_alignment(model: checkpoint.Checkpoint, input_ndim: int, scale: Sequence[float]) -> list[int]:
+    """Input voxels on whose multiples a read ROI must start so that the block sees the
+    same pooling grid (and resampling grid) as the whole volume."""
+    align = [1] * (input_ndim - model.dims) + list(model.shape_multiple)
+    for a, s in enumerate(scale):
+        f = 1 / s
+        if abs(f - round(f)) < 1e-6:  # integer downsampling keeps an exact grid
+            align[a] *= int(round(f))
+    return align
+
+
+def embedding_factors(scale: Sequence[float]) -> list[int] | None:
+    """Input voxels per model voxel along each axis, or None if the model grid is not an
+    integer downsampling of the input grid (then saved embeddings would not tile)."""
+    inv = [1 / s for s in scale]
+    if all(abs(i - round(i)) < 1e-6 and round(i) >= 1 for i in inv):
+        return [int(round(i)) for i in inv]
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentPlan:
+    """Everything a blockwise run does, decided before it starts."""
+    input_path: str                        # absolute
+    output: str                            # the labels' store (or an image's labels/NAME)
+    image: str | None                      # the OME-Zarr image whose labels group ``output`` is
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    model_path: str                        # absolute
+    model_sha256: str
+    model_dims: int
+    embedding_dim: int
+    delta_v: float
+    delta_d: float
+    voxel_size: tuple[float, ...] | None   # nm per input voxel, None: unknown
+    scale: tuple[float, ...]               # zoom from the input grid to the model grid
+    block_shape: tuple[int, ...]           # write ROI (core) of a block, input voxels
+    halo: tuple[int, ...]
+    align: tuple[int, ...]                 # read ROIs start on multiples of this
+    offsets: tuple[tuple[int, ...], ...]   # affinity offsets, model pixels
+    background_rule: dict                  # the checkpoint's background embedding, radius, min size
+    tta: bool
+    intensity: dict                        # the input's mapping onto the model's range (spoco_vol.intensity)
+    mask_path: str | None
+    roi: tuple[slice, ...] | None
+    stitch_axes: tuple[int, ...]
+    depth: int                             # planes of halo agreement per face
+    link_overlap: float | None             # --link-sections
+    save_embeddings: bool
+    embedding_factors: tuple[int, ...] | None
+    out_dtype: str
+    zarr_format: int                       # the output's, as the input's
+    pyramid: tuple[tuple[int, ...], ...]   # downsampling factors of the label levels
+    device: str
+    command: str = ""
+
+    @property
+    def work(self) -> str:
+        """The work directory: everything of an unfinished run lives here."""
+        return self.output.rstrip(os.sep) + ".partial"
+
+    @functools.cached_property
+    def grid(self) -> BlockGrid:
+        return BlockGrid(self.shape, self.block_shape, self.halo, align=self.align)
+
+    def fingerprint(self) -> dict:
+        """The settings that determine the labels (not where they go, nor the devices)."""
+        return {
+            "input": self.input_path, "shape": list(self.shape), "dtype": self.dtype, "chunks": list(self.chunks),
+            "block_shape": list(self.block_shape), "halo": list(self.halo), "align": list(self.align),
+            "model_sha256": self.model_sha256,
+            # `spoco-vol calibrate` changes these and not the weights: blocks of a partial run
+            # segmented with another background rule must not be mixed with new ones.
+            "background_rule": self.background_rule,
+            "offsets": [list(o) for o in self.offsets], "voxel_size": list(self.voxel_size) if self.voxel_size
+            else None, "mask": self.mask_path, "roi": [[r.start, r.stop] for r in self.roi] if self.roi else None,
+            "stitch": bool(self.stitch_axes), "depth": self.depth, "link_overlap": self.link_overlap,
+            "save_embeddings": self.save_embeddings, "output_dtype": self.out_dtype, "tta": self.tta,
+            "intensity": self.intensity, "zarr_format": self.zarr_format,
+            "pyramid": [list(f) for f in self.pyramid], "version": __version__}
+
+    @functools.cached_property
+    def run_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def voxels(self) -> int:
+        """Voxels segmented (the ROI's, or the volume's)."""
+        return int(np.prod([r.stop - r.start for r in self.roi])) if self.roi else int(np.prod(self.shape))
+
+
+def build_plan(input_path: str, output: str | None = None, model: str | None = None, *,
+               block_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
+               mask: str | None = None, voxel_size: Sequence[float] | None = None, device: str = "auto",
+               overwrite: bool = False, stitch: bool = True, roi: str | Sequence[slice] | None = None,
+               save_embeddings: bool = False, link_sections: bool = False, link_overlap: float = LINK_OVERLAP,
+               tta: bool | None = None, intensity_range: Sequence[float] | None = None,
+               command: str = "") -> SegmentPlan:
+    """Check every input and setting of a run (one SpocoInputError otherwise) and decide
+    what it does; reads metadata only (and, for inputs that need it, the intensity range
+    in a chunked pass), writes nothing. Arguments as spoco_vol.blockwise.segment_blockwise."""
+    arr = io.open_volume(input_path)
+    io.validate_volume(arr, f"input {input_path}")
+    output = output or default_output_path(input_path)
+    # An existing output is checked by the caller: it may be this very run's result.
+    check_output_path(output, input_path, overwrite=True)
+    model_path = os.path.abspath(bundled.model_path(model))
+    ckpt = checkpoint.load(model_path)
+    dims = ckpt.dims
+    if dims > arr.ndim:
+        raise SpocoInputError(f"the model is {dims}D but the input is {arr.ndim}D")
+    if ckpt.in_channels != 1:
+        raise SpocoInputError(f"the model expects {ckpt.in_channels} channels; the input has one")
+    vs = list(voxel_size) if voxel_size else io.read_voxel_size(input_path)
+    if vs is not None and len(vs) != arr.ndim:
+        raise SpocoInputError(f"--voxel-size needs {arr.ndim} values for this {arr.ndim}D input")
+    if vs is not None and not all(np.isfinite(v) and v > 0 for v in vs):
+        raise SpocoInputError(f"voxel size must be positive, got {vs}")
+    if vs is None and ckpt.voxel_size:
+        warn(f"the voxel size of {input_path} is unknown (none in its metadata, no --voxel-size): it is segmented "
+             f"as if it had the model's {io.format_voxel_size(ckpt.voxel_size[-arr.ndim:])}, without "
+             "resampling; give --voxel-size Z,Y,X in nm")
+    mapping = intensity.volume_mapping(arr, ckpt.normalization, intensity_range, f"input {input_path}")
+    if mask:
+        m = io.open_volume(mask, "mask")
+        if tuple(m.shape) != tuple(arr.shape):
+            raise SpocoInputError(f"mask shape {tuple(m.shape)} differs from the input's {tuple(arr.shape)}")
+    spatial_axes = list(range(arr.ndim - dims, arr.ndim))
+    scale = model_scale(vs, ckpt.voxel_size, spatial_axes, arr.ndim)
+    offsets = ckpt.inference.offsets
+    halo = list(halo) if halo is not None else required_halo(ckpt, arr.ndim, scale)
+    block_shape = list(block_shape) if block_shape is not None else default_block_shape(arr.shape, dims)
+    if len(halo) != arr.ndim or len(block_shape) != arr.ndim:
+        raise SpocoInputError(f"--block-shape and --halo need {arr.ndim} values for this {arr.ndim}D input")
+    if any(b < 1 for b in block_shape) or any(h < 0 for h in halo):
+        raise SpocoInputError("block shape must be positive and halo non-negative")
+    reach = [0] * (arr.ndim - dims) + [int(np.ceil(max(abs(o[a]) for o in offsets) / scale[ax]))
+                                       for a, ax in enumerate(spatial_axes)]
+    for a in range(arr.ndim):
+        if halo[a] < reach[a]:
+            raise SpocoInputError(f"halo {halo[a]} along axis {a} is shorter than the longest affinity "
+                                  f"offset ({reach[a]} voxels)")
+        if block_shape[a] < min(arr.shape[a], max(halo[a], 1)):
+            raise SpocoInputError(f"block shape {block_shape[a]} along axis {a} is smaller than the "
+                                  f"halo {halo[a]} it needs")
+    if link_sections:
+        if not (dims == 2 and arr.ndim == 3):
+            raise SpocoInputError("--link-sections joins the sections of a 2D model's result: it needs a 2D "
+                                  f"model and a 3D input (got a {dims}D model, {arr.ndim}D input)")
+        if not 0 < link_overlap <= 1:
+            raise SpocoInputError(f"--link-overlap takes a fraction in (0, 1], got {link_overlap}")
+    if isinstance(roi, str):
+        roi = parse_roi(roi, arr.shape)
+    roi = tuple(roi) if roi is not None else None
+    factors = embedding_factors(scale)
+    if save_embeddings:
+        if factors is None:
+            raise SpocoInputError(f"--save-embeddings needs the model grid to be an integer downsampling of "
+                                  f"the input (zoom {scale})")
+        if any(b % f for b, f in zip(block_shape, factors)):
+            raise SpocoInputError(f"--save-embeddings: the block shape {tuple(block_shape)} must be a multiple "
+                                  f"of the model's downsampling {tuple(factors)}")
+    stitch_axes = spatial_axes if stitch else []
+    # Planes of the neighbour's core whose segmentation is compared: the ones next to the
+    # face, where both blocks see enough context (the far halo is least reliable).
+    depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes] + [STITCH_DEPTH]))
+    grid_shape = [-(-n // b) for n, b in zip(arr.shape, block_shape)]
+    n_vox = int(np.prod([g * b for g, b in zip(grid_shape, block_shape)]))
+    image = labels_of_image(output, input_path)  # the labels go into this OME-Zarr image's labels group
+    ome = io.ome_image(input_path)
+    levels = label_pyramid(arr.shape, vs, io.ome_scales(ome) if ome else None)
+    from ..inference import resolve_device
+    resolve_device(device)  # "cuda" without a GPU fails here, not in every block
+    return SegmentPlan(
+        input_path=os.path.abspath(input_path), output=output, image=image, shape=tuple(arr.shape),
+        dtype=str(arr.dtype), chunks=tuple(arr.chunks), model_path=model_path, model_sha256=ckpt.sha256,
+        model_dims=dims, embedding_dim=ckpt.embedding_dim, delta_v=ckpt.delta_v, delta_d=ckpt.delta_d,
+        voxel_size=tuple(vs) if vs else None, scale=tuple(scale), block_shape=tuple(block_shape),
+        halo=tuple(halo), align=tuple(read_alignment(ckpt, arr.ndim, scale)),
+        offsets=tuple(tuple(int(x) for x in o) for o in offsets),
+        background_rule=ckpt.inference.background_rule(), tta=ckpt.inference.uses_tta(tta), intensity=mapping,
+        mask_path=os.path.abspath(mask) if mask else None, roi=roi, stitch_axes=tuple(stitch_axes), depth=depth,
+        link_overlap=link_overlap if link_sections else None, save_embeddings=bool(save_embeddings),
+        embedding_factors=tuple(factors) if factors else None,
+        out_dtype="uint32" if n_vox < 2 ** 32 else "uint64", zarr_format=io.zarr_format(arr),
+        pyramid=tuple(tuple(int(x) for x in f) for f in levels), device=device, command=command)

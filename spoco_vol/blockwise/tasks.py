@@ -1,0 +1,164 @@
+"""The block functions of a blockwise run: arrays in, arrays out, no I/O.
+
+``passes.py`` reads a block's arrays, calls these, and writes what they return.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import fastremap
+import numpy as np
+
+from .. import stitching
+from ..blocks import Block, BlockGrid, intersect
+from ..checkpoint import Checkpoint
+from ..pipeline import labels_from_embeddings, model_grid_index, predict_array
+from ..stitching import block_id_offset
+from .plan import SegmentPlan
+
+
+def face_region(block: Block, axis: int, side: int, depth: int) -> tuple[slice, ...]:
+    """Volume region of ``depth`` planes beyond (side=+1) or before (side=-1) the core."""
+    sl = list(block.core)
+    c = block.core[axis]
+    sl[axis] = slice(c.stop, c.stop + depth) if side > 0 else slice(c.start - depth, c.start)
+    return tuple(sl)
+
+
+def relative(region: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:
+    """``region`` (volume coordinates) as slices of an array that covers ``outer``."""
+    return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, outer))
+
+
+def region_text(region: Sequence[slice]) -> str:
+    return ",".join(f"{r.start}:{r.stop}" for r in region)
+
+
+def face_affinity(emb: np.ndarray, read_shape: Sequence[int], block: Block, axis: int,
+                  delta_d: float, scale: Sequence[float]) -> np.ndarray:
+    """Affinity between the core's last plane and the next plane along ``axis``, on the
+    input grid (embeddings sampled nearest-neighbour from the model grid)."""
+    last = block.core[axis].stop - 1 - block.read[axis].start
+    idx = []
+    for a, (n, m) in enumerate(zip(read_shape, emb.shape[1:])):
+        if a == axis:
+            idx.append(model_grid_index(np.array([last, last + 1]), n, m, scale[a]))
+        else:
+            cs = block.core_in_read[a]
+            idx.append(model_grid_index(np.arange(cs.start, cs.stop), n, m, scale[a]))
+    e = emb[(slice(None), *np.ix_(*idx))]
+    e0 = np.take(e, 0, axis=axis + 1)
+    e1 = np.take(e, 1, axis=axis + 1)
+    d = np.sqrt(((e0 - e1) ** 2).sum(0))
+    return np.square(np.clip(1 - d / (2 * delta_d), 0, None)).astype(np.float32)
+
+
+def zero_outside(arr: np.ndarray, region: Sequence[slice], roi: Sequence[slice] | None) -> np.ndarray:
+    """``arr`` covers the volume ``region``; voxels outside ``roi`` become 0."""
+    if roi is None:
+        return arr
+    out = np.zeros_like(arr)
+    inside = intersect(region, roi)
+    if inside is not None:
+        sl = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))
+        out[sl] = arr[sl]
+    return out
+
+
+@dataclasses.dataclass
+class Prediction:
+    """A block's network output on the model grid (None for a block with nothing to do)."""
+    embeddings: np.ndarray | None
+    scale: Sequence[float] | None
+    foreground: np.ndarray | None
+    timings: dict
+
+
+@dataclasses.dataclass
+class Fragments:
+    """A block's result: its core's fragments (global ids, 0 = background), the face
+    evidence its upper/lower neighbours are stitched with, and its object count."""
+    core: np.ndarray
+    faces: dict
+    n_objects: int
+    timings: dict
+
+
+def predict_block(raw: np.ndarray, plan: SegmentPlan, model: Checkpoint, networks, timings: dict) -> Prediction:
+    """Embeddings (and the classifier's probabilities) of a block's read region."""
+    emb, scale, foreground = predict_array(raw, model, input_voxel_size=plan.voxel_size, device=plan.device,
+                                           timings=timings, net=networks[0], tta=plan.tta,
+                                           foreground_net=networks[1], intensity_mapping=plan.intensity)
+    return Prediction(emb, scale, foreground, timings)
+
+
+def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Checkpoint) -> Fragments:
+    """Affinities, watershed, global ids and face evidence of one block (module
+    docstring of stitching.py). Voxels outside the plan's ROI are background; with
+    --link-sections the per-section objects are first linked across sections."""
+    timings = pred.timings
+    grid: BlockGrid = plan.grid
+    if pred.embeddings is None:
+        return Fragments(np.zeros(block.core_shape, np.uint64), {}, 0, timings)
+    emb, scale = pred.embeddings, pred.scale
+    read_shape = tuple(r.stop - r.start for r in block.read)
+    depth, axes = plan.depth, plan.stitch_axes
+    # Labels are needed for the core and the ``depth`` planes around it that stitching
+    # compares, not for the whole halo.
+    kept = tuple(slice(max(c.start - (depth if a in axes else 0), r.start),
+                       min(c.stop + (depth if a in axes else 0), r.stop))
+                 for a, (c, r) in enumerate(zip(block.core, block.read)))
+    labels = labels_from_embeddings(emb, model, read_shape, scale, timings=timings,
+                                    region=relative(kept, block.read), foreground=pred.foreground)
+    t = time.perf_counter()
+    labels = zero_outside(labels, kept, plan.roi)
+    if plan.link_overlap is not None:
+        labels = stitching.link_sections(labels, plan.link_overlap)
+    # Core objects get this block's id range; halo-only objects get 0 (not ours).
+    core_local = labels[relative(block.core, kept)]
+    ids = fastremap.unique(core_local)  # hash-free for small label values: 10x np.unique
+    ids = ids[ids != 0]
+    n = len(ids)
+    # Block-local labels are small (at most the segments of one block): a dense lookup
+    # table maps them in one gather.
+    lut = np.zeros(int(labels.max()) + 1, np.uint64)
+    lut[ids] = np.arange(1, n + 1, dtype=np.uint64) + np.uint64(block_id_offset(block.linear, grid.block_shape))
+    faces = {}
+    for a in axes:
+        for side in (-1, 1):
+            if not 0 <= block.index[a] + side < grid.grid_shape[a]:
+                continue
+            faces[f"halo_{a}_{'p' if side > 0 else 'm'}"] = lut[labels[relative(face_region(block, a, side, depth),
+                                                                                  kept)]]
+            if side > 0:
+                faces[f"aff_{a}"] = face_affinity(emb, read_shape, block, a, plan.delta_d, scale)
+    timings["stitch"] = timings.get("stitch", 0.0) + time.perf_counter() - t
+    return Fragments(lut[core_local], faces, n, timings)
+
+
+def core_embeddings(emb: np.ndarray, block: Block, factors: Sequence[int]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The core's embeddings (float16, model grid) and where they go in the volume's
+    embeddings array (E, *model grid)."""
+    in_read = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core_in_read, factors))
+    in_vol = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core, factors))
+    return (slice(None),) + in_vol, emb[(slice(None),) + in_read].astype(np.float16)
+
+
+def face_edges(lower_faces: dict, upper_faces: dict, lower_core_next: np.ndarray, upper_core_prev: np.ndarray,
+               axis: int) -> np.ndarray:
+    """Merge edges across the face ``axis`` between a lower block and its upper
+    neighbour, from their face evidence and the fragments each wrote next to the face
+    (``lower_core_next``: the upper block's first core planes, as written;
+    ``upper_core_prev``: the lower block's last ones)."""
+    def axis_first(x):
+        return np.moveaxis(x, axis, 0)
+    return stitching.stitch_faces(axis_first(lower_faces[f"halo_{axis}_p"]), axis_first(lower_core_next),
+                                  axis_first(upper_faces[f"halo_{axis}_m"]), axis_first(upper_core_prev),
+                                  lower_faces[f"aff_{axis}"])
+
+
+def downsample_nearest(src: np.ndarray, step: Sequence[int]) -> np.ndarray:
+    """The first voxel of each ``step`` block: nearest downsampling of labels."""
+    return src[tuple(slice(None, None, k) for k in step)]

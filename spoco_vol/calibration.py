@@ -1,0 +1,166 @@
+"""Calibration on held-out data: which embeddings mean "background", how far around them,
+and (with a foreground classifier) the radius chosen together with it.
+
+Used by the embedding training (training.py) at every validation, by the foreground
+classifier (foreground.py) to choose its iteration and radius, and by
+``spoco-vol calibrate`` (``recalibrate_checkpoint``). The held-out scores themselves
+(AP@0.5 of dense labels, PQ of held-out objects) are spoco_vol.validation's.
+"""
+from __future__ import annotations
+
+import os
+import numpy as np
+import torch
+
+from . import checkpoint, data, inference, intensity, losses, validation
+from .checkpoint import Checkpoint, InferenceSettings
+from .config import TrainConfig
+from .errors import SpocoInputError
+from .inference import predict_foreground, resolve_device
+from .validation import choose_radius
+
+RADIUS_STEP = 0.25  # embedding units between the radii searched
+
+
+def held_out_segmentation(embeddings: np.ndarray, delta_d: float, settings: InferenceSettings,
+                          foreground=None) -> np.ndarray:
+    """Segment held-out embeddings (model grid) as inference would, with ``settings``'
+    background rule (and a foreground classifier's probabilities)."""
+    from .segmentation import segment_embeddings
+    return segment_embeddings(embeddings, settings.offsets, delta_d, strides=settings.strides,
+                              background_embedding=settings.background_embedding,
+                              background_radius=settings.background_radius, min_size=settings.min_size,
+                              foreground=foreground, foreground_threshold=settings.foreground_threshold)
+
+
+def held_out_score(embeddings, labels, delta_d: float, settings: InferenceSettings, foreground=None,
+                   objects=None) -> float:
+    """The held-out score (spoco_vol.validation) of held-out images (embeddings on the
+    model grid, labels; they may differ in shape) segmented by ``held_out_segmentation``
+    (``foreground``: one probability array per image): AP@0.5 of dense labels, or the
+    PQ of the held-out ``objects`` (one id per image)."""
+    segs = [held_out_segmentation(e, delta_d, settings, None if foreground is None else foreground[i])
+            for i, e in enumerate(embeddings)]
+    return validation.held_out_score(segs, labels, objects)
+
+
+def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, settings: InferenceSettings,
+                         objects=None) -> dict:
+    """The background embedding and the pixel radius around it, for inference, from the
+    embeddings of held-out images and their labels.
+
+    The embedding is the mode of the label-0 pixels' embeddings: start at their median,
+    then a few mean-shift steps over the pixels within delta_d, so that a minority of
+    unannotated objects in the unlabeled region does not pull it off. The radius is the
+    one whose segmentation of the held-out images scores best (spoco_vol.validation:
+    AP@0.5 of dense labels, or with ``objects``, one held-out object id per image, the
+    held-out objects' PQ and the largest radius that keeps it), searched from delta_v to
+    2*delta_d + delta_v (objects are pushed 2*delta_d from the background). Whole
+    sections beat random patches here: objects cut by a patch border bias the choice.
+    The embeddings must be predicted as inference will (with test-time augmentation if
+    ``settings.tta``): the radius fits the embeddings it is measured on.
+    Returns {} when the images have no label 0 (dense labels: no background), else
+    {background_embedding, background_radius[, background_radius_val_score]}.
+    """
+    flat = np.concatenate([e.reshape(e.shape[0], -1) for e in embeddings], axis=1).T
+    is_bg = np.concatenate([lab.reshape(-1) == 0 for lab in labels])
+    bg = torch.from_numpy(flat[is_bg])
+    if len(bg) == 0:
+        return {}
+    background = [float(v) for v in losses.embedding_mode(bg, delta_d)]
+    # Only images with annotated objects can score a radius (an empty one rewards deleting all).
+    scored = [k for k, lab in enumerate(labels) if lab.any()]
+    if not scored:
+        return {"background_embedding": background, "background_radius": delta_d}
+    grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, RADIUS_STEP)
+    scores = [held_out_score([embeddings[k] for k in scored], [labels[k] for k in scored], delta_d,
+                             settings.with_background(background, float(r)),
+                             objects=None if objects is None else [objects[k] for k in scored]) for r in grid]
+    radius, score = choose_radius(grid, scores, objects is not None, prefer_larger=False)
+    return {"background_embedding": background, "background_radius": radius,
+            "background_radius_val_score": score}
+
+
+def embed(net, images, device, amp: bool, tta: bool) -> list[np.ndarray]:
+    """Embeddings of held-out images (normalised raw, labels), predicted as inference would."""
+    return [inference.predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in images]
+
+
+def classifier_radii(settings: InferenceSettings, delta_d: float) -> list:
+    """Background radii to choose from together with a foreground classifier
+    (spoco_vol.foreground says why): 0, where the classifier alone decides, up to the
+    radius calibrated for the embeddings alone (``settings``), in the calibration's steps."""
+    if settings.background_embedding is None:
+        return [settings.background_radius]
+    stored = settings.background_radius if settings.background_radius is not None else delta_d
+    return [float(r) for r in np.arange(0.0, stored + 1e-9, RADIUS_STEP)]
+
+
+def best_radius(embeddings, labels, delta_d: float, settings: InferenceSettings, probabilities,
+                objects=None) -> tuple:
+    """(held-out score, radius) of the best of ``classifier_radii`` for held-out images
+    (embeddings, labels; ``objects``: one held-out object per image, as in
+    spoco_vol.validation) segmented with a classifier's ``probabilities``; ties go to
+    the larger radius, the nearer to the embeddings' own."""
+    radii = classifier_radii(settings, delta_d)
+    scores = [held_out_score(embeddings, labels, delta_d, settings.with_background(settings.background_embedding, r),
+                             probabilities, objects) for r in radii]
+    radius, score = choose_radius(radii, scores, objects is not None)
+    return score, radius
+
+
+def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, out: str = ""):
+    """The labeled held-out images of ``raw``/``labels`` on ``model``'s grid (whole
+    sections, or a central crop of a 3D volume), as training validates."""
+    from .training_data import validation_images
+    vol = data.open_training_volume(raw, labels)
+    vol.intensity = intensity.volume_mapping(vol.raw, model.normalization, what=f"raw {raw}")
+    if model.dims > vol.raw.ndim:
+        raise SpocoInputError(f"the model is {model.dims}D but {raw} is {vol.raw.ndim}D")
+    if z_range is not None:
+        nz = vol.shape3d[0]
+        if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= nz or vol.raw.ndim != 3:
+            raise SpocoInputError(f"--z-range needs START,STOP with 0 <= START < STOP <= {nz} on a 3D volume")
+        z_range = (int(z_range[0]), int(z_range[1]))
+    vol.z_range = z_range
+    dims = model.dims
+    cfg = TrainConfig(raw=[raw], labels=[labels], out=out, dims=dims,
+                      patch_shape=model.training.get("patch_shape", [256] * dims),
+                      downsample=list(model.inference.downsample or (1, 1, 1)))
+    images = validation_images([vol], cfg, model.normalization)
+    if not any(lab.any() for _, lab in images):
+        raise SpocoInputError(f"no annotated object in {labels}")
+    return images
+
+
+def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
+                           z_range: tuple[int, int] | None = None, device: str = "auto",
+                           amp: bool = True, tta: bool | None = None) -> dict:
+    """Re-measure a checkpoint's background embedding and radius on labeled held-out data
+    (whole sections, as at the end of training) and save it as ``out``. ``tta``: measure
+    (and later segment) with test-time augmentation [default: as the checkpoint does].
+    A foreground classifier's radius is chosen again too: it was chosen around the old
+    background embedding."""
+    model = checkpoint.load(model_path)
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SpocoInputError(f"cannot write the calibrated checkpoint to {out}")
+    images = held_out_sections(model, raw, labels, z_range, out)
+    dev = resolve_device(device)
+    net = model.network().to(dev)
+    tta = model.inference.uses_tta(tta)
+    embeddings = embed(net, images, dev, amp, tta)
+    own = model.settings(with_classifier=False)
+    found = calibrate_background(embeddings, [lab for _, lab in images], model.delta_v, model.delta_d, own)
+    model = model.with_inference(**found, tta=tta)
+    shown = {k: v for k, v in model.inference_record.items() if k != "background_embedding"}
+    if model.has_foreground:
+        classifier = model.foreground_network().to(dev)
+        scored = [(e, raw, lab) for e, (raw, lab) in zip(embeddings, images) if lab.any()]
+        probabilities = [predict_foreground(classifier, raw, device=dev, amp=amp, tta=tta) for _, raw, _ in scored]
+        score, radius = best_radius([e for e, _, _ in scored], [lab for _, _, lab in scored], model.delta_d,
+                                    model.settings(with_classifier=False), probabilities)
+        model = model.with_foreground_radius(radius)
+        shown.update({"foreground_background_radius": radius, "foreground_val_score": round(score, 4)})
+    checkpoint.save(model.for_inference(), out)
+    return shown

@@ -1,0 +1,160 @@
+"""The settings of a training run: one name per setting, the same as the CLI option
+(``--consistency-weight`` is ``consistency_weight``), as a workflow step's key and as the
+Python API's argument. Defaults and validation live here, not in the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .errors import SpocoInputError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    raw: Sequence[str]
+    labels: Sequence[str]
+    out: str
+    dims: int = 2
+    patch_shape: Sequence[int] = (256, 256)
+    batch_size: int = 4
+    iterations: int = 1000
+    object_fraction: float = 1.0
+    mode: str = "auto"                     # "sparse", "full", or auto: full iff fraction == 1
+    init: str | None = None
+    lr: float | None = None                # default 2e-4, or 2e-5 when fine-tuning from init
+    weight_decay: float = 1e-5
+    schedule: str = "cosine"               # or "plateau"
+    features: Sequence[int] = (16, 32, 64, 128)
+    norm: str = "batch"                    # eval-mode BatchNorm is local: blocks agree exactly
+    pool_factors: Sequence[Sequence[int]] | Sequence[int] | None = None  # per level, or flattened
+    embedding_dim: int = 16
+    delta_v: float = 0.5
+    delta_d: float = 2.0
+    threshold: float = 0.9
+    consistency_weight: float = 1.0
+    unlabeled_weight: float = 1.0
+    instance_weight: float = 1.0
+    background_weight: float = 0.0         # pseudo-background term (sparse mode; needs g)
+    background_warmup: int = 0             # iterations before it starts (g must mean something)
+    background_select_radius: float | None = None  # pseudo-background: g within this of its mode (default delta_d)
+    momentum: float = 0.999
+    offset_distances: Sequence[int] | None = None  # long-range affinity offsets [default: 3, 9, 27 per axis]
+    downsample: Sequence[float] | None = None  # input voxels per model pixel, (z, y, x) [default: to --init's
+                                               # voxel size when fine-tuning, else 1, 1, 1]
+    voxel_size: Sequence[float] | None = None
+    val_raw: Sequence[str] = ()
+    val_labels: Sequence[str] = ()
+    val_sections: int | None = None        # without val volumes: hold out the last N sections [default, full
+                                           # labels: 1 (2D), one patch deep (3D); sparse: objects held out]
+    val_objects: float = 0.2               # sparse labels, no validation data: share of the annotated
+                                           # objects held out to choose the checkpoint and calibrate
+    val_every: int = 250
+    val_patches: int = 8
+    elastic: bool = False
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    tta: bool = False                      # validation/calibration (and later inference) with test-time flips
+    foreground_iterations: int = 0         # then a foreground classifier (spoco_vol.foreground), sparse mode
+    foreground_prior: float | None = None  # object share of the unlabeled pixels [default: from object_fraction]
+    intensity_range: Sequence[float] | None = None  # raw values mapped to the model's range [default: by
+                                                     # dtype, spoco_vol.intensity]
+    threads: int | None = None
+    resume: bool = False
+    stop_after: int | None = None          # stop (resumably) after N iterations of this run
+    overwrite: bool = False
+    progress: bool = True
+    command: str = ""
+
+    @property
+    def training_mode(self) -> str:
+        """sparse (label 0 = unlabeled) or full (label 0 = background, an object)."""
+        return self.mode if self.mode != "auto" else ("full" if self.object_fraction >= 1 else "sparse")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.init else 2e-4)
+
+    def pools(self) -> list[list[int]]:
+        """Pooling factors per level (default: 2 along every axis)."""
+        n = len(self.features) - 1
+        if self.pool_factors is None:
+            return [[2] * self.dims for _ in range(n)]
+        flat = list(self.pool_factors)
+        if flat and not isinstance(flat[0], (list, tuple)):  # flattened, as the command line gives them
+            if len(flat) != n * self.dims:
+                raise SpocoInputError(f"--pool-factors needs {n}x{self.dims} = {n * self.dims} numbers for "
+                                      f"{len(self.features)} levels")
+            return [[int(f) for f in flat[i * self.dims:(i + 1) * self.dims]] for i in range(n)]
+        return [[int(f) for f in p] for p in flat]
+
+    def check(self) -> "TrainConfig":
+        """Numbers that would fail deep inside training fail here, before --out is touched."""
+        if self.dims not in (2, 3):
+            raise SpocoInputError("--dims must be 2 or 3")
+        if self.mode not in ("auto", "sparse", "full"):
+            raise SpocoInputError(f"--mode must be auto, sparse or full, got {self.mode!r}")
+        if self.schedule not in ("cosine", "plateau"):
+            raise SpocoInputError("--schedule must be 'cosine' or 'plateau'")
+        if self.norm not in ("batch", "group"):
+            raise SpocoInputError("--norm must be 'batch' or 'group'")
+        if len(self.patch_shape) != self.dims:
+            raise SpocoInputError(f"--patch-shape needs {self.dims} numbers for a {self.dims}D model")
+        if self.batch_size < 1 or self.iterations < 1 or self.val_every < 1:
+            raise SpocoInputError("--batch-size, --iterations and --val-every must be at least 1")
+        if not 0 < self.object_fraction <= 1:
+            raise SpocoInputError(f"--object-fraction must be in (0, 1], got {self.object_fraction}")
+        if not 0 <= self.val_objects < 1:
+            raise SpocoInputError(f"--val-objects must be in [0, 1), got {self.val_objects}")
+        if not 0 < self.threshold < 1:
+            raise SpocoInputError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.delta_v <= 0 or self.delta_d <= 0:
+            raise SpocoInputError("--delta-v and --delta-d must be positive")
+        if self.embedding_dim < 1 or not self.features or min(self.features) < 1:
+            raise SpocoInputError("--embedding-dim and --features must be positive")
+        self.pools()
+        if self.downsample is not None and (len(self.downsample) != 3 or not all(
+                np.isfinite(d) and d > 0 for d in self.downsample)):
+            raise SpocoInputError("--downsample takes three positive factors (z y x)")
+        if self.dims == 2 and self.downsample is not None and self.downsample[0] != 1:
+            raise SpocoInputError("a 2D model is trained on single sections: the z factor of --downsample must be 1")
+        if self.voxel_size is not None and not all(np.isfinite(v) and v > 0 for v in self.voxel_size):
+            raise SpocoInputError(f"--voxel-size must be positive, got {list(self.voxel_size)}")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise SpocoInputError(f"--out {self.out} exists and is not a directory")
+        if self.offset_distances is not None and (not len(self.offset_distances) or min(self.offset_distances) < 2):
+            raise SpocoInputError("--offset-distances takes long-range distances >= 2 (direct neighbours are always "
+                                  "used)")
+        if self.foreground_iterations < 0:
+            raise SpocoInputError("--foreground-iterations must be >= 0")
+        if self.foreground_iterations:
+            if self.training_mode != "sparse":
+                raise SpocoInputError("--foreground-iterations needs sparse labels (--mode sparse or "
+                                      "--object-fraction < 1): with full labels the background is annotated")
+            if self.foreground_prior is not None and not 0 <= self.foreground_prior < 1:
+                raise SpocoInputError(f"--foreground-prior must be in [0, 1), got {self.foreground_prior}")
+        return self
+
+
+#: "I annotated a few objects of my volume": fine-tuning a bundled (or any) model on
+#: sparse annotations (label 0 = unlabeled), the recipe measured in benchmarks/RESULTS.md
+#: ("Transfer to Lucchi"): pseudo-background, TTA, a foreground classifier, held-out objects.
+#: Its keys are TrainConfig fields.
+FINE_TUNE_RECIPE = dict(mode="sparse", iterations=500, background_weight=1.0, background_warmup=100,
+                        background_select_radius=3.0, tta=True, foreground_iterations=600)
+
+
+def fine_tune_config(raw: Sequence[str], labels: Sequence[str], out: str, model: str = "vnc-mito-2d",
+                     **overrides) -> TrainConfig:
+    """The TrainConfig of `spoco-vol fine-tune`: FINE_TUNE_RECIPE from ``model`` (a
+    bundled model's name or a path), its dimensionality and patch shape; ``overrides``
+    replace any TrainConfig field."""
+    from . import bundled, checkpoint
+    ckpt = checkpoint.load(bundled.model_path(model))
+    patch = ckpt.training.get("patch_shape") or [256] * ckpt.dims
+    settings = {"dims": ckpt.dims, "patch_shape": list(patch), "init": model, **FINE_TUNE_RECIPE, **overrides}
+    return TrainConfig(raw=list(raw), labels=list(labels), out=out, **settings)
