@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.machinery
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ import yaml
 
 from .errors import SpocoInputError
 
+WORKER_SETUP = "spoco_vol.blockwise.worker"  # preloaded into the worker processes started here
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster_configs")
 
 
@@ -174,18 +176,55 @@ def _gateway_auth(config: dict):
 
 
 @contextlib.contextmanager
+def _workers_skip_the_main_script() -> Iterator:
+    """Local worker processes start with multiprocessing's spawn, which runs the
+    caller's main script again in each of them (as ``__mp_main__``): a script that calls
+    ``spoco_vol.segment`` without an ``if __name__ == "__main__":`` guard would start
+    clusters within clusters ("Nanny failed to start", hundreds of lines). The workers
+    need nothing from that script, and spawn leaves a main module whose spec is named
+    ``__main__`` alone (as it does for a package's __main__.py): so it is named that
+    while our workers may start, restarts after a lost worker included."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    had, previous = hasattr(main, "__spec__"), getattr(main, "__spec__", None)
+    main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        if had:
+            main.__spec__ = previous
+        else:
+            del main.__spec__
+
+
+@contextlib.contextmanager
 def open_cluster(config: dict, log: Callable[[str], None] = print) -> Iterator:
     """Start the cluster of ``config``, wait for a first worker, yield a Client."""
+    if config["kind"] == "local":
+        with _workers_skip_the_main_script():
+            with _open_cluster(config, log) as client:
+                yield client
+    else:
+        with _open_cluster(config, log) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _open_cluster(config: dict, log: Callable[[str], None]) -> Iterator:
     from distributed import Client
     kind = config["kind"]
     if kind == "local" and config["gpu_workers"]:
         # Two pools: workers that declare a GPU (prediction) and CPU workers (the rest).
         from distributed import Nanny, Scheduler, SpecCluster
         spec = {f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
-                                                       "memory_limit": config["memory_limit"]}}
+                                                       "memory_limit": config["memory_limit"],
+                                                       "preload": [WORKER_SETUP]}}
                 for i in range(config["gpu_workers"])}
         spec.update({f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"CPU": 1},
-                                                            "memory_limit": config["memory_limit"]}}
+                                                            "memory_limit": config["memory_limit"],
+                                                            "preload": [WORKER_SETUP]}}
                      for i in range(config["workers"])})
         cluster = SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {
             "dashboard_address": ":0", "host": "127.0.0.1"}}, silence_logs=logging.WARNING)
@@ -193,7 +232,8 @@ def open_cluster(config: dict, log: Callable[[str], None] = print) -> Iterator:
     elif kind == "local":
         from distributed import LocalCluster
         cluster = LocalCluster(n_workers=config["workers"], threads_per_worker=1, processes=True,
-                               memory_limit=config["memory_limit"], dashboard_address=":0", host="127.0.0.1")
+                               memory_limit=config["memory_limit"], dashboard_address=":0", host="127.0.0.1",
+                               preload=[WORKER_SETUP])
         logs = "this terminal (worker output is forwarded)"
     elif kind == "slurm":
         from dask_jobqueue import SLURMCluster

@@ -435,42 +435,6 @@ def test_test_time_augmentation_blockwise(tmp_path):
     assert dry[0] == dry[1] != dry[2]
 
 
-def test_a_corrupt_chunk_stops_the_run_and_the_repaired_input_finishes_it(tmp_path):
-    """A permanent fault: one input chunk corrupted on disk. The run stops with one line
-    naming the block, its region, the cause and the file with the traceback; the blocks
-    that do not read the chunk are kept; with the chunk restored, the same command
-    finishes the run, redoing only the blocks that were not finished, and the labels are
-    bit-identical to an undisturbed run's."""
-    import re
-    import shutil
-    inp = _real_crop(tmp_path)
-    ref = str(tmp_path / "ref.zarr")
-    segment_blockwise(inp, ref, BUNDLED_MODEL, block_shape=[1, 192, 192], workers=0, device="cpu")
-    chunk = os.path.join(inp, "c", "1", "1", "0")  # zarr v3 chunk of section 1, y 192:384, x 0:192
-    shutil.copy(chunk, str(tmp_path / "chunk.bak"))
-    with open(chunk, "wb") as f:
-        f.write(b"not a compressed chunk")
-    out = str(tmp_path / "out.zarr")
-    r = _segment_cli(inp, out)
-    assert r.returncode == 1, r.stderr[-2000:]
-    line = r.stderr.strip().splitlines()[-1]
-    # whichever block of section 1 reads the chunk first (with its halo) is named, with its region
-    m = re.fullmatch(r"Error: block \(1, \d, \d\) \(voxels 1:2,\d+:\d+,\d+:\d+\) failed 3 times: \w+: .+ "
-                     r"\(traceback in (\S+)\); \S+ keeps every finished block: fix the cause and run the same "
-                     r"command again to finish the run", line)
-    assert m, line
-    assert os.path.isfile(m.group(1)) and "Traceback" in open(m.group(1)).read()
-    assert not os.path.exists(out)
-    kept = sorted(os.listdir(out + ".partial/blocks"))
-    assert len(kept) == 4  # in-process, blocks run in order: all of section 0 finished first
-    shutil.copy(str(tmp_path / "chunk.bak"), chunk)
-    resumed = _segment_cli(inp, out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    report = zarr.open_group(out, mode="r").attrs["spoco_vol"]
-    assert report["resumed"] and report["blocks_done_before"] == 4
-    np.testing.assert_array_equal(zarr.open_array(ref + "/0", mode="r")[...], zarr.open_array(out + "/0")[...])
-
-
 def test_labels_are_bit_identical_for_any_worker_count(tmp_path, monkeypatch):
     """In-process, and on LocalClusters of 1, 2 and 4 worker processes (so other torch
     thread counts and other block completion orders): the same labels, bit for bit.
@@ -502,22 +466,3 @@ def _kill_when_first_block_is_done(out, kill):
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     return t
-
-
-def test_a_dead_worker_has_its_blocks_retried(tmp_path):
-    """SIGKILL one of two LocalCluster worker processes mid-run: the run completes with
-    the labels of an undisturbed run."""
-    import signal
-    from distributed import Client, LocalCluster
-    inp = _real_crop(tmp_path)
-    ref = str(tmp_path / "ref.zarr")
-    segment_blockwise(inp, ref, BUNDLED_MODEL, block_shape=[1, 192, 192], workers=0, device="cpu")
-    out = str(tmp_path / "out.zarr")
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
-        pids = list(client.run(os.getpid).values())
-        watcher = _kill_when_first_block_is_done(out, lambda: os.kill(pids[0], signal.SIGKILL))
-        segment_blockwise(inp, out, BUNDLED_MODEL, block_shape=[1, 192, 192], device="cpu", client=client,
-                          workers=2)
-        watcher.join(timeout=5)
-        assert pids[0] not in client.run(os.getpid).values()  # it really died (the nanny started another)
-    assert np.array_equal(zarr.open_array(ref + "/0", mode="r")[...], zarr.open_array(out + "/0", mode="r")[...])

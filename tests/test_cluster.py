@@ -83,16 +83,21 @@ def test_local_cluster_from_a_config(tmp_path):
 # ------------------------------------------------------------------------ SLURM
 
 @pytest.fixture(scope="module")
-def slurm():
-    script = os.path.join(os.path.dirname(__file__), "services", "start_slurm.sh")
+def slurm(tmp_path_factory):
+    """A running SLURM: the one tests/run.sh started, or one started here (as root) and
+    stopped again after the module's tests."""
+    services = os.path.join(os.path.dirname(__file__), "services")
+    started = str(tmp_path_factory.mktemp("slurm") / "started")
     ok = shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
     if not ok and os.geteuid() == 0:
-        ok = subprocess.run(["bash", script], capture_output=True).returncode == 0
+        ok = subprocess.run(["bash", os.path.join(services, "start_slurm.sh")], capture_output=True,
+                            env={**os.environ, "SPOCO_VOL_STARTED": started}).returncode == 0
     if not ok:
         if REQUIRE:
             pytest.fail("SLURM is not running and tests/services/start_slurm.sh could not start it")
         pytest.skip("no SLURM here (run tests/services/start_slurm.sh as root)")
-    return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()[0].rstrip("*")
+    yield subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()[0].rstrip("*")
+    subprocess.run(["bash", os.path.join(services, "stop_daemons.sh"), started])
 
 
 def test_segment_with_slurm_job_workers(tmp_path, slurm):

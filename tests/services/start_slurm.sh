@@ -2,6 +2,8 @@
 # A single-node SLURM cluster on loopback for the tests (real slurmctld + slurmd + munged).
 # Installs Debian's slurm-wlm and munge when missing (needs root and the package registry).
 # Idempotent: does nothing if `sinfo` already answers. Prints the partition it made.
+# With SPOCO_VOL_STARTED=FILE, the names of the daemons it started (not those already
+# running) are appended to FILE, for tests/services/stop_daemons.sh.
 set -euo pipefail
 if sinfo -h >/dev/null 2>&1; then
     sinfo -h -o "%P %a %D %T"; exit 0
@@ -41,9 +43,10 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM_MB} State=UNKNOWN
 PartitionName=debug Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP
 CONF
-pgrep -x munged >/dev/null || runuser -u munge -- munged
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+started() { [ -z "${SPOCO_VOL_STARTED:-}" ] || echo "$1" >> "$SPOCO_VOL_STARTED"; }
+pgrep -x munged >/dev/null || { runuser -u munge -- munged && started munged; }
+pgrep -x slurmctld >/dev/null || { slurmctld && started slurmctld; }
+pgrep -x slurmd >/dev/null || { slurmd && started slurmd; }
 for _ in $(seq 50); do
     if sinfo -h -o "%T" 2>/dev/null | grep -qE "idle|mixed|alloc"; then break; fi
     sleep 0.2
