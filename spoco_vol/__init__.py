@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 __all__ = ["TrainConfig", "calibrate", "evaluate", "evaluate_segmentation", "fine_tune", "load_cluster_config", "open_cluster",
            "run_demo", "run_workflow", "segment", "train", "__version__"]
 
-from .evaluation import evaluate_segmentation, evaluate_zarr as evaluate  # noqa: E402
+from .evaluation import evaluate_segmentation  # noqa: E402
+from .evaluation_blockwise import evaluate_zarr as evaluate  # noqa: E402
 from .blockwise import segment_blockwise as segment  # noqa: E402
 from .cluster import load_cluster_config, open_cluster  # noqa: E402
 from .demo import run_demo  # noqa: E402

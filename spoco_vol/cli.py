@@ -358,7 +358,8 @@ def evaluate(pred, gt, per_section, as_json):
     ranked by size), AP by object size, precision/recall at IoU 0.5, adapted Rand error,
     variation of information (split and merge parts), Symmetric Best Dice and |DiC|
     (CVPPP)."""
-    from .evaluation import evaluate_zarr, format_metrics
+    from .evaluation import format_metrics
+    from .evaluation_blockwise import evaluate_zarr
     metrics = _run(evaluate_zarr, pred, gt, per_section)
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
 

@@ -366,7 +366,7 @@ def metrics_from_table(table: Table, thresholds=MITOEM_THRESHOLDS, size_bins=SIZ
                 out[f"ap@{t:g}_{name}"] = _ap(tp[kk][keep], int(g_in.sum()))
     out.update(_rand_and_voi(table))
     out.update(_best_dice(table, pkeys, psize, gkeys, gsize, pp, gg, inter))
-    if table.pred.shape[0] and len(table.shape) == 3:  # for the --per-section hint (evaluate_zarr)
+    if table.pred.shape[0] and len(table.shape) == 3:  # for the --per-section hint (evaluation_blockwise)
         out["pred_single_section_share"] = float(p_single.mean()) if n_pred else 1.0
         out["gt_single_section_share"] = float(g_single.mean()) if n_gt else 1.0
     return out
@@ -490,20 +490,3 @@ def foreground_restricted(pred, gt):
     """pred with voxels where gt == 0 set to 0 (diagnostic: AP restricted to true foreground)."""
     pred, gt = _check(pred, gt)
     return np.where(gt != 0, pred, np.zeros((), dtype=pred.dtype))
-
-
-def evaluate_zarr(pred: str, gt: str, per_section: bool = False, **kwargs) -> dict:
-    """``evaluate_segmentation`` of two zarr label volumes (paths), block by block with
-    bounded memory (evaluation_blockwise). Without ``per_section``, a prediction whose
-    objects each lie in one section (a 2D model's) against ground truth whose objects
-    span sections gets one warning that --per-section is probably meant."""
-    from .errors import warn
-    from .evaluation_blockwise import evaluate_volumes
-    metrics = evaluate_volumes(pred, gt, per_section, **kwargs)
-    p_single = metrics.pop("pred_single_section_share", None)
-    g_single = metrics.pop("gt_single_section_share", None)
-    if not per_section and p_single is not None and p_single >= 0.95 and g_single < 0.5:
-        warn(f"{p_single:.0%} of the predicted objects lie in one section each (a 2D model's result) but "
-             f"{1 - g_single:.0%} of the ground-truth objects span several: --per-section (2D objects per "
-             "section) is probably meant")
-    return metrics

@@ -1,4 +1,5 @@
-"""Evaluating two label volumes of any size: the dask graph over their blocks.
+"""Evaluating two label volumes of any size: the dask graph over their blocks
+(``evaluate_zarr``: two zarr paths, what `spoco-vol evaluate` runs).
 
 Each task reads one block of both volumes and returns its contingency table
 (evaluation.contingency); tables are merged in a tree of tasks (evaluation.merge_tables,
@@ -14,7 +15,7 @@ import dask
 import numpy as np
 
 from . import io
-from .errors import SpocoInputError
+from .errors import SpocoInputError, warn
 from .evaluation import contingency, merge_tables, metrics_from_table
 
 BLOCK_VOXELS = 2 * 2 ** 20  # per task: ~150 bytes of working memory per voxel (300 MB)
@@ -83,3 +84,18 @@ def evaluate_volumes(pred_path: str, gt_path: str, per_section: bool = False, *,
         kwargs["num_workers"] = num_workers
     (table,) = dask.compute(tasks[0], **kwargs)
     return metrics_from_table(table)
+
+
+def evaluate_zarr(pred: str, gt: str, per_section: bool = False, **kwargs) -> dict:
+    """``evaluate_segmentation`` of two zarr label volumes (paths), block by block with
+    bounded memory (evaluation_blockwise). Without ``per_section``, a prediction whose
+    objects each lie in one section (a 2D model's) against ground truth whose objects
+    span sections gets one warning that --per-section is probably meant."""
+    metrics = evaluate_volumes(pred, gt, per_section, **kwargs)
+    p_single = metrics.pop("pred_single_section_share", None)
+    g_single = metrics.pop("gt_single_section_share", None)
+    if not per_section and p_single is not None and p_single >= 0.95 and g_single < 0.5:
+        warn(f"{p_single:.0%} of the predicted objects lie in one section each (a 2D model's result) but "
+             f"{1 - g_single:.0%} of the ground-truth objects span several: --per-section (2D objects per "
+             "section) is probably meant")
+    return metrics

@@ -117,7 +117,7 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
     loss_fn = losses.PositiveUnlabeledLoss(prior)
     optim = loop.Optimization(net, lr=LEARNING_RATE, weight_decay=cfg.weight_decay, schedule="cosine",
                               iterations=iterations, device=device, amp=cfg.amp)
-    best = {"val_score": baseline - margin, "iteration": 0, "state_dict": None}
+    best = {"val_score": baseline - margin, "iteration": 0, "weights": None}
     history = []
 
     def step(it: int, due: bool) -> dict:
@@ -133,18 +133,18 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
             score, radius = calibration.best_radius(embeddings, labels, ckpt.delta_d, own, probs, objects)
             history.append((it, round(score, 4), radius))
             # dense: ties keep the embeddings alone, or the earlier classifier; objects: the later one
-            if score > best["val_score"] or (objects is not None and best["state_dict"] is not None
+            if score > best["val_score"] or (objects is not None and best["weights"] is not None
                                              and score >= best["val_score"]):
                 best = {"val_score": score, "iteration": it, "radius": radius,
-                        "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+                        "weights": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
         return {"pu": float(loss.detach())}
     loop.run(iterations, step, every=max(1, iterations // 6), progress=progress, desc="foreground")
     out = {"val_score_without": round(baseline, 4), "val_score_history": history,
            "seconds": round(time.perf_counter() - t0, 1), "prior": round(prior, 5)}
-    if best["state_dict"] is None:
+    if best["weights"] is None:
         return {"foreground": None, "reason": "no iteration raised the held-out score" if objects is None else
                 "every iteration lowered the held-out objects' score", **out}
-    net.load_state_dict(best["state_dict"])
+    net.load_state_dict(best["weights"])
     entry = checkpoint.foreground_entry(net, prior=float(prior), iterations=best["iteration"],
                                         val_score=float(best["val_score"]), val_score_without=float(baseline),
                                         background_radius=best["radius"])

@@ -128,7 +128,8 @@ def _segment_step(options: dict, log) -> str:
 def _evaluate_step(options: dict, log) -> str:
     import zarr
     from . import io
-    from .evaluation import evaluate_zarr, format_metrics
+    from .evaluation import format_metrics
+    from .evaluation_blockwise import evaluate_zarr
     pred, gt, out = options["pred"], options["gt"], options.get("out")
     run_hash = None
     try:

@@ -354,7 +354,7 @@ def test_evaluate_command_json_and_the_per_section_hint(tmp_path):
     from click.testing import CliRunner
     from spoco_vol.cli import cli
     from spoco_vol.errors import SpocoWarning
-    from spoco_vol.evaluation import evaluate_zarr
+    from spoco_vol.evaluation_blockwise import evaluate_zarr
     gt = np.zeros((4, 16, 16), np.uint16)
     gt[:, 2:8, 2:8] = 1
     gt[:, 10:14, 9:15] = 2
