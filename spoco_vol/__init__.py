@@ -33,10 +33,12 @@ from .config import TrainConfig  # noqa: E402
 from .training import train  # noqa: E402
 
 
-def fine_tune(raw, labels, out, model="vnc-mito-2d", **overrides) -> dict:
+def fine_tune(raw, labels, out, model=None, **overrides) -> dict:
     """`spoco-vol fine-tune` from Python: ``raw``/``labels`` a path or a list of paths;
+    ``model``: a bundled model's name or a checkpoint [default: the bundled default];
     ``overrides``: any TrainConfig field. Returns the training summary."""
     from .config import fine_tune_config
     as_list = (lambda v: [v] if isinstance(v, str) else list(v))
-    return train(fine_tune_config(as_list(raw), as_list(labels), out, model, **overrides))
+    from .bundled import DEFAULT
+    return train(fine_tune_config(as_list(raw), as_list(labels), out, model or DEFAULT, **overrides))
 from .workflow import run_workflow  # noqa: E402

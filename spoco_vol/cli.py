@@ -7,8 +7,10 @@ import shlex
 
 import click
 
-from .config import FINE_TUNE_RECIPE, TrainConfig
+from . import bundled
+from .config import FINE_TUNE_RECIPE, FOREGROUND_ITERATIONS, TrainConfig
 from .errors import SpocoInputError, SpocoRunError
+from .stitching import LINK_OVERLAP
 
 _D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # defaults live in the config class
 
@@ -215,7 +217,7 @@ def train(**settings):
               help="Your annotations, one per --raw: integer ids of the objects you annotated, 0 = not annotated "
                    "(background and unannotated objects alike).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (best.pt, log.csv, loss.png).")
-@click.option("--model", default="vnc-mito-2d", show_default=True,
+@click.option("--model", default=bundled.DEFAULT, show_default=True,
               help="The model to start from: a bundled model's name (`spoco-vol models`) or a checkpoint path.")
 @click.option("--iterations", type=click.IntRange(1), default=FINE_TUNE_RECIPE["iterations"], show_default=True,
               help="Training iterations (the recipe's: config.FINE_TUNE_RECIPE).")
@@ -290,7 +292,7 @@ def models():
                    "Large: 32 bytes per model voxel with E=16.")
 @click.option("--link-sections", is_flag=True,
               help="2D model on a 3D volume: join per-section objects across sections by overlap.")
-@click.option("--link-overlap", type=float, default=0.5, show_default=True,
+@click.option("--link-overlap", type=float, default=LINK_OVERLAP, show_default=True,
               help="With --link-sections: the fraction of the smaller object two objects of consecutive "
                    "sections must share to be joined.")
 @click.option("--tta/--no-tta", default=None,
@@ -403,12 +405,12 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
 @click.option("--raw", "raw", multiple=True, required=True, help="The raw zarr array(s) it was trained on.")
 @click.option("--labels", "labels", multiple=True, required=True, help="Their labels, one per --raw (0 = unlabeled).")
 @click.option("--out", required=True, type=click.Path(), help="Where to write the checkpoint with the classifier.")
-@click.option("--object-fraction", type=float, default=1.0, show_default=True,
+@click.option("--object-fraction", type=float, default=_D["object_fraction"], show_default=True,
               help="As given to train: the same SPOCO@p subset of the objects (with --seed).")
-@click.option("--seed", type=int, default=0, show_default=True, help="As given to train.")
+@click.option("--seed", type=int, default=_D["seed"], show_default=True, help="As given to train.")
 @click.option("--foreground-prior", type=float, default=None,
               help="Share of the unlabeled pixels that belong to objects [default: from --object-fraction].")
-@click.option("--iterations", type=click.IntRange(1), default=600, show_default=True)
+@click.option("--iterations", type=click.IntRange(1), default=FOREGROUND_ITERATIONS, show_default=True)
 @click.option("--val-sections", type=click.IntRange(1), default=1, show_default=True,
               help="Last sections of each volume held out to choose the iteration (as in train).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import bundled
 from .errors import SpocoInputError
 
 
@@ -144,16 +145,17 @@ class TrainConfig:
 #: sparse annotations (label 0 = unlabeled), the recipe measured in benchmarks/RESULTS.md
 #: ("Transfer to Lucchi"): pseudo-background, TTA, a foreground classifier, held-out objects.
 #: Its keys are TrainConfig fields.
+FOREGROUND_ITERATIONS = 600  # the foreground classifier's (`train-foreground`, the recipe's)
 FINE_TUNE_RECIPE = dict(mode="sparse", iterations=500, background_weight=1.0, background_warmup=100,
-                        background_select_radius=3.0, tta=True, foreground_iterations=600)
+                        background_select_radius=3.0, tta=True, foreground_iterations=FOREGROUND_ITERATIONS)
 
 
-def fine_tune_config(raw: Sequence[str], labels: Sequence[str], out: str, model: str = "vnc-mito-2d",
+def fine_tune_config(raw: Sequence[str], labels: Sequence[str], out: str, model: str = bundled.DEFAULT,
                      **overrides) -> TrainConfig:
     """The TrainConfig of `spoco-vol fine-tune`: FINE_TUNE_RECIPE from ``model`` (a
     bundled model's name or a path), its dimensionality and patch shape; ``overrides``
     replace any TrainConfig field."""
-    from . import bundled, checkpoint
+    from . import checkpoint
     ckpt = checkpoint.load(bundled.model_path(model))
     patch = ckpt.training.get("patch_shape") or [256] * ckpt.dims
     settings = {"dims": ckpt.dims, "patch_shape": list(patch), "init": model, **FINE_TUNE_RECIPE, **overrides}

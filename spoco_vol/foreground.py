@@ -32,7 +32,7 @@ import torch
 
 from . import calibration, checkpoint, data, loop, losses, model as model_mod, transforms
 from .checkpoint import Checkpoint
-from .config import TrainConfig
+from .config import FOREGROUND_ITERATIONS, TrainConfig
 from .errors import SpocoInputError
 from .inference import predict_embeddings, predict_foreground, resolve_device
 from .training_data import augmented_batch, prepare_volumes, validation_images
@@ -153,7 +153,7 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
 
 
 def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object_fraction: float = 1.0,
-                   seed: int = 0, foreground_prior: float | None = None, iterations: int = 600,
+                   seed: int = 0, foreground_prior: float | None = None, iterations: int = FOREGROUND_ITERATIONS,
                    val_sections: int = 1, device: str = "auto", threads: int | None = None,
                    progress: bool = True) -> dict:
     """`spoco-vol train-foreground`: train a classifier for a trained checkpoint on its

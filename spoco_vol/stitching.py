@@ -24,6 +24,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+LINK_OVERLAP = 0.5  # default --link-overlap (share of the smaller object); see benchmarks/RESULTS.md
+
 
 def block_id_offset(linear: int, block_shape: Sequence[int]) -> int:
     return int(linear) * int(np.prod(block_shape))

@@ -92,11 +92,12 @@ def _train_step(options: dict, log) -> str:
 
 def _fine_tune_step(options: dict, log) -> str:
     """`spoco-vol fine-tune`'s recipe: raw, labels, out, model, and any TrainConfig field."""
+    from . import bundled
     from .config import fine_tune_config
     options = _volume_lists(options)
     try:
         cfg = fine_tune_config(options.pop("raw"), options.pop("labels"), options.pop("out"),
-                               options.pop("model", "vnc-mito-2d"), progress=False, **options)
+                               options.pop("model", bundled.DEFAULT), progress=False, **options)
     except TypeError as exc:
         raise SpocoInputError(f"fine_tune step: {exc}") from None
     return _run_training(cfg)

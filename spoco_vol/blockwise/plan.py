@@ -21,9 +21,9 @@ from .. import __version__, bundled, checkpoint, intensity, io
 from ..blocks import BlockGrid, parse_roi
 from ..errors import SpocoInputError, warn
 from ..pipeline import check_output_path, default_output_path, label_pyramid, labels_of_image, model_scale
+from ..stitching import LINK_OVERLAP
 
 STITCH_DEPTH = 16    # input planes of halo agreement per face
-LINK_OVERLAP = 0.5   # default --link-overlap; see benchmarks/RESULTS.md
 
 
 def default_block_shape(shape: Sequence[int], model_dims: int) -> list[int]:
