@@ -71,6 +71,19 @@ def _cli(inp, out, *more, workers=0, **popen):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
+def _finish(inp, out, ref, fault: str, seen: str, workers=0) -> dict:
+    """The same command again: it must finish the run, with the reference's labels; the
+    outcome becomes the fault's row. Returns the run's report."""
+    p = _cli(inp, out, workers=workers)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    report = zarr.open_group(out, mode="r").attrs["spoco_vol"]
+    identical = np.array_equal(_labels(out), ref)
+    _record(fault, seen, f"{report['blocks'] - report['blocks_done_before']} of {report['blocks']}", identical)
+    assert identical
+    return report
+
+
 def _wait_for_blocks(out, n, timeout=120):
     blocks = out + ".partial/blocks"
     t = time.time()
@@ -157,15 +170,9 @@ def test_a_corrupt_chunk_stops_the_run_and_the_repaired_input_finishes_it(tmp_pa
     kept = len(os.listdir(out + ".partial/blocks"))
     assert kept == 9  # in this process blocks run in order: all of section 0 finished first
     shutil.copy(str(tmp_path / "chunk.bak"), chunk)
-    p = _cli(inp, out)
-    _, err = p.communicate()
-    assert p.returncode == 0, err[-2000:]
-    report = zarr.open_group(out, mode="r").attrs["spoco_vol"]
-    identical = np.array_equal(_labels(out), ref)
-    _record("one input chunk corrupted on disk (permanent)", "one line: the block, its voxels, the cause, "
-            "the traceback file; exit 1", f"{report['blocks'] - report['blocks_done_before']} of "
-            f"{report['blocks']} (those not finished)", identical)
-    assert report["resumed"] and report["blocks_done_before"] == kept and identical
+    report = _finish(inp, out, ref, "one input chunk corrupted on disk (permanent), then restored",
+                     "one line: the block, its voxels, the cause, the traceback file; exit 1")
+    assert report["resumed"] and report["blocks_done_before"] == kept
 
 
 @pytest.fixture
@@ -196,15 +203,9 @@ def test_a_full_disk_stops_the_run_and_freed_space_finishes_it(tmp_path, small_d
     kept = len([f for f in os.listdir(out + ".partial/blocks") if ".tmp" not in f])
     assert 0 < kept < 18
     subprocess.run(["mount", "-o", "remount,size=20m", small_disk], check=True)
-    p = _cli(inp, out)
-    _, err = p.communicate()
-    assert p.returncode == 0, err[-2000:]
-    report = zarr.open_group(out, mode="r").attrs["spoco_vol"]
-    identical = np.array_equal(_labels(out), ref)
-    _record("the output's file system full (a 400 kB tmpfs), then grown", "one line: the block, its voxels, "
-            "'No space left on device'; exit 1", f"{report['blocks'] - report['blocks_done_before']} of "
-            f"{report['blocks']}", identical)
-    assert report["blocks_done_before"] == kept and identical
+    report = _finish(inp, out, ref, "the output's file system full (a 400 kB tmpfs), then grown",
+                     "one line: the block, its voxels, 'No space left on device'; exit 1")
+    assert report["blocks_done_before"] == kept
 
 
 def test_three_workers_killed_at_random_moments(tmp_path, references):
@@ -272,16 +273,11 @@ def test_a_stopped_client_says_how_to_resume_and_resumes(tmp_path, signame, refe
     assert re.fullmatch(rf"Error: \w+ \({signame}\); \S+ keeps the \d+ of 63 blocks segmented so far: run the "
                         r"same command again to resume", lines[-1]), lines[-1]
     done = len([f for f in os.listdir(out + ".partial/blocks") if ".tmp" not in f])
-    p = _cli(inp, out, workers=2)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-2000:]
-    report = zarr.open_group(out, mode="r").attrs["spoco_vol"]
-    identical = np.array_equal(_labels(out), ref)
     what = {"SIGTERM": "SIGTERM to the client (walltime, pre-emption)",
             "SIGINT": "Ctrl-C (SIGINT to the client and its workers)"}[signame]
-    _record(f"{what} mid-run, then the same command", f"one line: interrupted, the same command resumes; "
-            f"exit {code}", f"{report['blocks'] - report['blocks_done_before']} of {report['blocks']}", identical)
-    assert report["blocks_done_before"] >= done and identical
+    report = _finish(inp, out, ref, f"{what} mid-run, then the same command",
+                     f"one line: interrupted, the same command resumes; exit {code}", workers=2)
+    assert report["blocks_done_before"] >= done
 
 
 def test_the_api_from_a_script_without_a_main_guard(tmp_path, references):
