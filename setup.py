@@ -28,6 +28,8 @@ setup(
         "pyyaml",
         "dask-jobqueue",   # SLURM workers (--cluster slurm)
         "dask-gateway",    # daskhub workers (--cluster gateway)
+        "scikit-learn",    # mean-shift (--clustering meanshift, consistency)
+        "hdbscan",         # --clustering hdbscan (scikit-learn's fails with an epsilon on NumPy 2)
     ],
     # ome-zarr: the OME-Zarr reader napari-ome-zarr is built on (the output's reader check);
     # dask-gateway-server: a real gateway for the daskhub end-to-end test

@@ -77,8 +77,9 @@ def pictures(results, test, section, path):
     axes = np.atleast_2d(axes)
     for row, r in zip(axes, picks):
         ck = checkpoint.load(r["checkpoint"])
-        emb, scale, fg = predict_array(raw, ck, input_voxel_size=vs, device="cpu")
-        seg = labels_from_embeddings(emb, ck, raw.shape, scale, foreground=fg)
+        pred = predict_array(raw, ck, input_voxel_size=vs, device="cpu")
+        emb = pred.embeddings
+        seg = labels_from_embeddings(emb, ck, raw.shape, pred.scale, foreground=pred.foreground)
         name = {"bundled": "VNC model as is", "fine-tune": f"fine-tuned, {r['pct']}%",
                 "scratch": f"from scratch, {r['pct']}%", "full": "from scratch, all labels"}[r["kind"]]
         for ax, img, title in zip(row, (raw, _pca_rgb(emb), _colour(seg), _colour(gt, 1)),

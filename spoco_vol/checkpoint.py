@@ -215,6 +215,39 @@ class Checkpoint:
                                   "(it needs one output channel and the model's features and pooling)")
         return net.eval()
 
+    # ---------------------------------------------------------------- the momentum network
+    @property
+    def momentum_state(self) -> dict | None:
+        """The momentum network g's weights (the consistency term's teacher), kept for
+        consistency clustering: a ``momentum`` entry, or latest.pt's training state."""
+        entry = self.data.get("momentum") or {}
+        state = entry.get("state_dict") or (self.data.get("training_state") or {}).get("momentum_state")
+        return state or None
+
+    def momentum_network(self) -> UNet | None:
+        """g with the embedding network's architecture (eval mode), or None."""
+        state = self.momentum_state
+        if state is None:
+            return None
+        net = build_model(self.data["architecture"])
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise SpocoInputError(f"the checkpoint's momentum network does not fit its architecture: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        return net.eval()
+
+    @functools.cached_property
+    def momentum_sha256(self) -> str | None:
+        state = self.momentum_state
+        if state is None:
+            return None
+        h = hashlib.sha256()
+        for k in sorted(state):
+            h.update(k.encode())
+            h.update(state[k].detach().cpu().contiguous().float().numpy().tobytes())
+        return h.hexdigest()
+
     # ---------------------------------------------------------------- provenance
     @property
     def training(self) -> dict:
@@ -293,10 +326,11 @@ class Checkpoint:
 def make_checkpoint(model: UNet, *, delta_v: float, delta_d: float, normalization: dict,
                     voxel_size: Sequence[float] | None, training_data: str,
                     training_command: str, inference: dict | None = None, training: dict | None = None,
-                    training_state: dict | None = None) -> Checkpoint:
+                    training_state: dict | None = None, momentum: UNet | None = None) -> Checkpoint:
     """Everything needed to use ``model`` later, as plain data; ``inference``: the
-    stored inference settings (InferenceSettings.record), ``training``: what training
-    records, ``training_state``: latest.pt's full state for --resume."""
+    stored inference settings, ``training``: what training records, ``training_state``:
+    latest.pt's full state for --resume, ``momentum``: the momentum network g (for
+    consistency clustering)."""
     data = {
         "format": FORMAT,
         "format_version": VERSION,
@@ -315,6 +349,8 @@ def make_checkpoint(model: UNet, *, delta_v: float, delta_d: float, normalizatio
         data["training"] = dict(training)
     if training_state is not None:
         data["training_state"] = training_state
+    if momentum is not None:
+        data["momentum"] = {"state_dict": {k: v.detach().cpu().clone() for k, v in momentum.state_dict().items()}}
     return Checkpoint(data)
 
 

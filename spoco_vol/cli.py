@@ -304,9 +304,16 @@ def models():
                    "[0, 1] as 0..1; README 'Inputs as they come'].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
                                                  "with other settings).")
+@click.option("--clustering", type=click.Choice(["mws", "hdbscan", "meanshift", "consistency"]), default="mws",
+              show_default=True,
+              help="How embeddings become objects: the Mutex Watershed on their affinities (blockwise, any size), "
+                   "or HDBSCAN, mean-shift, or consistency clustering (mean-shift clusters the momentum network "
+                   "agrees with) of the pixels' embeddings, on whole images (sections of a 2D model, the volume of "
+                   "a 3D one): small volumes only, minutes per image.")
 @click.option("--progress/--quiet", default=True, help="Show progress bars.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, cluster_set, stitch,
-            device, roi, save_embeddings, link_sections, link_overlap, tta, intensity_range, overwrite, progress):
+            device, roi, save_embeddings, link_sections, link_overlap, tta, intensity_range, clustering, overwrite,
+            progress):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
     An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
@@ -321,7 +328,8 @@ def segment(input_path, output, model, block_shape, halo, mask, voxel_size, work
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
                   link_sections=link_sections, link_overlap=link_overlap, cluster=cluster,
-                  command=_command_line(), progress=progress, tta=tta, intensity_range=intensity_range)
+                  command=_command_line(), progress=progress, tta=tta, intensity_range=intensity_range,
+                  clustering=clustering)
     click.echo(format_report(report))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import zarr
@@ -16,6 +16,7 @@ from scipy import ndimage
 from . import intensity, io, transforms
 from .bundled import model_path
 from .checkpoint import Checkpoint
+from .clustering import cluster_embeddings
 from .errors import SpocoInputError
 from .inference import predict_embeddings, predict_foreground, resolve_device
 from .segmentation import segment_embeddings
@@ -220,16 +221,25 @@ def register_label(image: str, name: str, zarr_format: int) -> None:
         group.attrs["ome"] = ome
 
 
+class ArrayPrediction(NamedTuple):
+    """What the networks of a checkpoint make of an array, on the model grid."""
+    embeddings: np.ndarray                 # (E, *model-grid shape) float32
+    scale: list                            # zoom from the input grid to the model grid
+    foreground: np.ndarray | None          # the foreground classifier's object probabilities
+    momentum: np.ndarray | None = None     # the momentum network's embeddings (consistency clustering)
+
+
 def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, device="auto",
                   timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None,
-                  intensity_mapping: dict | None = None):
-    """The embeddings of an in-memory 2D/3D array: (E, *model-grid shape) float32, the
-    zoom from the input grid to the model grid, and the object probabilities of the
-    checkpoint's foreground classifier (model-grid shape; None without one). A 2D model
-    predicts section by section. ``tta``: test-time augmentation of both networks
+                  intensity_mapping: dict | None = None, momentum_net=None) -> ArrayPrediction:
+    """The networks' output for an in-memory 2D/3D array (ArrayPrediction): the
+    embeddings, the zoom from the input grid to the model grid, and the object
+    probabilities of the checkpoint's foreground classifier (None without one). A 2D
+    model predicts section by section. ``tta``: test-time augmentation of every network
     [default: as the checkpoint was calibrated]. ``net``/``foreground_net``: the
-    checkpoint's networks, if already built. ``intensity_mapping``: the input volume's
-    mapping onto the model's intensity range (spoco_vol.intensity; None: as it is)."""
+    checkpoint's networks, if already built. ``momentum_net``: also predict with the
+    momentum network g (consistency clustering). ``intensity_mapping``: the input
+    volume's mapping onto the model's intensity range (spoco_vol.intensity; None: as it is)."""
     timings = timings if timings is not None else {}
     dims = ckpt.dims
     if raw.ndim not in (2, 3):
@@ -250,24 +260,30 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     tta = ckpt.inference.uses_tta(tta)
     sections = [image] if dims == raw.ndim else list(image)
     embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32)
+    momentum = None if momentum_net is None else np.zeros_like(embeddings)
     probabilities = None if foreground_net is None else np.zeros(image.shape, np.float32)
     for z, sec in enumerate(sections):
         at = (slice(None),) if dims == raw.ndim else (slice(None), z)
         embeddings[at] = predict_embeddings(net, sec, device=dev, tta=tta)
+        if momentum_net is not None:
+            momentum[at] = predict_embeddings(momentum_net, sec, device=dev, tta=tta)
         if foreground_net is not None:
             probabilities[at[1:]] = predict_foreground(foreground_net, sec, device=dev, tta=tta)
     timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
-    return embeddings, scale, probabilities
+    return ArrayPrediction(embeddings, scale, probabilities, momentum)
 
 
 def labels_from_embeddings(embeddings: np.ndarray, ckpt: Checkpoint, input_shape: Sequence[int],
                            scale: Sequence[float], *, strides: Sequence[int] | None = None,
                            timings: dict | None = None, region: Sequence[slice] | None = None,
-                           foreground: np.ndarray | None = None) -> np.ndarray:
+                           foreground: np.ndarray | None = None, clustering: str = "mws",
+                           momentum: np.ndarray | None = None) -> np.ndarray:
     """Embeddings on the model grid -> labels on the input grid of ``input_shape`` (only
-    ``region`` of it, if given): affinities, Mutex Watershed and clean-up per section for
-    a 2D model on a 3D input, with ids unique over the sections. ``foreground``: the
-    foreground classifier's probabilities on the model grid (predict_array)."""
+    ``region`` of it, if given): affinities, Mutex Watershed and clean-up (or another
+    ``clustering``, spoco_vol.clustering), per section for a 2D model on a 3D input, with
+    ids unique over the sections. ``foreground``: the foreground classifier's
+    probabilities on the model grid, ``momentum``: the momentum network's embeddings
+    (consistency clustering), both as predict_array gives them."""
     timings = timings if timings is not None else {}
     inf = ckpt.inference
     strides = strides or inf.strides
@@ -277,10 +293,19 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: Checkpoint, input_shape
     for z in range(out.shape[0] if per_section else 1):
         emb = embeddings[:, z] if per_section else embeddings
         fg = foreground if foreground is None or not per_section else foreground[z]
-        lab = segment_embeddings(emb, inf.offsets, ckpt.delta_d, strides=strides,
-                                 background_embedding=inf.background_embedding,
-                                 background_radius=inf.background_radius, min_size=inf.min_size, foreground=fg,
-                                 foreground_threshold=inf.foreground_threshold, timings=timings)
+        if clustering == "mws":
+            lab = segment_embeddings(emb, inf.offsets, ckpt.delta_d, strides=strides,
+                                     background_embedding=inf.background_embedding,
+                                     background_radius=inf.background_radius, min_size=inf.min_size,
+                                     foreground=fg, foreground_threshold=inf.foreground_threshold, timings=timings)
+        else:
+            t = time.perf_counter()
+            g = momentum if momentum is None or not per_section else momentum[:, z]
+            lab = cluster_embeddings(emb, clustering, delta_v=ckpt.delta_v, delta_d=ckpt.delta_d,
+                                     min_size=inf.min_size, background_embedding=inf.background_embedding,
+                                     background_radius=inf.background_radius, foreground=fg,
+                                     foreground_threshold=inf.foreground_threshold, g_embeddings=g)
+            timings["watershed"] = timings.get("watershed", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         lab[lab > 0] += np.uint64(next_id)  # per-section objects get ids unique over the volume
         next_id = int(lab.max()) if lab.max() > 0 else next_id
@@ -298,7 +323,7 @@ def labels_from_embeddings(embeddings: np.ndarray, ckpt: Checkpoint, input_shape
 def segment_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, device="auto",
                   strides: Sequence[int] | None = None, timings: dict | None = None,
                   net=None, keep_embeddings: bool = False, region: Sequence[slice] | None = None,
-                  tta: bool | None = None, intensity_mapping: dict | None = None):
+                  tta: bool | None = None, intensity_mapping: dict | None = None, clustering: str = "mws"):
     """Segment an in-memory 2D/3D array with a checkpoint; labels on the input grid.
 
     With ``keep_embeddings`` also returns the embeddings on the model grid,
@@ -307,13 +332,25 @@ def segment_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     and the planes it stitches with, not its whole halo).
     ``intensity_mapping``: as for predict_array [default: measured on ``raw`` by the
     rules of spoco_vol.intensity].
+    ``clustering``: mws (the Mutex Watershed), or hdbscan, meanshift, consistency
+    (spoco_vol.clustering; consistency needs a checkpoint with its momentum network).
     """
     if intensity_mapping is None:
         intensity_mapping = intensity.volume_mapping(raw, ckpt.normalization)
     timings = timings if timings is not None else {}
-    embeddings, scale, foreground = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device,
-                                                  timings=timings, net=net, tta=tta,
-                                                  intensity_mapping=intensity_mapping)
-    labels = labels_from_embeddings(embeddings, ckpt, raw.shape, scale, strides=strides, timings=timings,
-                                    region=region, foreground=foreground)
-    return (labels, embeddings) if keep_embeddings else labels
+    pred = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device, timings=timings, net=net,
+                         tta=tta, intensity_mapping=intensity_mapping,
+                         momentum_net=momentum_network(ckpt) if clustering == "consistency" else None)
+    labels = labels_from_embeddings(pred.embeddings, ckpt, raw.shape, pred.scale, strides=strides, timings=timings,
+                                    region=region, foreground=pred.foreground, clustering=clustering,
+                                    momentum=pred.momentum)
+    return (labels, pred.embeddings) if keep_embeddings else labels
+
+
+def momentum_network(ckpt: Checkpoint):
+    """The checkpoint's momentum network, which consistency clustering needs."""
+    net = ckpt.momentum_network()
+    if net is None:
+        raise SpocoInputError("--clustering consistency needs the momentum network g of the consistency term, which "
+                              "this checkpoint does not hold (train with --consistency-weight > 0)")
+    return net

@@ -210,7 +210,8 @@ def train(cfg: TrainConfig) -> dict:
         return checkpoint.make_checkpoint(
             net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
             voxel_size=model_voxel_size(cfg, info["voxel_size"]), training_data=", ".join(cfg.raw),
-            training_command=cfg.command, inference=inference, training=training, training_state=training_state)
+            training_command=cfg.command, inference=inference, training=training, training_state=training_state,
+            momentum=g_net if use_g and not with_state else None)  # latest.pt has g in its training state
 
     def calibrate(network, images, objects=None) -> dict:
         embeddings = calibration.embed(network, images, device, cfg.amp, cfg.tta)

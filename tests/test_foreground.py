@@ -80,16 +80,16 @@ def test_pixels_the_classifier_calls_background_are_background(tmp_path):
     _, ckpt = tiny_checkpoint(tmp_path)
     plain = segment_array(data, ckpt, device="cpu")
     assert plain.any()
-    assert predict_array(data, ckpt, device="cpu")[2] is None
+    assert predict_array(data, ckpt, device="cpu").foreground is None
     np.testing.assert_array_equal(segment_array(data, with_classifier(ckpt, 30.0), device="cpu"), plain)
     assert not segment_array(data, with_classifier(ckpt, -30.0), device="cpu").any()
     mixed = with_classifier(ckpt)
-    _, _, prob = predict_array(data, mixed, device="cpu")
+    prob = predict_array(data, mixed, device="cpu").foreground
     assert prob.shape == data.shape and 0.05 < (prob >= 0.5).mean() < 0.95
     labels = segment_array(data, mixed, device="cpu")
     assert labels.any() and not labels[prob < 0.5].any()
     # with test-time augmentation both networks average their 8 rotated/flipped predictions
-    _, _, prob_tta = predict_array(data, mixed, device="cpu", tta=True)
+    prob_tta = predict_array(data, mixed, device="cpu", tta=True).foreground
     assert not np.allclose(prob_tta, prob, atol=0.05)
     assert not segment_array(data, mixed, device="cpu", tta=True)[prob_tta < 0.5].any()
 

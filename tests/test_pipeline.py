@@ -190,10 +190,10 @@ def test_prediction_follows_the_checkpoints_test_time_augmentation(tmp_path):
     _, plain = tiny_checkpoint(tmp_path)
     _, with_tta = tiny_checkpoint(tmp_path, inference={"tta": True})
     raw = np.random.default_rng(0).random((32, 48)).astype(np.float32)
-    off = predict_array(raw, plain, device="cpu")[0]
-    on = predict_array(raw, with_tta, device="cpu")[0]
-    np.testing.assert_array_equal(on, predict_array(raw, plain, device="cpu", tta=True)[0])
-    np.testing.assert_array_equal(off, predict_array(raw, with_tta, device="cpu", tta=False)[0])
+    off = predict_array(raw, plain, device="cpu").embeddings
+    on = predict_array(raw, with_tta, device="cpu").embeddings
+    np.testing.assert_array_equal(on, predict_array(raw, plain, device="cpu", tta=True).embeddings)
+    np.testing.assert_array_equal(off, predict_array(raw, with_tta, device="cpu", tta=False).embeddings)
     assert np.abs(on - off).max() > 1e-3
 
 

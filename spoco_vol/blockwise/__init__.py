@@ -147,7 +147,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
                       client=None, cluster: str | dict | None = None, command: str = "",
                       progress: bool = False, dry_run: bool = False, tta: bool | None = None,
-                      intensity_range: Sequence[float] | None = None) -> dict:
+                      intensity_range: Sequence[float] | None = None, clustering: str = "mws") -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -170,6 +170,9 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     prediction time) [default: as the model was calibrated].
     ``intensity_range``: the input values that map to the model's intensity range
     [default: by the input's dtype, spoco_vol.intensity; measured once over the volume].
+    ``clustering``: mws (the Mutex Watershed, blockwise), or hdbscan, meanshift,
+    consistency (spoco_vol.clustering), which cluster whole images: whole sections of a
+    2D model, the whole volume of a 3D one (small volumes).
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     Failures (module docstring): SpocoInputError before anything is written,
@@ -178,7 +181,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     plan = build_plan(input_path, output, model, block_shape=block_shape, halo=halo, mask=mask,
                       voxel_size=voxel_size, device=device, overwrite=overwrite, stitch=stitch, roi=roi,
                       save_embeddings=save_embeddings, link_sections=link_sections, link_overlap=link_overlap,
-                      tta=tta, intensity_range=intensity_range, command=command)
+                      tta=tta, intensity_range=intensity_range, clustering=clustering, command=command)
     if dry_run:
         return {"output": plan.output, "run_hash": plan.run_hash, "fingerprint": plan.fingerprint()}
     cluster_config = None

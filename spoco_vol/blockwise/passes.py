@@ -31,10 +31,11 @@ RESUME_BATCH = 1024  # finished blocks whose object counts one task of the resum
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(path: str):
-    """One model load per worker process, not per block."""
+def _load_model(path: str, with_momentum: bool = False):
+    """One model load per worker process, not per block: the checkpoint and its networks
+    (embeddings, foreground classifier, and for consistency clustering the momentum one)."""
     model = checkpoint.load(path)
-    return model, (model.network(), model.foreground_network())
+    return model, (model.network(), model.foreground_network(), model.momentum_network() if with_momentum else None)
 
 
 def _crash_point(name: str) -> None:
@@ -54,7 +55,7 @@ def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Predict
         torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
     block = plan.grid.block_at(linear)
     t = time.perf_counter()
-    model, networks = _load_model(plan.model_path)
+    model, networks = _load_model(plan.model_path, plan.clustering == "consistency")
     raw = np.asarray(io.open_volume(plan.input_path)[block.read])
     io.check_finite(raw, "input", f"block {block.index} (voxels {tasks.region_text(block.read)})")
     skip = not raw.any()
@@ -62,7 +63,7 @@ def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Predict
         skip = not np.asarray(io.open_volume(plan.mask_path, "mask")[block.core]).any()
     timings["read"] += time.perf_counter() - t
     if skip:
-        return tasks.Prediction(None, None, None, timings)
+        return tasks.Prediction(None, timings)
     return tasks.predict_block(raw, plan, model, networks, timings)
 
 
@@ -70,12 +71,12 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
     """Pass 1, the CPU part: fragments and face evidence, written; the side file last."""
     block = plan.grid.block_at(linear)
     work = WorkDir(plan.work)
-    model = _load_model(plan.model_path)[0]
+    model = _load_model(plan.model_path, plan.clustering == "consistency")[0]
     frag = tasks.block_fragments(pred, block, plan, model)
     timings = frag.timings
     t = time.perf_counter()
-    if plan.save_embeddings and pred.embeddings is not None:
-        where, values = tasks.core_embeddings(pred.embeddings, block, plan.embedding_factors)
+    if plan.save_embeddings and pred.networks is not None:
+        where, values = tasks.core_embeddings(pred.networks.embeddings, block, plan.embedding_factors)
         work.array("embeddings", "r+")[where] = values
     work.array("fragments", "r+")[block.core] = frag.core
     timings["write"] += time.perf_counter() - t

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import __version__, bundled, checkpoint, intensity, io
 from ..blocks import BlockGrid, parse_roi
+from ..clustering import METHODS
 from ..errors import SpocoInputError, warn
 from ..pipeline import check_output_path, default_output_path, label_pyramid, labels_of_image, model_scale
 from ..stitching import LINK_OVERLAP
@@ -96,6 +97,8 @@ class SegmentPlan:
     zarr_format: int                       # the output's, as the input's
     pyramid: tuple[tuple[int, ...], ...]   # downsampling factors of the label levels
     device: str
+    clustering: str = "mws"                # or hdbscan, meanshift, consistency (whole images)
+    momentum_sha256: str | None = None     # the momentum network's, for consistency clustering
     command: str = ""
 
     @property
@@ -121,7 +124,10 @@ class SegmentPlan:
             "stitch": bool(self.stitch_axes), "depth": self.depth, "link_overlap": self.link_overlap,
             "save_embeddings": self.save_embeddings, "output_dtype": self.out_dtype, "tta": self.tta,
             "intensity": self.intensity, "zarr_format": self.zarr_format,
-            "pyramid": [list(f) for f in self.pyramid], "version": __version__}
+            "pyramid": [list(f) for f in self.pyramid], "version": __version__,
+            # other clusterings are newer than many partial runs: their hashes stay as they were
+            **({"clustering": self.clustering, "momentum_sha256": self.momentum_sha256}
+               if self.clustering != "mws" else {})}
 
     @functools.cached_property
     def run_hash(self) -> str:
@@ -139,7 +145,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
                overwrite: bool = False, stitch: bool = True, roi: str | Sequence[slice] | None = None,
                save_embeddings: bool = False, link_sections: bool = False, link_overlap: float = LINK_OVERLAP,
                tta: bool | None = None, intensity_range: Sequence[float] | None = None,
-               command: str = "") -> SegmentPlan:
+               clustering: str = "mws", command: str = "") -> SegmentPlan:
     """Check every input and setting of a run (one SpocoInputError otherwise) and decide
     what it does; reads metadata only (and, for inputs that need it, the intensity range
     in a chunked pass), writes nothing. Arguments as spoco_vol.blockwise.segment_blockwise."""
@@ -173,6 +179,18 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
     scale = model_scale(vs, ckpt.voxel_size, spatial_axes, arr.ndim)
     offsets = ckpt.inference.offsets
     halo = list(halo) if halo is not None else required_halo(ckpt, arr.ndim, scale)
+    if clustering not in METHODS:
+        raise SpocoInputError(f"--clustering must be one of {', '.join(METHODS)}, got {clustering!r}")
+    if clustering != "mws":
+        # Clusters of pixel embeddings depend on the whole image they are drawn from: no
+        # block may cut an image (a 2D model's section, a 3D model's volume).
+        image = list(arr.shape[arr.ndim - dims:])
+        if block_shape is not None and list(block_shape)[arr.ndim - dims:] != image:
+            raise SpocoInputError(f"--clustering {clustering} runs on whole images: give no --block-shape, or one "
+                                  f"that covers the {'sections' if dims < arr.ndim else 'volume'} "
+                                  f"({' x '.join(map(str, image))})")
+        if block_shape is None:
+            block_shape = ([min(arr.shape[0], 8)] if dims < arr.ndim else []) + image
     block_shape = list(block_shape) if block_shape is not None else default_block_shape(arr.shape, dims)
     if len(halo) != arr.ndim or len(block_shape) != arr.ndim:
         raise SpocoInputError(f"--block-shape and --halo need {arr.ndim} values for this {arr.ndim}D input")
@@ -227,4 +245,12 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         link_overlap=link_overlap if link_sections else None, save_embeddings=bool(save_embeddings),
         embedding_factors=tuple(factors) if factors else None,
         out_dtype="uint32" if n_vox < 2 ** 32 else "uint64", zarr_format=io.zarr_format(arr),
-        pyramid=tuple(tuple(int(x) for x in f) for f in levels), device=device, command=command)
+        pyramid=tuple(tuple(int(x) for x in f) for f in levels), device=device, clustering=clustering,
+        momentum_sha256=_momentum_sha256(ckpt) if clustering == "consistency" else None, command=command)
+
+
+def _momentum_sha256(ckpt: checkpoint.Checkpoint) -> str:
+    if ckpt.momentum_state is None:
+        raise SpocoInputError("--clustering consistency needs the momentum network g of the consistency term, which "
+                              "this checkpoint does not hold (train with --consistency-weight > 0)")
+    return ckpt.momentum_sha256

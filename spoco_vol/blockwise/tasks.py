@@ -14,7 +14,7 @@ import numpy as np
 from .. import stitching
 from ..blocks import Block, BlockGrid, intersect
 from ..checkpoint import Checkpoint
-from ..pipeline import labels_from_embeddings, model_grid_index, predict_array
+from ..pipeline import ArrayPrediction, labels_from_embeddings, model_grid_index, predict_array
 from ..stitching import block_id_offset
 from .plan import SegmentPlan
 
@@ -69,10 +69,9 @@ def zero_outside(arr: np.ndarray, region: Sequence[slice], roi: Sequence[slice] 
 
 @dataclasses.dataclass
 class Prediction:
-    """A block's network output on the model grid (None for a block with nothing to do)."""
-    embeddings: np.ndarray | None
-    scale: Sequence[float] | None
-    foreground: np.ndarray | None
+    """A block's network output on the model grid (``networks`` None: a block with
+    nothing to do), and the seconds spent so far per stage."""
+    networks: ArrayPrediction | None
     timings: dict
 
 
@@ -87,11 +86,13 @@ class Fragments:
 
 
 def predict_block(raw: np.ndarray, plan: SegmentPlan, model: Checkpoint, networks, timings: dict) -> Prediction:
-    """Embeddings (and the classifier's probabilities) of a block's read region."""
-    emb, scale, foreground = predict_array(raw, model, input_voxel_size=plan.voxel_size, device=plan.device,
-                                           timings=timings, net=networks[0], tta=plan.tta,
-                                           foreground_net=networks[1], intensity_mapping=plan.intensity)
-    return Prediction(emb, scale, foreground, timings)
+    """Embeddings (and the classifier's probabilities, and with consistency clustering
+    the momentum network's embeddings) of a block's read region; ``networks``: the
+    embedding network, the classifier, the momentum network (None where absent)."""
+    net, foreground_net, momentum_net = networks
+    return Prediction(predict_array(raw, model, input_voxel_size=plan.voxel_size, device=plan.device, timings=timings,
+                                    net=net, tta=plan.tta, foreground_net=foreground_net,
+                                    intensity_mapping=plan.intensity, momentum_net=momentum_net), timings)
 
 
 def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Checkpoint) -> Fragments:
@@ -100,9 +101,9 @@ def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Ch
     --link-sections the per-section objects are first linked across sections."""
     timings = pred.timings
     grid: BlockGrid = plan.grid
-    if pred.embeddings is None:
+    if pred.networks is None:
         return Fragments(np.zeros(block.core_shape, np.uint64), {}, 0, timings)
-    emb, scale = pred.embeddings, pred.scale
+    emb, scale = pred.networks.embeddings, pred.networks.scale
     read_shape = tuple(r.stop - r.start for r in block.read)
     depth, axes = plan.depth, plan.stitch_axes
     # Labels are needed for the core and the ``depth`` planes around it that stitching
@@ -110,8 +111,9 @@ def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Ch
     kept = tuple(slice(max(c.start - (depth if a in axes else 0), r.start),
                        min(c.stop + (depth if a in axes else 0), r.stop))
                  for a, (c, r) in enumerate(zip(block.core, block.read)))
-    labels = labels_from_embeddings(emb, model, read_shape, scale, timings=timings,
-                                    region=relative(kept, block.read), foreground=pred.foreground)
+    labels = labels_from_embeddings(emb, model, read_shape, scale, timings=timings, region=relative(kept, block.read),
+                                    foreground=pred.networks.foreground, clustering=plan.clustering,
+                                    momentum=pred.networks.momentum)
     t = time.perf_counter()
     labels = zero_outside(labels, kept, plan.roi)
     if plan.link_overlap is not None:
