@@ -139,6 +139,16 @@ def cli():
 @click.option("--delta-d", type=float, default=_D["delta_d"], show_default=True, help="Push margin (embedding units).")
 @click.option("--threshold", type=float, default=_D["threshold"], show_default=True,
               help="Soft-mask kernel threshold t.")
+@click.option("--loss", type=click.Choice(["spoco", "discriminative"]), default=_D["loss"], show_default=True,
+              help="spoco: every term below; discriminative: the baseline of De Brabandere et al. (pull, push and "
+                   "regulariser only), for ablations.")
+@click.option("--consistency-network", type=click.Choice(["momentum", "shared", "dropout", "separate"]),
+              default=_D["consistency_network"], show_default=True,
+              help="The consistency term's g: a momentum (EMA) copy of f, f itself (shared weights), f with dropout, "
+                   "or a separately trained network.")
+@click.option("--dropout", type=float, default=None,
+              help="Channel dropout in the U-Net during training [default: 0.1 with --consistency-network dropout, "
+                   "else none].")
 @click.option("--consistency-weight", type=float, default=_D["consistency_weight"], show_default=True,
               help="Weight of the embedding-consistency term (0 disables the momentum network).")
 @click.option("--unlabeled-weight", type=float, default=_D["unlabeled_weight"], show_default=True,

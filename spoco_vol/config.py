@@ -36,7 +36,10 @@ class TrainConfig:
     delta_v: float = 0.5
     delta_d: float = 2.0
     threshold: float = 0.9
+    loss: str = "spoco"                    # or "discriminative": pull + push + regulariser only (the baseline)
     consistency_weight: float = 1.0
+    consistency_network: str = "momentum"  # g: momentum, shared, dropout or separate (losses.ConsistencyTeacher)
+    dropout: float | None = None           # channel dropout of f [default: 0.1 for the dropout g, else 0]
     unlabeled_weight: float = 1.0
     instance_weight: float = 1.0
     background_weight: float = 0.0         # pseudo-background term (sparse mode; needs g)
@@ -77,6 +80,26 @@ class TrainConfig:
         return self.mode if self.mode != "auto" else ("full" if self.object_fraction >= 1 else "sparse")
 
     @property
+    def loss_weights(self) -> dict:
+        """The SPOCO loss's term weights; the discriminative-loss baseline (De Brabandere
+        et al. 2017) keeps pull, push and the regulariser only."""
+        w = dict(instance_weight=self.instance_weight, unlabeled_weight=self.unlabeled_weight,
+                 consistency_weight=self.consistency_weight, background_weight=self.background_weight)
+        return dict.fromkeys(w, 0.0) if self.loss == "discriminative" else w
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a consistency network g is needed (the consistency or pseudo-background term)."""
+        w = self.loss_weights
+        return w["consistency_weight"] > 0 or w["background_weight"] > 0
+
+    @property
+    def network_dropout(self) -> float:
+        if self.dropout is not None:
+            return float(self.dropout)
+        return 0.1 if self.consistency_network == "dropout" and self.uses_teacher else 0.0
+
+    @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-5 if self.init else 2e-4)
 
@@ -103,6 +126,15 @@ class TrainConfig:
             raise SpocoInputError("--schedule must be 'cosine' or 'plateau'")
         if self.norm not in ("batch", "group"):
             raise SpocoInputError("--norm must be 'batch' or 'group'")
+        if self.loss not in ("spoco", "discriminative"):
+            raise SpocoInputError(f"--loss must be spoco or discriminative, got {self.loss!r}")
+        if self.consistency_network not in ("momentum", "shared", "dropout", "separate"):
+            raise SpocoInputError("--consistency-network must be momentum, shared, dropout or separate, "
+                                  f"got {self.consistency_network!r}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise SpocoInputError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.consistency_network == "dropout" and self.dropout == 0 and self.uses_teacher:
+            raise SpocoInputError("--consistency-network dropout needs --dropout above 0")
         if len(self.patch_shape) != self.dims:
             raise SpocoInputError(f"--patch-shape needs {self.dims} numbers for a {self.dims}D model")
         if self.batch_size < 1 or self.iterations < 1 or self.val_every < 1:

@@ -491,3 +491,63 @@ def update_momentum_network(f: nn.Module, g: nn.Module, momentum: float = 0.999)
     torch._foreach_add_(g_params, [fp[name].detach() for name in gp], alpha=1.0 - momentum)
     for name, buf in gb.items():  # running statistics follow f directly
         buf.copy_(fb[name])
+
+
+TEACHERS = ("momentum", "shared", "dropout", "separate")
+
+
+class ConsistencyTeacher:
+    """Where the consistency term's target embeddings g come from: the variants of the
+    paper's ablation.
+
+    - ``momentum`` (the default): g is a copy of f that follows it by an exponential
+      moving average and receives no gradient;
+    - ``shared``: g is f itself (shared weights), on the g branch's augmented input,
+      without gradient;
+    - ``dropout``: as ``shared``, with f built with dropout (spoco_vol.model.UNet
+      ``dropout``), which stays active in the g pass, so g is f with other units dropped;
+    - ``separate``: g is a second network of f's architecture, initialised
+      independently and trained on the same batches with the same loss minus the
+      consistency term, by its own optimizer; f is pulled towards it.
+    ``embeddings(x)`` gives g's embeddings (no gradient), ``after_step`` updates g.
+    """
+
+    def __init__(self, variant: str, f: nn.Module, momentum: float = 0.999, build=None, optimizer=None,
+                 loss: Optional[nn.Module] = None):
+        if variant not in TEACHERS:
+            raise SpocoInputError(f"--consistency-network must be one of {', '.join(TEACHERS)}, got {variant!r}")
+        self.variant, self.f, self.momentum = variant, f, momentum
+        self.g = None
+        if variant == "momentum":
+            self.g = make_momentum_network(f)
+        elif variant == "separate":
+            if build is None or optimizer is None or loss is None:
+                raise ValueError("a separately trained g needs a network builder, an optimizer factory and a loss")
+            self.g = build()
+            self.optimizer = optimizer(self.g)
+            self.loss = loss
+
+    @property
+    def keeps_a_network(self) -> bool:
+        """Whether g has weights of its own (to save, resume and use for clustering)."""
+        return self.g is not None
+
+    def network(self) -> nn.Module:
+        return self.g if self.g is not None else self.f
+
+    def embeddings(self, forward, x: Tensor) -> Tensor:
+        """g's embeddings of ``x``; ``forward(net, x)`` runs a network (device, precision)."""
+        with torch.no_grad():
+            return forward(self.network(), x).float()
+
+    def after_step(self, forward=None, x: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                   generator: Optional[torch.Generator] = None) -> Optional[float]:
+        """Update g after f's step: the moving average, or (separate) one step of g's own
+        training on the batch ``x``/``labels``; returns that step's loss."""
+        if self.variant == "momentum":
+            update_momentum_network(self.f, self.g, self.momentum)
+        elif self.variant == "separate":
+            total, _ = self.loss(forward(self.g, x).float(), labels, generator=generator)
+            self.optimizer.step(total)
+            return float(total.detach())
+        return None

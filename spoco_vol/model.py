@@ -47,11 +47,13 @@ class UNet(nn.Module):
     ``pool_factors[l]`` is the max-pool factor between level l and l+1, one int per
     spatial axis, e.g. (1, 2, 2) for anisotropic EM with thick sections. The input's
     spatial shape must be divisible by the product of the factors (``shape_multiple``).
+    ``dropout``: channel dropout after every double convolution, active in training
+    (the "g = f with dropout" consistency network, spoco_vol.losses.ConsistencyTeacher).
     """
 
     def __init__(self, dims: int = 2, in_channels: int = 1, embedding_dim: int = 16,
                  features: Sequence[int] = (16, 32, 64, 128), norm: str = "batch",
-                 num_groups: int = 8, pool_factors: Sequence[Sequence[int]] | None = None):
+                 num_groups: int = 8, pool_factors: Sequence[Sequence[int]] | None = None, dropout: float = 0.0):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError("dims must be 2 or 3")
@@ -64,6 +66,10 @@ class UNet(nn.Module):
         self.config = dict(dims=dims, in_channels=in_channels, embedding_dim=embedding_dim,
                            features=features, norm=norm, num_groups=num_groups,
                            pool_factors=pool_factors)
+        if dropout:  # only then: checkpoints without dropout keep the architecture they had
+            self.config["dropout"] = float(dropout)
+        drop = nn.Dropout2d if dims == 2 else nn.Dropout3d
+        self.dropout = drop(dropout) if dropout else nn.Identity()
         self.dims = dims
         self.in_channels = in_channels
         self.embedding_dim = embedding_dim
@@ -95,13 +101,13 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for level, enc in enumerate(self.encoders):
-            x = enc(x)
+            x = self.dropout(enc(x))
             if level < len(self.pools):
                 skips.append(x)
                 x = self.pools[level](x)
         for dec, skip, factor in zip(self.decoders, reversed(skips), reversed(self.pool_factors)):
             x = nn.functional.interpolate(x, scale_factor=tuple(float(f) for f in factor), mode="nearest")
-            x = dec(torch.cat([skip, x], dim=1))
+            x = self.dropout(dec(torch.cat([skip, x], dim=1)))
         return self.final(x)
 
 

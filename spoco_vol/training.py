@@ -148,25 +148,35 @@ def train(cfg: TrainConfig) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     if init_ckpt is not None:
         net = init_ckpt.network()
+        if cfg.network_dropout:  # dropout layers have no weights: the same state loads into them
+            net = model_mod.UNet(**{**init_ckpt.architecture, "dropout": cfg.network_dropout})
+            net.load_state_dict(init_ckpt.state_dict)
     else:
         net = model_mod.UNet(dims=cfg.dims, embedding_dim=cfg.embedding_dim, features=cfg.features,
-                             norm=cfg.norm, pool_factors=cfg.pools())
+                             norm=cfg.norm, pool_factors=cfg.pools(), dropout=cfg.network_dropout)
     mult = net.shape_multiple
     if any(p % m for p, m in zip(cfg.patch_shape, mult)):
         raise SpocoInputError(f"--patch-shape {tuple(cfg.patch_shape)} must be a multiple of {mult}")
     net.to(device).train()
     mode = cfg.training_mode
-    use_g = cfg.consistency_weight > 0 or cfg.background_weight > 0
-    g_net = losses.make_momentum_network(net) if use_g else None
-    loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
-                               threshold=cfg.threshold, consistency_weight=cfg.consistency_weight,
-                               unlabeled_weight=cfg.unlabeled_weight, instance_weight=cfg.instance_weight,
-                               background_weight=cfg.background_weight,
-                               background_radius=cfg.background_select_radius)
-    val_loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d,
-                                   threshold=cfg.threshold, consistency_weight=0)
-    optim = loop.Optimization(net, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                              iterations=cfg.iterations, device=device, amp=cfg.amp)
+    use_g = cfg.uses_teacher
+    weights = cfg.loss_weights
+    loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d, threshold=cfg.threshold,
+                               background_radius=cfg.background_select_radius, **weights)
+    val_loss_fn = losses.SpocoLoss(mode=mode, delta_v=cfg.delta_v, delta_d=cfg.delta_d, threshold=cfg.threshold,
+                                   **{**weights, "consistency_weight": 0, "background_weight": 0})
+
+    def optimization(network):
+        return loop.Optimization(network, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 schedule=cfg.schedule, iterations=cfg.iterations, device=device, amp=cfg.amp)
+    optim = optimization(net)
+
+    def build_g():  # a separately trained g: f's architecture, its own seeded initialisation
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed + 1)
+            return model_mod.UNet(**net.config).to(device).train()
+    teacher = None if not use_g else losses.ConsistencyTeacher(
+        cfg.consistency_network, net, cfg.momentum, build=build_g, optimizer=optimization, loss=val_loss_fn)
 
     # best_score: the held-out score when there are held-out images, else minus the
     # validation loss; higher is better.
@@ -186,8 +196,10 @@ def train(cfg: TrainConfig) -> dict:
             raise SpocoInputError(f"--resume: {cfg.out}/latest.pt was written by a different configuration "
                                   "(architecture, mode, patch shape or batch size); rerun with those options")
         net.load_state_dict(st.state_dict)
-        if use_g:
-            g_net.load_state_dict(ts["momentum_state"])
+        if teacher is not None and teacher.keeps_a_network:
+            teacher.g.load_state_dict(ts["momentum_state"])
+            if ts.get("teacher_optimizer"):
+                teacher.optimizer.load_state_dict(ts["teacher_optimizer"])
         optim.load_state_dict(ts)
         _restore_rng(ts["rng"], rng, gen)
         state.update(start=ts["iteration"], elapsed=ts["elapsed"], best_it=ts.get("best_iteration", 0),
@@ -195,7 +207,8 @@ def train(cfg: TrainConfig) -> dict:
         _truncate_log(log_path, state["start"])
 
     def make(it: int, with_state: bool, background=None, val=None) -> checkpoint.Checkpoint:
-        training = {"iterations": it, "mode": mode, "object_fraction": cfg.object_fraction,
+        training = {"iterations": it, "mode": mode, "loss": cfg.loss, "object_fraction": cfg.object_fraction,
+                    **({"consistency_network": cfg.consistency_network} if use_g else {}),
                     "objects_used": info["objects_used"], "objects_total": info["objects_total"],
                     "objects_annotated": info["objects_annotated"], "objects_held_out": info["objects_held_out"],
                     "validation": score_kind, "seconds": round(state["elapsed"], 1), "downsample": ds,
@@ -206,12 +219,16 @@ def train(cfg: TrainConfig) -> dict:
         training_state = None if not with_state else {
             "iteration": it, "best_score": state["best_score"], "best_iteration": state["best_it"],
             "elapsed": state["elapsed"], **optim.state_dict(),
-            "momentum_state": g_net.state_dict() if use_g else {}, "rng": _rng_state(rng, gen)}
+            "momentum_state": teacher.g.state_dict() if teacher is not None and teacher.keeps_a_network else {},
+            **({"teacher_optimizer": teacher.optimizer.state_dict()}
+               if teacher is not None and teacher.variant == "separate" else {}),
+            "rng": _rng_state(rng, gen)}
         return checkpoint.make_checkpoint(
             net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
             voxel_size=model_voxel_size(cfg, info["voxel_size"]), training_data=", ".join(cfg.raw),
             training_command=cfg.command, inference=inference, training=training, training_state=training_state,
-            momentum=g_net if use_g and not with_state else None)  # latest.pt has g in its training state
+            # g for consistency clustering (latest.pt has it in its training state)
+            momentum=teacher.g if teacher is not None and teacher.keeps_a_network and not with_state else None)
 
     def calibrate(network, images, objects=None) -> dict:
         embeddings = calibration.embed(network, images, device, cfg.amp, cfg.tta)
@@ -228,17 +245,17 @@ def train(cfg: TrainConfig) -> dict:
 
     def step(it: int, due: bool) -> dict:
         raws, labs, graws = augmented_batch(sampler, cfg, normalization, rng, use_g)
-        emb = loop.forward(net, loop.to_batch(raws, device), device, cfg.amp)
+        x, y = loop.to_batch(raws, device), torch.from_numpy(labs).to(device)
+        emb = loop.forward(net, x, device, cfg.amp)
         g_emb = None
-        if use_g:
-            with torch.no_grad():
-                g_emb = loop.forward(g_net, loop.to_batch(graws, device), device, cfg.amp).float()
-        loss_fn.weights["background"] = cfg.background_weight if (mode == "sparse" and it > cfg.background_warmup) \
-            else 0.0
-        total, terms = loss_fn(emb.float(), torch.from_numpy(labs).to(device), g_embeddings=g_emb, generator=gen)
+        if teacher is not None:
+            g_emb = teacher.embeddings(lambda n, b: loop.forward(n, b, device, cfg.amp), loop.to_batch(graws, device))
+        loss_fn.weights["background"] = weights["background_weight"] \
+            if (mode == "sparse" and it > cfg.background_warmup) else 0.0
+        total, terms = loss_fn(emb.float(), y, g_embeddings=g_emb, generator=gen)
         optim.step(total)
-        if use_g:
-            losses.update_momentum_network(net, g_net, cfg.momentum)
+        if teacher is not None:
+            teacher.after_step(lambda n, b: loop.forward(n, b, device, cfg.amp), x, y, gen)
         now = time.perf_counter()
         state["elapsed"] += now - last["t"]
         last["t"] = now

@@ -423,3 +423,86 @@ def test_fine_tune_command_on_a_sparsely_annotated_real_volume(tmp_path, monkeyp
     assert ck["training"]["fine_tuned_from"]["model"] == "vnc-mito-2d"
     assert ck["training_command"].startswith("spoco-vol fine-tune --raw")
     assert ck["training"]["objects_annotated"] == int(np.unique(sparse).size - 1)
+
+
+def test_the_discriminative_baseline_has_no_instance_term(blob_volume, tmp_path):
+    """--loss discriminative: pull, push and the regulariser only, no momentum network."""
+    raw, labels = blob_volume
+    out = str(tmp_path / "dl")
+    assert run(train_args(raw, labels, out, "--iterations", "2", "--loss", "discriminative")).exit_code == 0
+    rows = list(csv.DictReader(open(os.path.join(out, "log.csv"))))
+    assert all(r["pull"] and r["push"] and r["reg"] for r in rows)
+    assert not any(r["instance"] or r["unlabeled"] or r["consistency"] or r["background"] for r in rows)
+    ck = checkpoint.load(os.path.join(out, "best.pt"))
+    assert ck.training["loss"] == "discriminative" and ck.momentum_state is None
+
+
+@pytest.mark.parametrize("variant", ["momentum", "shared", "dropout", "separate"])
+def test_consistency_network_variants(variant):
+    """What makes each g what it is: the momentum g gets no gradient and follows f by
+    EMA; shared g is f; the dropout g is f with other units dropped; the separate g is
+    its own network, trained by its own optimizer and never by the moving average."""
+    from spoco_vol import loop, losses
+    from spoco_vol.model import UNet
+    torch.manual_seed(0)
+    f = UNet(dims=2, features=(4, 8), embedding_dim=4, dropout=0.5 if variant == "dropout" else 0.0).train()
+    x = torch.randn(2, 1, 16, 16)
+    y = torch.zeros(2, 16, 16, dtype=torch.long)
+    y[:, 2:8, 2:8], y[:, 9:14, 9:14] = 1, 2
+    loss = losses.SpocoLoss("full", consistency_weight=0)
+    made = {}
+
+    def optimizer(net):
+        made["optim"] = loop.Optimization(net, lr=1e-2, weight_decay=0, schedule="cosine", iterations=10,
+                                          device=torch.device("cpu"), amp=False)
+        return made["optim"]
+    teacher = losses.ConsistencyTeacher(variant, f, momentum=0.5, build=lambda: UNet(dims=2, features=(4, 8),
+                                        embedding_dim=4), optimizer=optimizer, loss=loss)
+
+    def forward(net, b):
+        return net(b)
+    g_before = {k: v.clone() for k, v in teacher.network().state_dict().items()}
+    emb = teacher.embeddings(forward, x)
+    assert not emb.requires_grad
+    if variant == "shared":
+        torch.manual_seed(1)
+        assert torch.equal(emb, f(x).detach()) and teacher.network() is f and not teacher.keeps_a_network
+    if variant == "dropout":
+        assert not torch.equal(emb, teacher.embeddings(forward, x))  # other units dropped each time
+    f_opt = torch.optim.SGD(f.parameters(), lr=0.1)
+    total, _ = loss(f(x), y, generator=torch.Generator().manual_seed(0))
+    f_opt.zero_grad()
+    total.backward()
+    f_opt.step()
+    if variant == "momentum":
+        assert all(p.grad is None for p in teacher.g.parameters())  # g is not trained by the loss
+        teacher.after_step(forward, x, y)
+        for k, v in teacher.g.state_dict().items():
+            if v.is_floating_point() and "running" not in k:
+                torch.testing.assert_close(v, 0.5 * g_before[k] + 0.5 * f.state_dict()[k])
+    if variant == "separate":
+        assert teacher.keeps_a_network and teacher.g is not f
+        assert not torch.equal(teacher.g.final.weight, f.final.weight)  # its own initialisation
+        assert teacher.after_step(forward, x, y, torch.Generator().manual_seed(0)) > 0
+        changed = [k for k, v in teacher.g.state_dict().items() if not torch.equal(v, g_before[k])]
+        assert "final.weight" in changed  # trained by its own optimizer
+        moved = {k: v.clone() for k, v in teacher.g.state_dict().items()}
+        teacher.after_step(forward, x, y, torch.Generator().manual_seed(0))
+        assert not torch.equal(teacher.g.final.weight, moved["final.weight"])
+        assert not torch.allclose(teacher.g.final.weight, 0.5 * moved["final.weight"] + 0.5 * f.final.weight)
+
+
+@pytest.mark.parametrize("variant", ["shared", "separate"])
+def test_training_with_another_consistency_network_resumes_exactly(blob_volume, tmp_path, variant):
+    raw, labels = blob_volume
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ("--iterations", "4", "--object-fraction", "0.5", "--consistency-network", variant)
+    assert run(train_args(raw, labels, straight, *args)).exit_code == 0
+    assert run(train_args(raw, labels, split, *args, "--stop-after", "2")).exit_code == 0
+    assert run(train_args(raw, labels, split, *args, "--resume")).exit_code == 0
+    a = checkpoint.load(os.path.join(straight, "latest.pt"))
+    b = checkpoint.load(os.path.join(split, "latest.pt"))
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    assert (a.momentum_state is not None) == (variant == "separate")
+    assert checkpoint.load(os.path.join(straight, "best.pt")).training["consistency_network"] == variant
