@@ -63,7 +63,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     tta: bool = False                      # validation/calibration (and later inference) with test-time flips
-    foreground_iterations: int = 0         # then a foreground classifier (spoco_vol.foreground), sparse mode
+    foreground_iterations: int = 0         # then a foreground classifier (spoco_vol.foreground): positive-
+                                           # unlabeled with sparse labels, supervised with full ones
     foreground_prior: float | None = None  # object share of the unlabeled pixels [default: from object_fraction]
     intensity_range: Sequence[float] | None = None  # raw values mapped to the model's range [default: by
                                                      # dtype, spoco_vol.intensity]
@@ -165,9 +166,9 @@ class TrainConfig:
         if self.foreground_iterations < 0:
             raise SpocoInputError("--foreground-iterations must be >= 0")
         if self.foreground_iterations:
-            if self.training_mode != "sparse":
-                raise SpocoInputError("--foreground-iterations needs sparse labels (--mode sparse or "
-                                      "--object-fraction < 1): with full labels the background is annotated")
+            if self.foreground_prior is not None and self.training_mode != "sparse":
+                raise SpocoInputError("--foreground-prior is for sparse labels: with full labels the background "
+                                      "is annotated")
             if self.foreground_prior is not None and not 0 <= self.foreground_prior < 1:
                 raise SpocoInputError(f"--foreground-prior must be in [0, 1), got {self.foreground_prior}")
         return self

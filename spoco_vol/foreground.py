@@ -17,6 +17,10 @@ embeddings' own radius, calibrated without it, deletes the unannotated objects w
 embeddings lie near the background's; with the classifier removing the background, a
 smaller radius keeps them.
 
+With full labels the same classifier is trained supervised (label 0 is background):
+the paper's "predicted foreground", which lets full supervision segment without the
+ground-truth mask.
+
 The classifier lives in the SPOCO checkpoint (spoco_vol.checkpoint, its ``foreground``
 entry). It is trained after the embeddings (`spoco-vol train --foreground-iterations N`, or
 `spoco-vol train-foreground` for a model trained before). Its iteration and radius are
@@ -82,12 +86,21 @@ def estimate_prior(ckpt: Checkpoint, train_vols, cfg: TrainConfig, device: torch
     return float(np.clip(objects / max(unlabeled, 1), 0.01, 0.5))
 
 
-def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images, prior: float, *, iterations: int,
-                     device: torch.device, progress: bool = False, val_objects=None) -> dict:
-    """Train the foreground U-Net positive-unlabeled on ``train_vols`` (their SPOCO@p
-    subset already chosen) and choose its iteration on ``val_images`` (normalised raw,
-    labels; ``val_objects``: one held-out object per image), segmented with ``ckpt``'s
-    embeddings and background rule.
+class SupervisedForegroundLoss(torch.nn.Module):
+    """Full labels: every pixel's class is known (label > 0 object, 0 background), so the
+    classifier learns it with the logistic loss (the paper's "predicted foreground")."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), (labels > 0).float())
+
+
+def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images, prior: float | None, *,
+                     iterations: int, device: torch.device, progress: bool = False, val_objects=None) -> dict:
+    """Train the foreground U-Net on ``train_vols`` (their SPOCO@p subset already
+    chosen): positive-unlabeled with the object share ``prior`` of the unlabeled pixels
+    (sparse labels), or supervised (``prior`` None: full labels, label 0 is background).
+    Its iteration is chosen on ``val_images`` (normalised raw, labels; ``val_objects``:
+    one held-out object per image), segmented with ``ckpt``'s embeddings and background rule.
 
     Returns {"foreground": the checkpoint entry, or None when no iteration beats the
     embeddings alone on the held-out images (or there are none to judge by), ...figures}.
@@ -114,7 +127,7 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
                          num_groups=arch.get("num_groups", 8), pool_factors=arch["pool_factors"]).to(device)
     rng = np.random.default_rng(cfg.seed)
     sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, list(cfg.downsample), rng=rng)
-    loss_fn = losses.PositiveUnlabeledLoss(prior)
+    loss_fn = SupervisedForegroundLoss() if prior is None else losses.PositiveUnlabeledLoss(prior)
     optim = loop.Optimization(net, lr=LEARNING_RATE, weight_decay=cfg.weight_decay, schedule="cosine",
                               iterations=iterations, device=device, amp=cfg.amp)
     best = {"val_score": baseline - margin, "iteration": 0, "weights": None}
@@ -137,15 +150,17 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
                                              and score >= best["val_score"]):
                 best = {"val_score": score, "iteration": it, "radius": radius,
                         "weights": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
-        return {"pu": float(loss.detach())}
+        return {"foreground": float(loss.detach())}
     loop.run(iterations, step, every=max(1, iterations // 6), progress=progress, desc="foreground")
     out = {"val_score_without": round(baseline, 4), "val_score_history": history,
-           "seconds": round(time.perf_counter() - t0, 1), "prior": round(prior, 5)}
+           "seconds": round(time.perf_counter() - t0, 1), "prior": None if prior is None else round(prior, 5)}
     if best["weights"] is None:
         return {"foreground": None, "reason": "no iteration raised the held-out score" if objects is None else
                 "every iteration lowered the held-out objects' score", **out}
     net.load_state_dict(best["weights"])
-    entry = checkpoint.foreground_entry(net, prior=float(prior), iterations=best["iteration"],
+    entry = checkpoint.foreground_entry(net, prior=None if prior is None else float(prior),
+                                        trained="supervised" if prior is None else "positive-unlabeled",
+                                        iterations=best["iteration"],
                                         val_score=float(best["val_score"]), val_score_without=float(baseline),
                                         background_radius=best["radius"])
     return {"foreground": entry, "iteration": best["iteration"], "val_score": round(best["val_score"], 4),
@@ -172,11 +187,14 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
                       downsample=list(ckpt.inference.downsample or (1, 1, 1)),
                       val_sections=val_sections, device=device)
     prior = foreground_prior
-    if prior is None and object_fraction >= 1:
+    sparse = ckpt.training.get("mode", "sparse" if object_fraction < 1 else "full") == "sparse"
+    if sparse and prior is None and object_fraction >= 1:
         raise SpocoInputError("give --object-fraction (< 1) or --foreground-prior: the classifier needs the "
                               "share of objects among the unlabeled pixels")
     train_vols, val_vols, _, _, info = prepare_volumes(cfg, ckpt.normalization)
-    if prior is None:
+    if not sparse:  # full labels: supervised
+        prior = None
+    elif prior is None:
         prior = unlabeled_object_share(info["annotated_voxels"], info["voxels"], object_fraction)
     dev = resolve_device(device)
     if dev.type == "cpu":

@@ -333,7 +333,9 @@ def _add_foreground(cfg: TrainConfig, best_path: str, train_vols, val_images, va
     from . import foreground
     best = checkpoint.load(best_path)
     prior, prior_from = cfg.foreground_prior, "--foreground-prior"
-    if prior is None and cfg.object_fraction < 1:
+    if cfg.training_mode == "full":  # the background is annotated: supervised, no prior
+        prior, prior_from = None, "full labels"
+    elif prior is None and cfg.object_fraction < 1:
         # the held-out objects are unlabeled in training: the annotated fraction shrinks with them
         fraction = cfg.object_fraction * info["objects_used"] / info["objects_annotated"]
         prior, prior_from = foreground.unlabeled_object_share(info["annotated_voxels"], info["voxels"], fraction), \

@@ -158,19 +158,47 @@ def test_train_then_foreground_classifier(blob_volume, tmp_path):
     assert not checkpoint.load(os.path.join(out, "latest.pt")).has_foreground
 
 
-def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, tmp_path):
-    """An embedding model with constant output and no background rule makes the whole
-    section one object (AP 0). The classifier, trained on half of the bright discs,
-    masks the dark background, so objects appear: it is kept, at its best iteration."""
-    raw, labels = blob_volume
+def _constant_model(tmp_path, raw, mode):
+    """An embedding model with constant output and no background rule: it makes the
+    whole section one object (AP 0). Returns (path, checkpoint, the raw data)."""
     _, ckpt = tiny_checkpoint(tmp_path)
     for k in ("final.weight", "final.bias"):
         ckpt.state_dict[k].zero_()
     data = np.asarray(io.open_volume(raw)[...], np.float32)
-    ckpt = variant(ckpt, training={"patch_shape": [32, 32], "batch_size": 2},
+    ckpt = variant(ckpt, training={"patch_shape": [32, 32], "batch_size": 2, "mode": mode},
                    normalization={"mean": float(data.mean()), "std": float(data.std()), "kind": "zscore"})
-    model = str(tmp_path / "constant.pt")
+    model = str(tmp_path / f"constant_{mode}.pt")
     checkpoint.save(ckpt, model)
+    return model, ckpt, data
+
+
+def test_full_labels_train_a_supervised_classifier(blob_volume, tmp_path):
+    """With full labels (the paper's "predicted foreground") the classifier learns the
+    annotated background: trained supervised, it calls the held-out section's pixels
+    right (discs vs background), masks the background, and objects appear (touching
+    discs stay merged: the constant embeddings cannot part them)."""
+    from spoco_vol.pipeline import predict_array
+    raw, labels = blob_volume
+    model, _, data = _constant_model(tmp_path, raw, "full")
+    added = str(tmp_path / "added.pt")
+    r = run(["train-foreground", "--model", model, "--raw", raw, "--labels", labels, "--iterations", "60",
+             "--quiet", "--out", added])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["foreground_kept"] and result["prior"] is None and result["val_score"] > result["val_score_without"]
+    ck = checkpoint.load(added)
+    assert ck.foreground_record["trained"] == "supervised" and ck.foreground_record["prior"] is None
+    held_out = np.asarray(io.open_volume(labels)[3])
+    probability = predict_array(data[3].astype(np.uint8), ck, device="cpu").foreground
+    assert ((probability >= 0.5) == (held_out > 0)).mean() > 0.9
+
+
+def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, tmp_path):
+    """The constant model again, with half of the bright discs annotated: the classifier,
+    trained positive-unlabeled, masks the dark background, so objects appear: it is kept,
+    at its best iteration."""
+    raw, labels = blob_volume
+    model, ckpt, data = _constant_model(tmp_path, raw, "sparse")
     added = str(tmp_path / "added.pt")
     args = ["train-foreground", "--model", model, "--raw", raw, "--labels", labels, "--object-fraction", "0.5",
             "--iterations", "100", "--quiet", "--out", added]
@@ -193,7 +221,7 @@ def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, t
 
 def test_foreground_options_are_checked_before_anything_is_written(blob_volume, tmp_path):
     raw, labels = blob_volume
-    for extra, message in ((["--foreground-iterations", "5"], "needs sparse labels"),
+    for extra, message in ((["--foreground-iterations", "5", "--foreground-prior", "0.1"], "is for sparse labels"),
                            (["--object-fraction", "0.5", "--foreground-iterations", "5", "--foreground-prior",
                              "1.5"], "must be in [0, 1)")):
         out = str(tmp_path / "run")
@@ -202,7 +230,8 @@ def test_foreground_options_are_checked_before_anything_is_written(blob_volume, 
         assert r.exit_code == 2 and message in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
         assert not os.path.exists(out)
-    r = CliRunner().invoke(cli, ["train-foreground", "--model", BUNDLED_MODEL, "--raw", raw, "--labels", labels,
+    model, _, _ = _constant_model(tmp_path, raw, "sparse")  # a sparse model: its classifier needs a prior
+    r = CliRunner().invoke(cli, ["train-foreground", "--model", model, "--raw", raw, "--labels", labels,
                                  "--out", str(tmp_path / "x.pt")])
     assert r.exit_code == 2 and "--object-fraction" in r.output
     assert not os.path.exists(tmp_path / "x.pt")
