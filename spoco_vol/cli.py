@@ -196,9 +196,9 @@ def cli():
                    "Recommended for sparse labels.")
 @click.option("--foreground-iterations", type=click.IntRange(0), default=_D["foreground_iterations"],
               show_default=True,
-              help="Sparse labels: then train a foreground classifier this many iterations (positive-unlabeled; "
-                   "its pixels called background are background at inference). Kept in best.pt if it raises "
-                   "the held-out AP@0.5. 600 suits the VNC recipe.")
+              help="Then train a foreground classifier this many iterations (positive-unlabeled with sparse labels, "
+                   "supervised with full ones; its pixels called background are background at inference). Kept "
+                   "in best.pt if it raises the held-out score. 600 suits the VNC recipe.")
 @click.option("--foreground-prior", type=float, default=None,
               help="Share of the unlabeled pixels that belong to (unannotated) objects, for the foreground "
                    "classifier [default: estimated from --object-fraction and the annotated area].")
