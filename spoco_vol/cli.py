@@ -164,6 +164,9 @@ def cli():
 @click.option("--background-warmup", type=click.IntRange(0), default=_D["background_warmup"], show_default=True,
               help="Iterations before the pseudo-background term starts.")
 @click.option("--momentum", type=float, default=_D["momentum"], show_default=True, help="EMA momentum m of network g.")
+@click.option("--adversarial-weight", type=float, default=_D["adversarial_weight"], show_default=True,
+              help="beta of the adversarial instance term: a WGAN-GP critic tells ground-truth instance masks from "
+                   "the embeddings' soft masks (paper, appendix A.1); 0: off.")
 @click.option("--offset-distances", type=INTS, default=None,
               help="Long-range affinity offsets of inference, in model pixels along each axis [default: 3,9,27]; "
                    "shorter ones suit small objects and need a smaller blockwise halo.")

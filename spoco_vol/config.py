@@ -43,6 +43,7 @@ class TrainConfig:
     unlabeled_weight: float = 1.0
     instance_weight: float = 1.0
     background_weight: float = 0.0         # pseudo-background term (sparse mode; needs g)
+    adversarial_weight: float = 0.0        # beta of the adversarial instance term (spoco_vol.adversarial); 0: off
     background_warmup: int = 0             # iterations before it starts (g must mean something)
     background_select_radius: float | None = None  # pseudo-background: g within this of its mode (default delta_d)
     momentum: float = 0.999
@@ -132,6 +133,8 @@ class TrainConfig:
         if self.consistency_network not in ("momentum", "shared", "dropout", "separate"):
             raise SpocoInputError("--consistency-network must be momentum, shared, dropout or separate, "
                                   f"got {self.consistency_network!r}")
+        if self.adversarial_weight < 0:
+            raise SpocoInputError(f"--adversarial-weight must be >= 0, got {self.adversarial_weight}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise SpocoInputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.consistency_network == "dropout" and self.dropout == 0 and self.uses_teacher:

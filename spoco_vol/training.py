@@ -33,7 +33,7 @@ from .inference import resolve_device
 from .training_data import (augmented_batch, model_voxel_size, object_windows, prepare_volumes, training_downsample,
                             validation_images, validation_patches)
 
-LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency", "background")
+LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency", "background", "adversarial")
 
 
 def _check_out_dir(cfg: TrainConfig):
@@ -177,6 +177,12 @@ def train(cfg: TrainConfig) -> dict:
             return model_mod.UNet(**net.config).to(device).train()
     teacher = None if not use_g else losses.ConsistencyTeacher(
         cfg.consistency_network, net, cfg.momentum, build=build_g, optimizer=optimization, loss=val_loss_fn)
+    adversary = None
+    if cfg.adversarial_weight > 0 and cfg.loss == "spoco":
+        from .adversarial import AdversarialTerm
+        with torch.random.fork_rng():  # the critic's initialisation leaves the training's random stream alone
+            torch.manual_seed(cfg.seed + 2)
+            adversary = AdversarialTerm(cfg.dims, cfg.adversarial_weight, device)
 
     # best_score: the held-out score when there are held-out images, else minus the
     # validation loss; higher is better.
@@ -201,6 +207,8 @@ def train(cfg: TrainConfig) -> dict:
             if ts.get("teacher_optimizer"):
                 teacher.optimizer.load_state_dict(ts["teacher_optimizer"])
         optim.load_state_dict(ts)
+        if adversary is not None:
+            adversary.load_state_dict(ts["adversary"])
         _restore_rng(ts["rng"], rng, gen)
         state.update(start=ts["iteration"], elapsed=ts["elapsed"], best_it=ts.get("best_iteration", 0),
                      best_score=ts.get("best_score", -ts.get("best_val", float("inf"))))
@@ -222,6 +230,7 @@ def train(cfg: TrainConfig) -> dict:
             "momentum_state": teacher.g.state_dict() if teacher is not None and teacher.keeps_a_network else {},
             **({"teacher_optimizer": teacher.optimizer.state_dict()}
                if teacher is not None and teacher.variant == "separate" else {}),
+            **({"adversary": adversary.state_dict()} if adversary is not None else {}),
             "rng": _rng_state(rng, gen)}
         return checkpoint.make_checkpoint(
             net, delta_v=cfg.delta_v, delta_d=cfg.delta_d, normalization=normalization,
@@ -253,6 +262,13 @@ def train(cfg: TrainConfig) -> dict:
         loss_fn.weights["background"] = weights["background_weight"] \
             if (mode == "sparse" and it > cfg.background_warmup) else 0.0
         total, terms = loss_fn(emb.float(), y, g_embeddings=g_emb, generator=gen)
+        if adversary is not None:
+            from .adversarial import instance_masks
+            soft, real = instance_masks(emb.float(), y, cfg.delta_v, cfg.threshold, 0 if mode == "sparse" else None)
+            adversary.critic_step(soft, real, gen)
+            terms["adversarial"] = adversary.embedding_loss(soft)
+            total = total + terms["adversarial"]
+            terms["adversarial"] = terms["adversarial"].detach()
         optim.step(total)
         if teacher is not None:
             teacher.after_step(lambda n, b: loop.forward(n, b, device, cfg.amp), x, y, gen)
