@@ -115,11 +115,13 @@ def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, ou
     from .training_data import validation_images
     vol = data.open_training_volume(raw, labels)
     vol.intensity = intensity.volume_mapping(vol.raw, model.normalization, what=f"raw {raw}")
-    if model.dims > vol.raw.ndim:
-        raise SpocoInputError(f"the model is {model.dims}D but {raw} is {vol.raw.ndim}D")
+    if model.dims > vol.spatial_ndim:
+        raise SpocoInputError(f"the model is {model.dims}D but {raw} is {vol.spatial_ndim}D")
+    if vol.channels != model.in_channels:
+        raise SpocoInputError(f"the model expects {model.in_channels} channel(s); {raw} has {vol.channels}")
     if z_range is not None:
         nz = vol.shape3d[0]
-        if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= nz or vol.raw.ndim != 3:
+        if len(z_range) != 2 or not 0 <= z_range[0] < z_range[1] <= nz or vol.spatial_ndim != 3:
             raise SpocoInputError(f"--z-range needs START,STOP with 0 <= START < STOP <= {nz} on a 3D volume")
         z_range = (int(z_range[0]), int(z_range[1]))
     vol.z_range = z_range

@@ -42,23 +42,34 @@ class ObjectInventory:
 
 @dataclasses.dataclass
 class TrainingVolume:
-    """One raw/labels pair; ``sections`` restricts sampling to a z-range (held-out splits)."""
+    """One raw/labels pair; ``z_range`` restricts sampling to sections (held-out splits).
+    A multi-channel raw (``channels`` > 1) has its channels on the first axis,
+    (C, Z, Y, X) or (C, Y, X), and the labels the spatial shape."""
     name: str
-    raw: object          # zarr.Array (or ndarray): (Z, Y, X) or (Y, X)
+    raw: object          # zarr.Array (or ndarray): (Z, Y, X) or (Y, X), with a leading C axis if channels > 1
     labels: object
     voxel_size: list[float] | None = None
     z_range: tuple[int, int] | None = None
     keep_ids: np.ndarray | None = None   # sparse subset (SPOCO@p); None = use labels as they are
     inventory: ObjectInventory | None = None  # of the sections in z_range (volume_statistics)
     intensity: dict | None = None  # its mapping onto the model's input range (spoco_vol.intensity)
+    channels: int = 1
 
     def read_raw(self, sl) -> np.ndarray:
-        """float32 raw of ``sl``, on the model's intensity range."""
+        """float32 raw of the spatial region ``sl`` (its channels first), on the model's
+        intensity range."""
+        if self.channels > 1:
+            sl = (slice(None),) + (tuple(sl) if isinstance(sl, tuple) else (sl,))
         return intensity.apply(self.raw[sl], self.intensity)
 
     @property
+    def spatial_ndim(self) -> int:
+        return self.labels.ndim
+
+    @property
     def shape3d(self) -> tuple[int, int, int]:
-        return tuple(self.raw.shape) if self.raw.ndim == 3 else (1, *self.raw.shape)
+        shape = tuple(self.labels.shape)
+        return shape if len(shape) == 3 else (1, *shape)
 
 
 def iter_slabs(arr, step: int | None = None, z_range: tuple[int, int] | None = None):
@@ -70,22 +81,27 @@ def iter_slabs(arr, step: int | None = None, z_range: tuple[int, int] | None = N
 
 
 def open_training_volume(raw_path: str, labels_path: str, voxel_size=None) -> TrainingVolume:
+    """A raw/labels pair, checked. A raw with one axis more than its labels holds
+    channels on that first axis (an RGB image: (3, Y, X) with (Y, X) labels)."""
     raw = io.open_volume(raw_path, "raw")
     labels = io.open_volume(labels_path, "labels")
-    io.validate_volume(raw, f"raw {raw_path}")
     io.validate_volume(labels, f"labels {labels_path}", integer=True)
-    if tuple(raw.shape) != tuple(labels.shape):
+    channels = raw.shape[0] if raw.ndim == labels.ndim + 1 else 1
+    io.validate_volume(raw, f"raw {raw_path}", channels=channels)
+    if tuple(raw.shape)[raw.ndim - labels.ndim:] != tuple(labels.shape):
         raise SpocoInputError(f"raw {raw_path} has shape {tuple(raw.shape)} but labels "
                               f"{labels_path} have shape {tuple(labels.shape)}")
     vs = list(voxel_size) if voxel_size else io.read_voxel_size(raw_path)
-    if vs is not None and len(vs) != raw.ndim:
-        raise SpocoInputError(f"voxel size {vs} does not match the {raw.ndim}D raw {raw_path}")
-    return TrainingVolume(name=raw_path, raw=raw, labels=labels, voxel_size=vs)
+    if vs is not None and len(vs) == raw.ndim and channels > 1:
+        vs = vs[1:]  # an OME-Zarr scale that names the channel axis too
+    if vs is not None and len(vs) != labels.ndim:
+        raise SpocoInputError(f"voxel size {vs} does not match the {labels.ndim}D raw {raw_path}")
+    return TrainingVolume(name=raw_path, raw=raw, labels=labels, voxel_size=vs, channels=channels)
 
 
-def _slab_objects(lab: np.ndarray, z0: int, rng: np.random.Generator, anchors_per_object: int):
+def _slab_objects(lab: np.ndarray, z0: int, rng: np.random.Generator, anchors_per_object: int, row0: int = 0):
     """ids, sizes, bounding boxes and up to ``anchors_per_object`` random voxels of each
-    object in one 3D slab of labels starting at section ``z0``."""
+    object in one 3D slab of labels starting at section ``z0`` (and row ``row0``)."""
     flat = lab.reshape(-1)
     nz = np.flatnonzero(flat)
     if nz.size == 0:
@@ -97,6 +113,7 @@ def _slab_objects(lab: np.ndarray, z0: int, rng: np.random.Generator, anchors_pe
     counts = np.diff(np.r_[starts, ids.size])
     coords = np.stack(np.unravel_index(nz, lab.shape), axis=1).astype(np.int64)
     coords[:, 0] += z0
+    coords[:, 1] += row0
     lo = np.minimum.reduceat(coords, starts, axis=0)
     hi = np.maximum.reduceat(coords, starts, axis=0) + 1
     rank = np.arange(ids.size) - np.repeat(starts, counts)
@@ -113,24 +130,39 @@ def volume_statistics(vol: TrainingVolume, seed: int = 0,
     total, total_sq, count = 0.0, 0.0, 0
     parts = []
     rng = np.random.default_rng(seed)
-    z_range = vol.z_range if vol.raw.ndim == 3 else None
+    z_range = vol.z_range if vol.spatial_ndim == 3 else None
     sub = max(1, SLAB_VOXELS // int(np.prod(vol.shape3d[1:])))  # sections per labeled-voxel pass
-    for sl, raw in iter_slabs(vol.raw, z_range=z_range):
+    per_channel = vol.channels > 1
+    # slabs of the raw's chunks along its first spatial axis (its reads are the costly ones)
+    step = vol.raw.chunks[1 if per_channel else 0] if hasattr(vol.raw, "chunks") else None
+    for sl, lab in iter_slabs(vol.labels, step=step, z_range=z_range):
+        raw = np.asarray(vol.raw[(slice(None), sl) if vol.channels > 1 else sl])
         io.check_finite(raw, f"raw {vol.name}", f"sections {sl.start}-{sl.stop - 1}")
         raw = intensity.apply(raw, vol.intensity).astype(np.float64)
-        total += raw.sum()
-        total_sq += (raw ** 2).sum()
-        count += raw.size
-        lab = np.asarray(vol.labels[sl])
-        lab, z0 = (lab, sl.start) if vol.raw.ndim == 3 else (lab[None], 0)
-        for k in range(0, lab.shape[0], sub):
-            found = _slab_objects(lab[k:k + sub], z0 + k, rng, anchors_per_object)
+        # one mean and std per channel (sums over everything but the channel axis)
+        axes = tuple(range(1, raw.ndim)) if per_channel else None
+        total += raw.sum(axis=axes)
+        total_sq += (raw ** 2).sum(axis=axes)
+        count += raw.size // vol.channels
+        if vol.spatial_ndim == 3:
+            lab, z0 = np.asarray(lab), sl.start
+            for k in range(0, lab.shape[0], sub):
+                found = _slab_objects(lab[k:k + sub], z0 + k, rng, anchors_per_object)
+                if found is not None:
+                    parts.append(found)
+        else:  # a 2D volume is one section (z = 0), read in slabs of rows
+            found = _slab_objects(np.asarray(lab)[None], 0, rng, anchors_per_object, row0=sl.start)
             if found is not None:
                 parts.append(found)
     inventory = _merge_slabs(parts)
     mean = total / count
-    std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
-    return {"mean": float(mean), "std": std if std > 0 else 1.0, "object_ids": inventory.ids,
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    std = np.where(std > 0, std, 1.0)
+    if not per_channel:
+        mean, std = float(mean), float(std)
+    else:
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+    return {"mean": mean, "std": std, "object_ids": inventory.ids,
             "object_sizes": inventory.sizes, "voxels": int(count), "inventory": inventory}
 
 
@@ -225,12 +257,12 @@ class PatchSampler:
 
     def _read(self, vol: TrainingVolume, start: Sequence[int]):
         sl = tuple(slice(s, s + r) for s, r in zip(start, self.read_shape))
-        if vol.raw.ndim == 2:
+        if vol.spatial_ndim == 2:
             sl = sl[1:]
         raw = vol.read_raw(sl)
         lab = np.asarray(vol.labels[sl]).astype(np.int64)
-        if vol.raw.ndim == 2:
-            raw, lab = raw[None], lab[None]
+        if vol.spatial_ndim == 2:
+            raw, lab = np.expand_dims(raw, raw.ndim - 2), lab[None]  # the z axis, after any channel axis
         if vol.keep_ids is not None:
             lab = np.where(np.isin(lab, vol.keep_ids), lab, 0)
         return resample_patch(raw, lab, self.downsample, self.model_shape)
@@ -270,7 +302,7 @@ class PatchSampler:
                 if lab.any():
                     break
         if self.dims == 2:
-            raw, lab = raw[0], lab[0]
+            raw, lab = raw[..., 0, :, :], lab[0]
         return raw, lab
 
     def batch(self, size: int):
@@ -280,7 +312,11 @@ class PatchSampler:
 
 def resample_patch(raw: np.ndarray, lab: np.ndarray, downsample: Sequence[float], shape: Sequence[int]):
     """A read window (input voxels) on the model grid of ``shape``: block mean and
-    strided labels for integer factors, linear zoom and nearest labels otherwise."""
+    strided labels for integer factors, linear zoom and nearest labels otherwise (a
+    leading channel axis of ``raw`` is resampled channel by channel)."""
+    if raw.ndim > lab.ndim:
+        pairs = [resample_patch(c, lab, downsample, shape) for c in raw]
+        return np.stack([r for r, _ in pairs]), pairs[0][1]
     if all(isinstance(d, int) for d in downsample):
         raw, lab = downsample_raw(raw, downsample), downsample_labels(lab, downsample)
         return raw, lab
@@ -293,7 +329,7 @@ def resample_patch(raw: np.ndarray, lab: np.ndarray, downsample: Sequence[float]
 def to_model_grid(raw: np.ndarray, lab: np.ndarray, downsample: Sequence[float]):
     """A whole window (3D, input voxels) on the model grid, as ``resample_patch``."""
     ds = tuple(int(d) if float(d).is_integer() else float(d) for d in downsample)
-    shape = [n // d if isinstance(d, int) else max(1, int(round(n / d))) for n, d in zip(raw.shape, ds)]
+    shape = [n // d if isinstance(d, int) else max(1, int(round(n / d))) for n, d in zip(lab.shape, ds)]
     return resample_patch(raw, lab, ds, shape)
 
 

@@ -123,7 +123,8 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
 
     arch = ckpt.architecture
     torch.manual_seed(cfg.seed)
-    net = model_mod.UNet(dims=arch["dims"], embedding_dim=1, features=arch["features"], norm=arch["norm"],
+    net = model_mod.UNet(dims=arch["dims"], in_channels=ckpt.in_channels, embedding_dim=1,
+                         features=arch["features"], norm=arch["norm"],
                          num_groups=arch.get("num_groups", 8), pool_factors=arch["pool_factors"]).to(device)
     rng = np.random.default_rng(cfg.seed)
     sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, list(cfg.downsample), rng=rng)
@@ -137,7 +138,7 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
         nonlocal best
         net.train()
         raws, labs, _ = augmented_batch(sampler, cfg, ckpt.normalization, rng, False)
-        logits = loop.forward(net, loop.to_batch(raws, device), device, cfg.amp)[:, 0]
+        logits = loop.forward(net, loop.to_batch(raws, device, ckpt.in_channels), device, cfg.amp)[:, 0]
         loss = loss_fn(logits, torch.from_numpy(labs).to(device))
         optim.step(loss)
         if due:

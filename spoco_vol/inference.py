@@ -80,9 +80,10 @@ def _untransform(a: np.ndarray, rot: int, flips: tuple) -> np.ndarray:
 def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: torch.device,
                        tile_shape: Sequence[int] | None = None, context: Sequence[int] | None = None,
                        amp: bool = True, tta: bool = False) -> np.ndarray:
-    """Embeddings (E, *image.shape) float32 for a normalised 2D or 3D image.
+    """Embeddings (E, *spatial shape) float32 for a normalised 2D or 3D image, (C,
+    *spatial) for a model with C > 1 input channels.
 
-    The image's dimensionality must equal the model's. Tiles of ``tile_shape`` (cores)
+    The image's spatial dimensionality must equal the model's. Tiles of ``tile_shape`` (cores)
     are predicted with ``context`` extra pixels per side (reflect-padded at the image
     border), padded up to the model's shape multiple.
     ``tta``: test-time augmentation, the mean of the embeddings of the 8 in-plane
@@ -92,10 +93,13 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     0.45 -> 0.53; the full-label model loses, 0.82 -> 0.75; benchmarks/RESULTS.md).
     """
     dims = model.dims
-    if image.ndim != dims:
-        raise SpocoInputError(f"a {dims}D model cannot predict a {image.ndim}D image")
+    channels = model.in_channels
+    spatial = image.shape[1:] if channels > 1 else image.shape
+    if len(spatial) != dims or (channels > 1 and image.shape[0] != channels):
+        raise SpocoInputError(f"a {dims}D model with {channels} channel(s) cannot predict an image of shape "
+                              f"{tuple(image.shape)}")
     if tta:
-        out = np.zeros((model.embedding_dim, *image.shape), dtype=np.float32)
+        out = np.zeros((model.embedding_dim, *spatial), dtype=np.float32)
         for rot, flips in TEST_TIME_TRANSFORMS:
             view = np.ascontiguousarray(_transform(image, rot, flips))
             out += _untransform(predict_embeddings(model, view, device=device, tile_shape=tile_shape,
@@ -110,18 +114,19 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     # shift-equivariant for such shifts, so tiles then agree with an untiled prediction.
     tile_shape = [-(-t // m) * m for t, m in zip(tile_shape, mult)]
     context = [-(-c // m) * m for c, m in zip(context, mult)]
-    out = np.empty((model.embedding_dim, *image.shape), dtype=np.float32)
+    out = np.empty((model.embedding_dim, *spatial), dtype=np.float32)
     model = model.to(device).eval()
-    starts = [_tile_starts(s, t) for s, t in zip(image.shape, tile_shape)]
+    starts = [_tile_starts(s, t) for s, t in zip(spatial, tile_shape)]
     for start in itertools.product(*starts):
-        core = [slice(s, min(s + t, n)) for s, t, n in zip(start, tile_shape, image.shape)]
+        core = [slice(s, min(s + t, n)) for s, t, n in zip(start, tile_shape, spatial)]
         lo = [c.start - h for c, h in zip(core, context)]
         hi = [c.stop + h for c, h in zip(core, context)]
         # Round the read window up to the shape multiple the U-Net needs.
         hi = [l + -(-(h - l) // m) * m for l, h, m in zip(lo, hi, mult)]
         tile = _read_padded(image, lo, hi)
+        x = torch.from_numpy(tile)[None] if channels > 1 else torch.from_numpy(tile)[None, None]
         with torch.no_grad(), autocast_context(device, amp):
-            emb = model(torch.from_numpy(tile)[None, None].to(device)).float()[0]
+            emb = model(x.to(device)).float()[0]
         emb = emb.cpu().numpy()
         crop = tuple(slice(c.start - l, c.stop - l) for c, l in zip(core, lo))
         out[(slice(None), *core)] = emb[(slice(None), *crop)]
@@ -129,10 +134,13 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
 
 
 def _read_padded(image: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
-    """image[lo:hi] with reflect padding where the window leaves the image."""
-    src = tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, image.shape))
+    """image[lo:hi] with reflect padding where the window leaves the image (over its
+    last len(lo) axes: a leading channel axis is taken whole)."""
+    lead = image.ndim - len(lo)
+    spatial = image.shape[lead:]
+    src = (slice(None),) * lead + tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, spatial))
     block = image[src]
-    pad = [(max(0, -l), max(0, h - n)) for l, h, n in zip(lo, hi, image.shape)]
+    pad = [(0, 0)] * lead + [(max(0, -l), max(0, h - n)) for l, h, n in zip(lo, hi, spatial)]
     if any(p != (0, 0) for p in pad):
         mode = "reflect" if all(p[0] < s and p[1] < s for p, s in zip(pad, block.shape)) else "symmetric"
         if mode == "symmetric" and any(p[0] > s or p[1] > s for p, s in zip(pad, block.shape)):

@@ -78,10 +78,15 @@ def open_volume(path: str | os.PathLike, what: str = "input") -> zarr.Array:
 
 
 def validate_volume(arr, what: str = "input", *, integer: bool = False,
-                    dims: Sequence[int] = (2, 3)) -> None:
-    """Shape and dtype checks that need no data read."""
-    if arr.ndim not in dims:
-        raise SpocoInputError(f"{what} must be {' or '.join(f'{d}D' for d in dims)}, got {arr.ndim}D "
+                    dims: Sequence[int] = (2, 3), channels: int = 1) -> None:
+    """Shape and dtype checks that need no data read. ``channels`` > 1: the array holds
+    that many channels on its first axis, before the 2D or 3D spatial axes."""
+    spatial = arr.ndim - (channels > 1)
+    if channels > 1 and (arr.ndim < 3 or arr.shape[0] != channels):
+        raise SpocoInputError(f"{what} must hold {channels} channels on its first axis, (C, Y, X) or "
+                              f"(C, Z, Y, X), got shape {tuple(arr.shape)}")
+    if spatial not in dims:
+        raise SpocoInputError(f"{what} must be {' or '.join(f'{d}D' for d in dims)}, got {spatial}D "
                               f"shape {tuple(arr.shape)}")
     if any(s == 0 for s in arr.shape):
         raise SpocoInputError(f"{what} is empty (shape {tuple(arr.shape)})")

@@ -14,9 +14,10 @@ import torch
 from .inference import autocast_context, autocast_dtype
 
 
-def to_batch(raws: np.ndarray, device) -> torch.Tensor:
-    """(B, *spatial) normalised patches -> (B, 1, *spatial) on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(raws[:, None])).to(device)
+def to_batch(raws: np.ndarray, device, channels: int = 1) -> torch.Tensor:
+    """Normalised patches (B, *spatial) -> (B, 1, *spatial) on ``device``; with several
+    channels they are (B, C, *spatial) already."""
+    return torch.from_numpy(np.ascontiguousarray(raws if channels > 1 else raws[:, None])).to(device)
 
 
 def forward(net, x: torch.Tensor, device: torch.device, amp: bool) -> torch.Tensor:

@@ -241,16 +241,18 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     momentum network g (consistency clustering). ``intensity_mapping``: the input
     volume's mapping onto the model's intensity range (spoco_vol.intensity; None: as it is)."""
     timings = timings if timings is not None else {}
-    dims = ckpt.dims
-    if raw.ndim not in (2, 3):
-        raise SpocoInputError(f"input must be 2D or 3D, got {raw.ndim}D")
-    if dims > raw.ndim:
-        raise SpocoInputError(f"the model is {dims}D but the input is {raw.ndim}D")
+    dims, channels = ckpt.dims, ckpt.in_channels
+    io.validate_volume(raw, "input", channels=channels)
+    ndim = raw.ndim - (channels > 1)  # spatial
+    if dims > ndim:
+        raise SpocoInputError(f"the model is {dims}D but the input is {ndim}D")
     io.check_finite(raw, "input")
-    spatial_axes = list(range(raw.ndim - dims, raw.ndim))
-    scale = model_scale(input_voxel_size, ckpt.voxel_size, spatial_axes, raw.ndim)
+    spatial_axes = list(range(ndim - dims, ndim))
+    scale = model_scale(input_voxel_size, ckpt.voxel_size, spatial_axes, ndim)
     t = time.perf_counter()
-    image = transforms.normalize(resample_raw(intensity.apply(raw, intensity_mapping), scale), ckpt.normalization)
+    mapped = intensity.apply(raw, intensity_mapping)
+    resampled = np.stack([resample_raw(c, scale) for c in mapped]) if channels > 1 else resample_raw(mapped, scale)
+    image = transforms.normalize(resampled, ckpt.normalization)
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t
     t = time.perf_counter()
     net = net if net is not None else ckpt.network()
@@ -258,12 +260,13 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
         foreground_net = ckpt.foreground_network()
     dev = resolve_device(device)
     tta = ckpt.inference.uses_tta(tta)
-    sections = [image] if dims == raw.ndim else list(image)
-    embeddings = np.zeros((net.embedding_dim, *image.shape), np.float32)
+    grid = image.shape[1:] if channels > 1 else image.shape  # the model grid
+    sections = [image] if dims == ndim else [image[..., z, :, :] for z in range(grid[0])]
+    embeddings = np.zeros((net.embedding_dim, *grid), np.float32)
     momentum = None if momentum_net is None else np.zeros_like(embeddings)
-    probabilities = None if foreground_net is None else np.zeros(image.shape, np.float32)
+    probabilities = None if foreground_net is None else np.zeros(grid, np.float32)
     for z, sec in enumerate(sections):
-        at = (slice(None),) if dims == raw.ndim else (slice(None), z)
+        at = (slice(None),) if dims == ndim else (slice(None), z)
         embeddings[at] = predict_embeddings(net, sec, device=dev, tta=tta)
         if momentum_net is not None:
             momentum[at] = predict_embeddings(momentum_net, sec, device=dev, tta=tta)
@@ -341,7 +344,8 @@ def segment_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     pred = predict_array(raw, ckpt, input_voxel_size=input_voxel_size, device=device, timings=timings, net=net,
                          tta=tta, intensity_mapping=intensity_mapping,
                          momentum_net=momentum_network(ckpt) if clustering == "consistency" else None)
-    labels = labels_from_embeddings(pred.embeddings, ckpt, raw.shape, pred.scale, strides=strides, timings=timings,
+    shape = raw.shape[1:] if ckpt.in_channels > 1 else raw.shape
+    labels = labels_from_embeddings(pred.embeddings, ckpt, shape, pred.scale, strides=strides, timings=timings,
                                     region=region, foreground=pred.foreground, clustering=clustering,
                                     momentum=pred.momentum)
     return (labels, pred.embeddings) if keep_embeddings else labels

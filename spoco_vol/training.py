@@ -52,7 +52,7 @@ def _validation_loss(net, loss_fn, patches, device, amp):
     total = 0.0
     with torch.no_grad():
         for raw, lab in patches:
-            emb = loop.forward(net, loop.to_batch(raw[None], device), device, amp)
+            emb = loop.forward(net, loop.to_batch(raw[None], device, net.in_channels), device, amp)
             t, _ = loss_fn(emb.float(), torch.from_numpy(lab[None]).to(device))
             total += float(t)
     net.train()
@@ -106,12 +106,13 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or fine-tune, or resume) a SPOCO model; returns a summary dict."""
     cfg.check()
     init_ckpt = checkpoint.load(bundled.model_path(cfg.init)) if cfg.init else None
-    if init_ckpt is not None and (init_ckpt.dims != cfg.dims or init_ckpt.in_channels != 1):
-        raise SpocoInputError(f"--init model is {init_ckpt.dims}D with {init_ckpt.in_channels} input "
-                              f"channel(s); this run needs {cfg.dims}D with 1")
     _check_out_dir(cfg)
     train_vols, val_vols, held, normalization, info = prepare_volumes(
         cfg, None if init_ckpt is None else init_ckpt.normalization)
+    channels = info["channels"]
+    if init_ckpt is not None and (init_ckpt.dims != cfg.dims or init_ckpt.in_channels != channels):
+        raise SpocoInputError(f"--init model is {init_ckpt.dims}D with {init_ckpt.in_channels} input "
+                              f"channel(s); this run needs {cfg.dims}D with {channels}")
     if init_ckpt is not None:
         n = init_ckpt.normalization  # keep the representation's input scale
         normalization = {"input_dtype": intensity.model_dtype(n), "input_range": list(intensity.model_range(n)), **n}
@@ -152,8 +153,9 @@ def train(cfg: TrainConfig) -> dict:
             net = model_mod.UNet(**{**init_ckpt.architecture, "dropout": cfg.network_dropout})
             net.load_state_dict(init_ckpt.state_dict)
     else:
-        net = model_mod.UNet(dims=cfg.dims, embedding_dim=cfg.embedding_dim, features=cfg.features,
-                             norm=cfg.norm, pool_factors=cfg.pools(), dropout=cfg.network_dropout)
+        net = model_mod.UNet(dims=cfg.dims, in_channels=channels, embedding_dim=cfg.embedding_dim,
+                             features=cfg.features, norm=cfg.norm, pool_factors=cfg.pools(),
+                             dropout=cfg.network_dropout)
     mult = net.shape_multiple
     if any(p % m for p, m in zip(cfg.patch_shape, mult)):
         raise SpocoInputError(f"--patch-shape {tuple(cfg.patch_shape)} must be a multiple of {mult}")
@@ -254,11 +256,12 @@ def train(cfg: TrainConfig) -> dict:
 
     def step(it: int, due: bool) -> dict:
         raws, labs, graws = augmented_batch(sampler, cfg, normalization, rng, use_g)
-        x, y = loop.to_batch(raws, device), torch.from_numpy(labs).to(device)
+        x, y = loop.to_batch(raws, device, channels), torch.from_numpy(labs).to(device)
         emb = loop.forward(net, x, device, cfg.amp)
         g_emb = None
         if teacher is not None:
-            g_emb = teacher.embeddings(lambda n, b: loop.forward(n, b, device, cfg.amp), loop.to_batch(graws, device))
+            g_emb = teacher.embeddings(lambda n, b: loop.forward(n, b, device, cfg.amp),
+                                       loop.to_batch(graws, device, channels))
         loss_fn.weights["background"] = weights["background_weight"] \
             if (mode == "sparse" and it > cfg.background_warmup) else 0.0
         total, terms = loss_fn(emb.float(), y, g_embeddings=g_emb, generator=gen)

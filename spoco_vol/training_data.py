@@ -45,8 +45,10 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     train_vols = []
     for r, l in zip(cfg.raw, cfg.labels):
         v = data.open_training_volume(r, l, cfg.voxel_size)
-        if v.raw.ndim == 2 and cfg.dims == 3:
+        if v.spatial_ndim == 2 and cfg.dims == 3:
             raise SpocoInputError(f"a 3D model cannot be trained on the 2D volume {r}")
+        if train_vols and v.channels != train_vols[0].channels:
+            raise SpocoInputError(f"{r} has {v.channels} channel(s), {train_vols[0].name} {train_vols[0].channels}")
         train_vols.append(v)
     reference = reference or intensity.native_reference(train_vols[0].raw, cfg.intensity_range, train_vols[0].name)
     val_vols = []
@@ -61,13 +63,16 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
             raise SpocoInputError("give one --val-labels for every --val-raw")
         val_vols = [data.open_training_volume(r, l, cfg.voxel_size) for r, l in zip(cfg.val_raw, cfg.val_labels)]
         for v in val_vols:
-            if v.raw.ndim == 2 and cfg.dims == 3:
+            if v.spatial_ndim == 2 and cfg.dims == 3:
                 raise SpocoInputError(f"a 3D model cannot be validated on the 2D volume {v.name}")
+            if v.channels != train_vols[0].channels:
+                raise SpocoInputError(f"{v.name} has {v.channels} channel(s), the training volumes "
+                                      f"{train_vols[0].channels}")
     elif val_sections > 0:
         # Hold out the last sections of each 3D volume (thick-section EM: z is the split axis).
         for v in train_vols:
             nz = v.shape3d[0]
-            if v.raw.ndim == 3 and nz > val_sections:
+            if v.spatial_ndim == 3 and nz > val_sections:
                 val_vols.append(dataclasses.replace(v, z_range=(nz - val_sections, nz)))
                 v.z_range = (0, nz - val_sections)
     for v in train_vols + [v for v in val_vols if v.intensity is None]:
@@ -90,8 +95,10 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     # One normalisation for all volumes, stored in the checkpoint, so that every block of
     # every later volume is normalised the same way (per-block statistics would show seams).
     n = sum(s["object_sizes"].size for s in stats)
-    mean = float(np.mean([s["mean"] for s in stats]))
-    std = float(np.mean([s["std"] for s in stats]))
+    mean = np.mean([s["mean"] for s in stats], axis=0)  # per channel with several channels
+    std = np.mean([s["std"] for s in stats], axis=0)
+    mean, std = (float(mean), float(std)) if np.ndim(mean) == 0 else ([float(m) for m in mean],
+                                                                      [float(x) for x in std])
     for i, (v, s) in enumerate(zip(train_vols, stats)):
         v.keep_ids = data.choose_object_subset(s["object_ids"], cfg.object_fraction, cfg.seed + i)
     annotated_ids = [s["object_ids"] if v.keep_ids is None else v.keep_ids for v, s in zip(train_vols, stats)]
@@ -103,7 +110,7 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     vs = train_vols[0].voxel_size
     normalization = {"mean": mean, "std": std, "kind": "zscore", "input_dtype": intensity.model_dtype(reference),
                      "input_range": list(intensity.model_range(reference))}
-    return train_vols, val_vols, held, normalization, {
+    return train_vols, val_vols, held, normalization, {"channels": train_vols[0].channels,
         "objects_total": int(n), "objects_annotated": int(kept), "objects_held_out": len(held),
         "objects_used": int(kept - len(held)),
         "object_size_p1": float(np.percentile(sizes, 1)), "voxel_size": vs,
@@ -188,7 +195,7 @@ def augmented_batch(sampler: data.PatchSampler, cfg: TrainConfig, normalization:
         raws.append(raw)
         labs.append(lab)
         if with_g:
-            graws.append(transforms.augment_for_momentum(raw, rng))
+            graws.append(transforms.augment_for_momentum(raw, rng, channels_first=raw.ndim > lab.ndim))
     return np.stack(raws), np.stack(labs), (np.stack(graws) if with_g else None)
 
 
@@ -219,11 +226,12 @@ def validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixel
         ds = cfg.downsample
         if cfg.dims == 2:
             for z in range(z0, z1):
-                raw = v.read_raw(z if v.raw.ndim == 3 else ...)[None]
+                raw = v.read_raw(z if v.spatial_ndim == 3 else ...)
+                raw = np.expand_dims(raw, raw.ndim - 2)  # the z axis, after any channel axis
                 lab = np.asarray(v.labels[z] if v.labels.ndim == 3 else v.labels[...]).astype(np.int64)[None]
                 raw, lab = data.to_model_grid(raw, lab, ds)
                 side = int(np.sqrt(max_pixels))
-                out.append((transforms.normalize(raw[0, :side, :side], normalization), lab[0, :side, :side]))
+                out.append((transforms.normalize(raw[..., 0, :side, :side], normalization), lab[0, :side, :side]))
                 if len(out) >= 8:
                     return out
         else:
@@ -258,14 +266,15 @@ def object_windows(held: list[HeldOutObject], cfg: TrainConfig, normalization: d
             centre = (h.bbox_lo + h.bbox_hi) // 2
         start = [int(np.clip(c - s // 2, lo, hi - s)) for c, s, lo, hi in zip(centre, size, lo_vol, hi_vol)]
         sl = tuple(slice(a, a + s) for a, s in zip(start, size))
-        if v.raw.ndim == 2:
+        if v.spatial_ndim == 2:
             sl = sl[1:]
-        raw = v.read_raw(sl).reshape(size)
+        raw = v.read_raw(sl)
+        raw = raw.reshape((raw.shape[0], *size) if v.channels > 1 else size)
         lab = np.asarray(v.labels[sl]).astype(np.int64).reshape(size)
         lab = np.where(np.isin(lab, h.annotated_ids), lab, 0)
         raw, lab = data.to_model_grid(raw, lab, ds)
         if cfg.dims == 2:
-            raw, lab = raw[0], lab[0]
+            raw, lab = raw[..., 0, :, :], lab[0]
         if not (lab == h.id).any():  # a sliver the model grid does not keep
             continue
         images.append((transforms.normalize(raw, normalization), lab))

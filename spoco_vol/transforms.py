@@ -4,6 +4,10 @@ Geometry (flips, in-plane 90-degree rotations, optional elastic deformation) is 
 identically to raw and labels. The momentum network g sees the same geometry but extra
 photometric noise (Gaussian noise, blur), which is what the consistency loss exploits:
 g's embedding of the unlabeled region must agree with f's despite the noise.
+
+A multi-channel raw patch (RGB, several stains) has its channels on a leading axis,
+(C, *spatial), and its labels the spatial shape: the geometry moves the spatial axes
+only, normalisation has per-channel statistics.
 """
 from __future__ import annotations
 
@@ -12,16 +16,25 @@ from scipy import ndimage
 
 
 def normalize(raw: np.ndarray, normalization: dict) -> np.ndarray:
-    """Z-score with the statistics stored in the checkpoint (fixed, so blocks agree)."""
-    return ((np.asarray(raw, dtype=np.float32) - normalization["mean"]) / normalization["std"]).astype(np.float32)
+    """Z-score with the statistics stored in the checkpoint (fixed, so blocks agree);
+    per-channel statistics (lists) apply along a leading channel axis."""
+    mean, std = normalization["mean"], normalization["std"]
+    raw = np.asarray(raw, dtype=np.float32)
+    if np.ndim(mean):
+        shape = (-1,) + (1,) * (raw.ndim - 1)
+        mean = np.reshape(np.asarray(mean, np.float32), shape)
+        std = np.reshape(np.asarray(std, np.float32), shape)
+    return ((raw - mean) / std).astype(np.float32)
 
 
 def augment_geometry(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                      elastic: bool = False):
-    """Random flips and in-plane rot90 (last two axes), optionally elastic; same for both."""
-    for axis in range(raw.ndim):
+    """Random flips and in-plane rot90 (last two axes), optionally elastic; same for both
+    (a leading channel axis of ``raw`` is left alone)."""
+    channel_axes = raw.ndim - labels.ndim
+    for axis in range(labels.ndim):
         if rng.random() < 0.5:
-            raw, labels = np.flip(raw, axis), np.flip(labels, axis)
+            raw, labels = np.flip(raw, axis + channel_axes), np.flip(labels, axis)
     k = int(rng.integers(4))
     if raw.shape[-1] != raw.shape[-2]:
         k = 2 * (k % 2)  # non-square patches keep their shape with 0 or 180 degrees only
@@ -47,7 +60,7 @@ def elastic_deform(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     def warp(img, order):
         if img.ndim == 2:
             return ndimage.map_coordinates(img, coords, order=order, mode="reflect")
-        return np.stack([ndimage.map_coordinates(s, coords, order=order, mode="reflect") for s in img])
+        return np.stack([warp(s, order) for s in img])  # sections, channels: the same field
 
     return warp(raw, 1).astype(raw.dtype), warp(labels, 0).astype(labels.dtype)
 
@@ -59,11 +72,12 @@ def augment_intensity(raw: np.ndarray, rng: np.random.Generator, scale: float = 
 
 
 def augment_for_momentum(raw: np.ndarray, rng: np.random.Generator, noise: float = 0.1,
-                         max_blur: float = 1.0) -> np.ndarray:
-    """The g branch's extra photometric noise: Gaussian blur then Gaussian noise."""
+                         max_blur: float = 1.0, channels_first: bool = False) -> np.ndarray:
+    """The g branch's extra photometric noise: Gaussian blur (of the spatial axes) then
+    Gaussian noise."""
     out = raw
     sigma = rng.uniform(0, max_blur)
     if sigma > 0.1:
-        out = ndimage.gaussian_filter(out, sigma)
+        out = ndimage.gaussian_filter(out, (0,) + (sigma,) * (raw.ndim - 1) if channels_first else sigma)
     out = out + rng.normal(0, noise * rng.uniform(0, 1), out.shape)
     return augment_intensity(out.astype(np.float32), rng)

@@ -56,7 +56,7 @@ def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Predict
     block = plan.grid.block_at(linear)
     t = time.perf_counter()
     model, networks = _load_model(plan.model_path, plan.clustering == "consistency")
-    raw = np.asarray(io.open_volume(plan.input_path)[block.read])
+    raw = np.asarray(io.open_volume(plan.input_path)[(slice(None),) * (plan.channels > 1) + block.read])
     io.check_finite(raw, "input", f"block {block.index} (voxels {tasks.region_text(block.read)})")
     skip = not raw.any()
     if plan.mask_path and not skip:

@@ -74,6 +74,7 @@ class SegmentPlan:
     model_path: str                        # absolute
     model_sha256: str
     model_dims: int
+    channels: int                          # on the input's first axis when > 1
     embedding_dim: int
     delta_v: float
     delta_d: float
@@ -125,6 +126,7 @@ class SegmentPlan:
             "save_embeddings": self.save_embeddings, "output_dtype": self.out_dtype, "tta": self.tta,
             "intensity": self.intensity, "zarr_format": self.zarr_format,
             "pyramid": [list(f) for f in self.pyramid], "version": __version__,
+            **({"channels": self.channels} if self.channels > 1 else {}),
             # other clusterings are newer than many partial runs: their hashes stay as they were
             **({"clustering": self.clustering, "momentum_sha256": self.momentum_sha256}
                if self.clustering != "mws" else {})}
@@ -150,69 +152,76 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
     what it does; reads metadata only (and, for inputs that need it, the intensity range
     in a chunked pass), writes nothing. Arguments as spoco_vol.blockwise.segment_blockwise."""
     arr = io.open_volume(input_path)
-    io.validate_volume(arr, f"input {input_path}")
+    model_path = os.path.abspath(bundled.model_path(model))
+    ckpt = checkpoint.load(model_path)
+    channels = ckpt.in_channels
+    if channels > 1 and (arr.ndim < 3 or arr.shape[0] != channels):
+        raise SpocoInputError(f"the model expects {channels} channels on the input's first axis, (C, Y, X) or "
+                              f"(C, Z, Y, X); the input has shape {tuple(arr.shape)}")
+    io.validate_volume(arr, f"input {input_path}", channels=channels)
     output = output or default_output_path(input_path)
     # An existing output is checked by the caller: it may be this very run's result.
     check_output_path(output, input_path, overwrite=True)
-    model_path = os.path.abspath(bundled.model_path(model))
-    ckpt = checkpoint.load(model_path)
+    # From here on the input's spatial axes (a leading channel axis is read whole).
+    ndim = arr.ndim - (channels > 1)
+    shape, chunks = tuple(arr.shape[arr.ndim - ndim:]), tuple(arr.chunks[arr.ndim - ndim:])
     dims = ckpt.dims
-    if dims > arr.ndim:
-        raise SpocoInputError(f"the model is {dims}D but the input is {arr.ndim}D")
-    if ckpt.in_channels != 1:
-        raise SpocoInputError(f"the model expects {ckpt.in_channels} channels; the input has one")
+    if dims > ndim:
+        raise SpocoInputError(f"the model is {dims}D but the input is {ndim}D")
     vs = list(voxel_size) if voxel_size else io.read_voxel_size(input_path)
-    if vs is not None and len(vs) != arr.ndim:
-        raise SpocoInputError(f"--voxel-size needs {arr.ndim} values for this {arr.ndim}D input")
+    if vs is not None and not voxel_size and channels > 1 and len(vs) == arr.ndim:
+        vs = vs[1:]  # an OME-Zarr scale that names the channel axis too
+    if vs is not None and len(vs) != ndim:
+        raise SpocoInputError(f"--voxel-size needs {ndim} values for this {ndim}D input")
     if vs is not None and not all(np.isfinite(v) and v > 0 for v in vs):
         raise SpocoInputError(f"voxel size must be positive, got {vs}")
     if vs is None and ckpt.voxel_size:
         warn(f"the voxel size of {input_path} is unknown (none in its metadata, no --voxel-size): it is segmented "
-             f"as if it had the model's {io.format_voxel_size(ckpt.voxel_size[-arr.ndim:])}, without "
+             f"as if it had the model's {io.format_voxel_size(ckpt.voxel_size[-ndim:])}, without "
              "resampling; give --voxel-size Z,Y,X in nm")
     mapping = intensity.volume_mapping(arr, ckpt.normalization, intensity_range, f"input {input_path}")
     if mask:
         m = io.open_volume(mask, "mask")
-        if tuple(m.shape) != tuple(arr.shape):
-            raise SpocoInputError(f"mask shape {tuple(m.shape)} differs from the input's {tuple(arr.shape)}")
-    spatial_axes = list(range(arr.ndim - dims, arr.ndim))
-    scale = model_scale(vs, ckpt.voxel_size, spatial_axes, arr.ndim)
+        if tuple(m.shape) != tuple(shape):
+            raise SpocoInputError(f"mask shape {tuple(m.shape)} differs from the input's {tuple(shape)}")
+    spatial_axes = list(range(ndim - dims, ndim))
+    scale = model_scale(vs, ckpt.voxel_size, spatial_axes, ndim)
     offsets = ckpt.inference.offsets
-    halo = list(halo) if halo is not None else required_halo(ckpt, arr.ndim, scale)
+    halo = list(halo) if halo is not None else required_halo(ckpt, ndim, scale)
     if clustering not in METHODS:
         raise SpocoInputError(f"--clustering must be one of {', '.join(METHODS)}, got {clustering!r}")
     if clustering != "mws":
         # Clusters of pixel embeddings depend on the whole image they are drawn from: no
         # block may cut an image (a 2D model's section, a 3D model's volume).
-        image = list(arr.shape[arr.ndim - dims:])
-        if block_shape is not None and list(block_shape)[arr.ndim - dims:] != image:
+        image = list(shape[ndim - dims:])
+        if block_shape is not None and list(block_shape)[ndim - dims:] != image:
             raise SpocoInputError(f"--clustering {clustering} runs on whole images: give no --block-shape, or one "
-                                  f"that covers the {'sections' if dims < arr.ndim else 'volume'} "
+                                  f"that covers the {'sections' if dims < ndim else 'volume'} "
                                   f"({' x '.join(map(str, image))})")
         if block_shape is None:
-            block_shape = ([min(arr.shape[0], 8)] if dims < arr.ndim else []) + image
-    block_shape = list(block_shape) if block_shape is not None else default_block_shape(arr.shape, dims)
-    if len(halo) != arr.ndim or len(block_shape) != arr.ndim:
-        raise SpocoInputError(f"--block-shape and --halo need {arr.ndim} values for this {arr.ndim}D input")
+            block_shape = ([min(shape[0], 8)] if dims < ndim else []) + image
+    block_shape = list(block_shape) if block_shape is not None else default_block_shape(shape, dims)
+    if len(halo) != ndim or len(block_shape) != ndim:
+        raise SpocoInputError(f"--block-shape and --halo need {ndim} values for this {ndim}D input")
     if any(b < 1 for b in block_shape) or any(h < 0 for h in halo):
         raise SpocoInputError("block shape must be positive and halo non-negative")
-    reach = [0] * (arr.ndim - dims) + [int(np.ceil(max(abs(o[a]) for o in offsets) / scale[ax]))
+    reach = [0] * (ndim - dims) + [int(np.ceil(max(abs(o[a]) for o in offsets) / scale[ax]))
                                        for a, ax in enumerate(spatial_axes)]
-    for a in range(arr.ndim):
+    for a in range(ndim):
         if halo[a] < reach[a]:
             raise SpocoInputError(f"halo {halo[a]} along axis {a} is shorter than the longest affinity "
                                   f"offset ({reach[a]} voxels)")
-        if block_shape[a] < min(arr.shape[a], max(halo[a], 1)):
+        if block_shape[a] < min(shape[a], max(halo[a], 1)):
             raise SpocoInputError(f"block shape {block_shape[a]} along axis {a} is smaller than the "
                                   f"halo {halo[a]} it needs")
     if link_sections:
-        if not (dims == 2 and arr.ndim == 3):
+        if not (dims == 2 and ndim == 3):
             raise SpocoInputError("--link-sections joins the sections of a 2D model's result: it needs a 2D "
-                                  f"model and a 3D input (got a {dims}D model, {arr.ndim}D input)")
+                                  f"model and a 3D input (got a {dims}D model, {ndim}D input)")
         if not 0 < link_overlap <= 1:
             raise SpocoInputError(f"--link-overlap takes a fraction in (0, 1], got {link_overlap}")
     if isinstance(roi, str):
-        roi = parse_roi(roi, arr.shape)
+        roi = parse_roi(roi, shape)
     roi = tuple(roi) if roi is not None else None
     factors = embedding_factors(scale)
     if save_embeddings:
@@ -226,19 +235,19 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
     # Planes of the neighbour's core whose segmentation is compared: the ones next to the
     # face, where both blocks see enough context (the far halo is least reliable).
     depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes] + [STITCH_DEPTH]))
-    grid_shape = [-(-n // b) for n, b in zip(arr.shape, block_shape)]
+    grid_shape = [-(-n // b) for n, b in zip(shape, block_shape)]
     n_vox = int(np.prod([g * b for g, b in zip(grid_shape, block_shape)]))
     image = labels_of_image(output, input_path)  # the labels go into this OME-Zarr image's labels group
     ome = io.ome_image(input_path)
-    levels = label_pyramid(arr.shape, vs, io.ome_scales(ome) if ome else None)
+    levels = label_pyramid(shape, vs, io.ome_scales(ome) if ome else None)
     from ..inference import resolve_device
     resolve_device(device)  # "cuda" without a GPU fails here, not in every block
     return SegmentPlan(
-        input_path=os.path.abspath(input_path), output=output, image=image, shape=tuple(arr.shape),
-        dtype=str(arr.dtype), chunks=tuple(arr.chunks), model_path=model_path, model_sha256=ckpt.sha256,
+        input_path=os.path.abspath(input_path), output=output, image=image, shape=tuple(shape),
+        dtype=str(arr.dtype), chunks=chunks, channels=channels, model_path=model_path, model_sha256=ckpt.sha256,
         model_dims=dims, embedding_dim=ckpt.embedding_dim, delta_v=ckpt.delta_v, delta_d=ckpt.delta_d,
         voxel_size=tuple(vs) if vs else None, scale=tuple(scale), block_shape=tuple(block_shape),
-        halo=tuple(halo), align=tuple(read_alignment(ckpt, arr.ndim, scale)),
+        halo=tuple(halo), align=tuple(read_alignment(ckpt, ndim, scale)),
         offsets=tuple(tuple(int(x) for x in o) for o in offsets),
         background_rule=ckpt.inference.background_rule(), tta=ckpt.inference.uses_tta(tta), intensity=mapping,
         mask_path=os.path.abspath(mask) if mask else None, roi=roi, stitch_axes=tuple(stitch_axes), depth=depth,

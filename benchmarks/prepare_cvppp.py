@@ -1,0 +1,57 @@
+"""Write the CVPPP A1 leaf images (../shared/data/cvppp_a1) as zarr for training and
+testing a multi-channel (RGB) model.
+
+A seeded split of the 128 images: 103 for training, 25 for testing (the test images are
+never trained on nor used to choose a setting). Each zarr holds ``raw`` (3, N, 530, 500)
+uint8, the RGB channels first and the images as sections, and ``labels`` (N, 530, 500)
+uint16 leaf ids (0 = background). Images are photographs: no voxel size.
+
+Data: Minervini M, Fischbach A, Scharr H, Tsaftaris SA (2016) Pattern Recognition
+Letters 81:80-89; Scharr H et al. (2014), FZJ-2014-03837. Research use under the CVPPP
+organisers' terms; nothing of it is shipped with spoco-vol.
+
+    python benchmarks/prepare_cvppp.py OUT_DIR [--data ../shared/data/cvppp_a1/a1.npz] [--seed 0]
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+from spoco_vol import io
+
+DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cvppp_a1", "a1.npz")
+N_TRAIN = 103
+
+
+def split(n: int, seed: int) -> tuple[list, list]:
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[:N_TRAIN].tolist()), sorted(order[N_TRAIN:].tolist())
+
+
+def write(path: str, raw: np.ndarray, labels: np.ndarray, names) -> None:
+    """raw (N, 3, Y, X) -> (3, N, Y, X); one chunk per image and channel."""
+    attrs = {"source": "CVPPP 2017 LSC A1 (Minervini et al. 2016)", "images": list(map(str, names))}
+    io.create_array(path + "/raw", np.ascontiguousarray(raw.transpose(1, 0, 2, 3)), chunks=(1, 1, *raw.shape[2:]),
+                    attrs=attrs, overwrite=True)
+    io.create_array(path + "/labels", labels.astype(np.uint16), chunks=(1, *labels.shape[1:]), attrs=attrs,
+                    overwrite=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--data", default=DEFAULT)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    d = np.load(a.data)
+    train, test = split(len(d["raw"]), a.seed)
+    for name, idx in (("cvppp_train", train), ("cvppp_test", test)):
+        write(os.path.join(a.out, f"{name}.zarr"), d["raw"][idx], d["labels"][idx], d["names"][idx])
+        print(f"wrote {name}.zarr: {len(idx)} images")
+    with open(os.path.join(a.out, "split.json"), "w") as f:
+        json.dump({"seed": a.seed, "train": train, "test": test}, f)
+
+
+if __name__ == "__main__":
+    main()
