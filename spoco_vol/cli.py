@@ -283,7 +283,9 @@ def models():
                    "64,256,256 for 3D].")
 @click.option("--halo", type=INTS, default=None,
               help="Context per side in input voxels [default: the model's field of view plus the longest offset].")
-@click.option("--mask", default=None, help="Zarr mask of the input's shape; blocks without foreground are skipped.")
+@click.option("--mask", default=None,
+              help="Zarr foreground mask of the input's shape: voxels outside it are background, blocks without "
+                   "foreground are skipped (e.g. a tissue mask, or a ground-truth foreground).")
 @click.option("--voxel-size", type=FLOATS, default=None,
               help="Input voxel size in nm (z,y,x) [default: from the zarr metadata].")
 @click.option("--workers", type=click.IntRange(0), default=None,

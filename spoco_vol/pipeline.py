@@ -231,7 +231,8 @@ class ArrayPrediction(NamedTuple):
 
 def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, device="auto",
                   timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None,
-                  intensity_mapping: dict | None = None, momentum_net=None) -> ArrayPrediction:
+                  intensity_mapping: dict | None = None, momentum_net=None,
+                  mask: np.ndarray | None = None) -> ArrayPrediction:
     """The networks' output for an in-memory 2D/3D array (ArrayPrediction): the
     embeddings, the zoom from the input grid to the model grid, and the object
     probabilities of the checkpoint's foreground classifier (None without one). A 2D
@@ -239,7 +240,10 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     [default: as the checkpoint was calibrated]. ``net``/``foreground_net``: the
     checkpoint's networks, if already built. ``momentum_net``: also predict with the
     momentum network g (consistency clustering). ``intensity_mapping``: the input
-    volume's mapping onto the model's intensity range (spoco_vol.intensity; None: as it is)."""
+    volume's mapping onto the model's intensity range (spoco_vol.intensity; None: as it is).
+    ``mask``: a foreground mask of the input's spatial shape (e.g. the ground truth's):
+    pixels outside it are background, as if a perfect classifier had called them so
+    (with a classifier: outside the mask, or called background by it)."""
     timings = timings if timings is not None else {}
     dims, channels = ckpt.dims, ckpt.in_channels
     io.validate_volume(raw, "input", channels=channels)
@@ -272,8 +276,29 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
             momentum[at] = predict_embeddings(momentum_net, sec, device=dev, tta=tta)
         if foreground_net is not None:
             probabilities[at[1:]] = predict_foreground(foreground_net, sec, device=dev, tta=tta)
+    if mask is not None:  # on the model grid, nearest (integer downsampling: the block's majority)
+        inside = mask_on_model_grid(np.asarray(mask) != 0, grid, scale)
+        probabilities = inside.astype(np.float32) if probabilities is None else probabilities * inside
     timings["predict"] = timings.get("predict", 0) + time.perf_counter() - t
     return ArrayPrediction(embeddings, scale, probabilities, momentum)
+
+
+def mask_on_model_grid(mask: np.ndarray, grid: Sequence[int], scale: Sequence[float]) -> np.ndarray:
+    """A boolean mask of the input grid on the model grid of shape ``grid``: with
+    integer downsampling a model pixel is inside when most of its input voxels are, else
+    the nearest input voxel decides."""
+    factors = [1 / s for s in scale]
+    if all(abs(f - round(f)) < 1e-6 and round(f) >= 1 for f in factors) and any(round(f) > 1 for f in factors):
+        from .data import downsample_raw
+        f = [int(round(x)) for x in factors]
+        pad = [(0, (-n) % k) for n, k in zip(mask.shape, f)]
+        mean = downsample_raw(np.pad(mask.astype(np.float32), pad, mode="edge"), f)
+        return mean[tuple(slice(0, g) for g in grid)] >= 0.5
+    if tuple(mask.shape) == tuple(grid):
+        return mask
+    # the input voxel at each model pixel's centre
+    return mask[np.ix_(*(np.minimum(((np.arange(g) + 0.5) * (n / g)).astype(np.int64), n - 1)
+                         for g, n in zip(grid, mask.shape)))]
 
 
 def labels_from_embeddings(embeddings: np.ndarray, ckpt: Checkpoint, input_shape: Sequence[int],

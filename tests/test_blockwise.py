@@ -267,13 +267,15 @@ def test_masked_and_empty_blocks_are_written_zero(tmp_path):
     inp = _input_volume(tmp_path, data)
     model, _ = tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
     mask = np.zeros((2, 64, 64), np.uint8)
-    mask[:, 32:, :32] = 1  # only the lower-left block has foreground in the mask
+    yy, xx = np.mgrid[:64, :64]
+    mask[:, (yy >= 32) & (xx < 32) & (yy - 32 > xx)] = 1  # a triangle: only the lower-left block has foreground
     io.create_array(str(tmp_path / "mask.zarr"), mask)
     out = str(tmp_path / "o.zarr")
     segment_blockwise(inp, out, model, block_shape=[2, 32, 32], halo=[0, 8, 8], workers=0,
                       mask=str(tmp_path / "mask.zarr"))
     lab = np.asarray(io.open_volume(out)[...])
     assert not lab[:, :32, :].any() and not lab[:, :, 32:].any()
+    assert lab[mask == 1].any() and not lab[mask == 0].any()  # inside a block the mask holds per voxel
 
 
 def test_roi_gives_the_whole_runs_objects_inside_and_zero_outside(tmp_path):

@@ -211,3 +211,16 @@ def test_restore_labels_of_a_region_is_the_crop_of_the_whole(scale):
     whole = restore_labels(lab, shape, scale)
     region = (slice(1, 2), slice(7, 38), slice(0, 45))
     np.testing.assert_array_equal(restore_labels(lab, shape, scale, region), whole[region])
+
+
+def test_a_mask_on_the_model_grid():
+    """Integer downsampling: a model pixel is inside when most of its input voxels are;
+    otherwise the input voxel at its centre decides."""
+    from spoco_vol.pipeline import mask_on_model_grid
+    mask = np.zeros((8, 8), bool)
+    mask[:, :3] = True  # columns 0-2: model column 0 fully, column 1 half (2-3)
+    down = mask_on_model_grid(mask, (4, 4), [0.5, 0.5])
+    assert down[:, 0].all() and down[:, 1].all() and not down[:, 2:].any()  # half counts as inside
+    up = mask_on_model_grid(mask, (16, 16), [2.0, 2.0])
+    assert up[:, :6].all() and not up[:, 6:].any()
+    assert mask_on_model_grid(mask, (8, 8), [1.0, 1.0]) is mask

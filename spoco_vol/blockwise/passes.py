@@ -59,12 +59,14 @@ def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Predict
     raw = np.asarray(io.open_volume(plan.input_path)[(slice(None),) * (plan.channels > 1) + block.read])
     io.check_finite(raw, "input", f"block {block.index} (voxels {tasks.region_text(block.read)})")
     skip = not raw.any()
+    mask = None
     if plan.mask_path and not skip:
-        skip = not np.asarray(io.open_volume(plan.mask_path, "mask")[block.core]).any()
+        mask = np.asarray(io.open_volume(plan.mask_path, "mask")[block.read])
+        skip = not mask[tasks.relative(block.core, block.read)].any()
     timings["read"] += time.perf_counter() - t
     if skip:
         return tasks.Prediction(None, timings)
-    return tasks.predict_block(raw, plan, model, networks, timings)
+    return tasks.predict_block(raw, plan, model, networks, timings, mask)
 
 
 def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads: int = 0) -> dict:

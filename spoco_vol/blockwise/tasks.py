@@ -85,14 +85,17 @@ class Fragments:
     timings: dict
 
 
-def predict_block(raw: np.ndarray, plan: SegmentPlan, model: Checkpoint, networks, timings: dict) -> Prediction:
+def predict_block(raw: np.ndarray, plan: SegmentPlan, model: Checkpoint, networks, timings: dict,
+                  mask: np.ndarray | None = None) -> Prediction:
     """Embeddings (and the classifier's probabilities, and with consistency clustering
     the momentum network's embeddings) of a block's read region; ``networks``: the
-    embedding network, the classifier, the momentum network (None where absent)."""
+    embedding network, the classifier, the momentum network (None where absent);
+    ``mask``: the --mask over the read region (its outside is background)."""
     net, foreground_net, momentum_net = networks
     return Prediction(predict_array(raw, model, input_voxel_size=plan.voxel_size, device=plan.device, timings=timings,
                                     net=net, tta=plan.tta, foreground_net=foreground_net,
-                                    intensity_mapping=plan.intensity, momentum_net=momentum_net), timings)
+                                    intensity_mapping=plan.intensity, momentum_net=momentum_net, mask=mask),
+                      timings)
 
 
 def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Checkpoint) -> Fragments:
