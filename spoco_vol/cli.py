@@ -42,6 +42,21 @@ def _numbers(kind):
 INTS, FLOATS = _numbers(int), _numbers(float)
 
 
+class _Offsets(click.ParamType):
+    name = "Z,Y,X;Z,Y,X;..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return [list(map(int, o)) for o in value]
+        try:
+            return [[int(v) for v in part.split(",")] for part in str(value).split(";") if part.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a list of offsets like '-1,0,0;0,-1,0;0,0,-1;-9,0,0'", param, ctx)
+
+
+OFFSETS = _Offsets()
+
+
 def _command_line() -> str:
     """The running command, rebuilt from its parsed options (canonical, defaults left out)."""
     ctx = click.get_current_context()
@@ -305,6 +320,12 @@ def models():
 @click.option("--save-embeddings", is_flag=True,
               help="Also keep the embeddings (float16, model grid) as the output's 'embeddings' array. "
                    "Large: 32 bytes per model voxel with E=16.")
+@click.option("--save-affinities", type=click.Choice(["float16", "uint8"]), is_flag=False, flag_value="float16",
+              default=None,
+              help="Also keep the Mutex Watershed's affinities (model grid, channels first, offsets in the attributes; "
+                   "uint8 holds round(255 w)) as the output's 'affinities' array, and the pixels that take part "
+                   "in it as 'foreground': what `spoco-vol segment-affinities` and other tools take. "
+                   "2 bytes (float16) per model voxel and offset.")
 @click.option("--link-sections", is_flag=True,
               help="2D model on a 3D volume: join per-section objects across sections by overlap.")
 @click.option("--link-overlap", type=float, default=LINK_OVERLAP, show_default=True,
@@ -327,24 +348,81 @@ def models():
                    "a 3D one): small volumes only, minutes per image.")
 @click.option("--progress/--quiet", default=True, help="Show progress bars.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, cluster_set, stitch,
-            device, roi, save_embeddings, link_sections, link_overlap, tta, intensity_range, clustering, overwrite,
-            progress):
+            device, roi, save_embeddings, save_affinities, link_sections, link_overlap, tta, intensity_range,
+            clustering, overwrite, progress):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
     An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
     again resumes it and gives the labels an uninterrupted run would have given."""
     from .blockwise import format_report, segment_blockwise
-    if cluster_set:
-        if not cluster:
-            raise InputError("--cluster-set needs --cluster")
-        from .cluster import load_cluster_config
-        cluster = _run(load_cluster_config, cluster, _assignments(cluster_set, "--cluster-set", parse=False))
     report = _run(segment_blockwise, input_path, output, model, block_shape=block_shape, halo=halo,
                   mask=mask, voxel_size=voxel_size, workers=workers, device=device, overwrite=overwrite,
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
-                  link_sections=link_sections, link_overlap=link_overlap, cluster=cluster,
+                  link_sections=link_sections, link_overlap=link_overlap, cluster=_cluster(cluster, cluster_set),
                   command=_command_line(), progress=progress, tta=tta, intensity_range=intensity_range,
-                  clustering=clustering)
+                  clustering=clustering, save_affinities=save_affinities)
+    click.echo(format_report(report))
+
+
+def _cluster(cluster, cluster_set):
+    """--cluster with its --cluster-set overrides applied (a config dict), or as given."""
+    if not cluster_set:
+        return cluster
+    if not cluster:
+        raise InputError("--cluster-set needs --cluster")
+    from .cluster import load_cluster_config
+    return _run(load_cluster_config, cluster, _assignments(cluster_set, "--cluster-set", parse=False))
+
+
+@cli.command("segment-affinities")
+@click.option("--affinities", required=True,
+              help="Zarr array of affinities (C, Y, X) or (C, Z, Y, X) in [0, 1] (1 = same object), float or uint8 "
+                   "(value / 255): from `segment --save-affinities` (out.zarr/affinities) or another network.")
+@click.option("--offsets", type=OFFSETS, default=None,
+              help="Per channel, the offset of the voxel its affinity pairs with, z,y,x;z,y,x;... (numpy axis "
+                   "order; fewer values per offset leave the leading axes out) [default: the array's 'offsets' "
+                   "attribute].")
+@click.option("--bias", type=FLOATS, default=None,
+              help="Added to the affinities, as in mwatershed and volara: one value per channel, or one for the "
+                   "long-range channels; positive merges, negative repels [default: 0 on direct neighbours, -1 on "
+                   "long-range offsets: affinity w merges, 1 - w repels].")
+@click.option("--strides", type=INTS, default=None,
+              help="Keep repulsive edges on this regular grid only (faster) [default: the array's attribute, "
+                   "else all edges].")
+@click.option("--min-size", type=click.IntRange(0), default=None,
+              help="Objects smaller than this (voxels) become background [default: the array's attribute, else 0].")
+@click.option("--mask", default=None,
+              help="Zarr mask of the affinities' spatial shape: voxels outside it are background (e.g. "
+                   "out.zarr/foreground of `segment --save-affinities`).")
+@click.option("--output", default=None, help="OME-Zarr labels to write [default: <store>_<array>_labels.zarr].")
+@click.option("--voxel-size", type=FLOATS, default=None,
+              help="Voxel size of the affinities' grid in nm [default: the array's attribute, else unknown].")
+@click.option("--block-shape", type=INTS, default=None,
+              help="Block (write ROI) shape in voxels [default: 8,512,512 for offsets within sections, "
+                   "64,256,256 for 3D offsets].")
+@click.option("--halo", type=INTS, default=None, help="Context per side in voxels [default: the longest offset].")
+@click.option("--roi", default=None, help="Segment only this region, z0:z1,y0:y1,x0:x1 (as for segment).")
+@click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Dask workers (as for segment) [default: one per core].")
+@click.option("--cluster", "cluster", default=None, help="Cluster config (as for segment).")
+@click.option("--cluster-set", "cluster_set", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting of the --cluster file (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (and discard an interrupted run "
+                                                 "with other settings).")
+@click.option("--progress/--quiet", default=True, help="Show progress bars.")
+def segment_affinities(affinities, offsets, bias, strides, min_size, mask, output, voxel_size, block_shape, halo,
+                       roi, stitch, workers, cluster, cluster_set, overwrite, progress):
+    """Segment given affinities block by block with the Mutex Watershed (OME-Zarr labels).
+
+    The same blockwise watershed, stitching, relabelling, resume and clusters as
+    `segment`, on affinities from any network; an interrupted run resumes with the same
+    command."""
+    from .blockwise import format_report, segment_affinities_blockwise
+    report = _run(segment_affinities_blockwise, affinities, output, offsets=offsets, bias=bias, strides=strides,
+                  min_size=min_size, mask=mask, voxel_size=voxel_size, block_shape=block_shape, halo=halo,
+                  roi=roi, stitch=stitch, workers=workers, cluster=_cluster(cluster, cluster_set),
+                  overwrite=overwrite, command=_command_line(), progress=progress)
     click.echo(format_report(report))
 
 

@@ -2,6 +2,8 @@
 
 ``segment_embeddings`` is the whole per-block step as a pure function: embeddings in,
 labels out (0 = background), deterministic (regular strides, never random ones).
+``segment_affinities`` is the same step on affinities from anywhere (another network,
+saved ones), with mwatershed's bias convention.
 """
 from __future__ import annotations
 
@@ -46,6 +48,23 @@ def background_distance(embeddings: np.ndarray, background_embedding: Sequence[f
     return np.sqrt(np.einsum("...e,...e->...", diff, diff))
 
 
+def watershed_mask(embeddings: np.ndarray, delta_d: float, *, background_embedding: Sequence[float] | None = None,
+                   background_radius: float | None = None, foreground: np.ndarray | None = None,
+                   foreground_threshold: float = 0.5) -> np.ndarray | None:
+    """The pixels that take part in the watershed (None: all): those at least
+    ``background_radius`` (default delta_d) from the background embedding, and where a
+    foreground classifier's probability reaches ``foreground_threshold``."""
+    radius = delta_d if background_radius is None else background_radius
+    mask = None
+    if background_embedding is not None:
+        mask = background_distance(embeddings, background_embedding) >= radius
+    if foreground is not None:
+        if foreground.shape != embeddings.shape[1:]:
+            raise ValueError(f"foreground {foreground.shape} does not fit embeddings {embeddings.shape}")
+        mask = (foreground >= foreground_threshold) if mask is None else mask & (foreground >= foreground_threshold)
+    return mask
+
+
 def clean_up_segments(labels: np.ndarray, min_size: int = 0, foreground: np.ndarray | None = None) -> np.ndarray:
     """Watershed segments -> consecutive labels 1..N (uint64) in order of first
     occurrence, 0 = background; segments below ``min_size`` voxels (specks at borders)
@@ -87,14 +106,9 @@ def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]],
     """
     timings = timings if timings is not None else {}
     t = time.perf_counter()
-    radius = delta_d if background_radius is None else background_radius
-    mask = None
-    if background_embedding is not None:
-        mask = background_distance(embeddings, background_embedding) >= radius
-    if foreground is not None:
-        if foreground.shape != embeddings.shape[1:]:
-            raise ValueError(f"foreground {foreground.shape} does not fit embeddings {embeddings.shape}")
-        mask = (foreground >= foreground_threshold) if mask is None else mask & (foreground >= foreground_threshold)
+    mask = watershed_mask(embeddings, delta_d, background_embedding=background_embedding,
+                          background_radius=background_radius, foreground=foreground,
+                          foreground_threshold=foreground_threshold)
     inside = None if mask is None else np.flatnonzero(mask)
     weights = library_weights(embedding_affinities(embeddings, offsets, delta_d, mask), offsets, copy=False)
     t1 = time.perf_counter()
@@ -102,4 +116,80 @@ def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]],
     labels = mutex_watershed(None, offsets, strides, mask=mask, weights=weights)
     labels = clean_up_segments(labels, min_size, inside)
     timings["watershed"] = timings.get("watershed", 0.0) + time.perf_counter() - t1
+    return labels
+
+
+def default_bias(offsets: Sequence[Sequence[int]]) -> list[float]:
+    """mwatershed's bias that equals the SPOCO split (w attractive, 1 - w mutex): 0 on
+    the direct-neighbour offsets, -1 on the long-range ones."""
+    return [0.0 if sum(abs(v) for v in o) == 1 else -1.0 for o in offsets]
+
+
+def segment_affinities(affinities: np.ndarray, offsets: Sequence[Sequence[int]], *,
+                       bias: Sequence[float] | None = None, strides: Sequence[int] | None = None,
+                       mask: np.ndarray | None = None, min_size: int = 0, timings: dict | None = None) -> np.ndarray:
+    """Affinities (C, *spatial) in [0, 1] (1 = same object; channel c pairs voxel i with
+    i + offsets[c]) -> consecutive labels 1..N (uint64), 0 = background (outside ``mask``,
+    or in segments below ``min_size``).
+
+    ``bias``, per channel, as mwatershed and volara take it: an edge's value is
+    affinity + bias; a positive value merges, a negative one forbids the merge, and edges
+    are taken in descending |value|. The default (0 on direct offsets, -1 on long-range
+    ones) is the SPOCO split and runs bioimage-cpp's grid Mutex Watershed; any other bias
+    runs its graph Mutex Watershed on edges typed by their sign. ``strides`` thin out the
+    repulsive edges on a regular grid, as in segment_embeddings.
+    """
+    timings = timings if timings is not None else {}
+    t = time.perf_counter()
+    offsets = [tuple(int(v) for v in o) for o in offsets]
+    if len(offsets) != affinities.shape[0]:
+        raise ValueError(f"{affinities.shape[0]} affinity channels but {len(offsets)} offsets")
+    bias = default_bias(offsets) if bias is None else [float(b) for b in bias]
+    if len(bias) != len(offsets):
+        raise ValueError(f"{len(bias)} bias values for {len(offsets)} offsets")
+    inside = None if mask is None else np.flatnonzero(mask)
+    if bias == default_bias(offsets):
+        # Direct offsets first: the library takes the leading channels as attractive.
+        order = sorted(range(len(offsets)), key=lambda c: sum(abs(v) for v in offsets[c]) != 1)
+        ordered = [offsets[c] for c in order]
+        weights = library_weights(np.asarray(affinities)[order], ordered)
+        labels = mutex_watershed(None, ordered, strides, mask=mask, weights=weights)
+    else:
+        labels = _graph_mutex_watershed(np.asarray(affinities, np.float64), offsets, bias, strides, mask)
+    labels = clean_up_segments(labels, min_size, inside)
+    timings["watershed"] = timings.get("watershed", 0.0) + time.perf_counter() - t
+    return labels
+
+
+def _graph_mutex_watershed(affinities, offsets, bias, strides, mask) -> np.ndarray:
+    """The Mutex Watershed with per-edge types: value = affinity + bias, > 0 attractive,
+    < 0 mutex (strided on the long-range offsets), 0 no edge; voxels as graph nodes."""
+    from bioimage_cpp.graph import UndirectedGraph
+    from bioimage_cpp.graph.mutex_watershed import mutex_watershed_clustering
+
+    from .affinities import _pair_slices
+    spatial = affinities.shape[1:]
+    node = np.arange(int(np.prod(spatial)), dtype=np.uint64).reshape(spatial)
+    attractive, repulsive = ([], []), ([], [])
+    for c, o in enumerate(offsets):
+        tgt, src = _pair_slices(spatial, o)
+        value = affinities[(c, *tgt)] + bias[c]
+        keep = np.ones(value.shape, bool) if mask is None else mask[tgt] & mask[src]
+        if strides is not None and sum(abs(v) for v in o) != 1:
+            grid = np.zeros(spatial, bool)
+            grid[tuple(slice(None, None, int(s)) for s in strides)] = True
+            keep &= grid[tgt]
+        for kind, sel in ((attractive, keep & (value > 0)), (repulsive, keep & (value < 0))):
+            kind[0].append(np.stack([node[tgt][sel], node[src][sel]], axis=1))
+            kind[1].append(np.abs(value[sel]))
+    uv = np.concatenate(attractive[0])
+    graph = UndirectedGraph(len(node.reshape(-1)))
+    edge_ids = graph.insert_edges(uv) if len(uv) else np.zeros(0, np.int64)
+    costs = np.zeros(graph.number_of_edges, np.float64)
+    # an edge met along two offsets keeps its strongest value
+    np.maximum.at(costs, np.asarray(edge_ids, np.int64), np.concatenate(attractive[1]))
+    labels = mutex_watershed_clustering(graph, costs, np.concatenate(repulsive[0]), np.concatenate(repulsive[1]))
+    labels = np.asarray(labels, np.uint64).reshape(spatial) + np.uint64(1)
+    if mask is not None:
+        labels[~mask] = 0
     return labels

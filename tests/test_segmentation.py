@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from spoco_vol.affinities import default_offsets
+from spoco_vol.affinities import _pair_slices
 from spoco_vol.segmentation import (
-    clean_up_segments, mutex_watershed, segment_embeddings,
+    clean_up_segments, default_bias, mutex_watershed, segment_affinities, segment_embeddings,
 )
 
 DELTA_D = 1.0
@@ -149,3 +150,63 @@ def test_default_offsets_on_arrays_smaller_than_27(case):
     labels = segment_embeddings(_embed(gt), default_offsets(gt.ndim), DELTA_D,
                                 strides=[2] * gt.ndim)
     one_to_one(gt, labels)
+
+
+def noisy_affinities(gt, offsets, noise=1.5, seed=0):
+    """Affinities of a label image: sigmoid(+-2 + noise) for same/different object, in
+    logit space (clipped noise would create ties); 0 where a pair leaves the array."""
+    rng = np.random.default_rng(seed)
+    aff = np.zeros((len(offsets), *gt.shape), np.float32)
+    for c, o in enumerate(offsets):
+        tgt, src = _pair_slices(gt.shape, o)
+        logit = np.where(gt[tgt] == gt[src], 2.0, -2.0) + rng.normal(0, noise, gt[tgt].shape)
+        aff[(c, *tgt)] = 1 / (1 + np.exp(-logit))
+    return aff
+
+
+@pytest.mark.parametrize("strides", [None, [2, 2]])
+def test_segment_affinities_graph_path_equals_the_grid_path(strides):
+    """Any bias but the default runs the graph Mutex Watershed on sign-typed edges; at
+    the default bias (shifted by a hair to take that path) it gives the grid MWS's labels,
+    strided repulsive edges included."""
+    gt = np.zeros((40, 40), int)
+    gt[:, 20:], gt[20:, :20] = 1, 2
+    offs = default_offsets(2)
+    aff = noisy_affinities(gt, offs)
+    grid = segment_affinities(aff, offs, strides=strides)
+    graph = segment_affinities(aff, offs, bias=[b + 1e-9 for b in default_bias(offs)], strides=strides)
+    assert grid.max() > 3  # noisy enough to over-segment: the paths agree on a non-trivial partition
+    np.testing.assert_array_equal(grid, graph)
+
+
+def test_segment_affinities_bias_follows_mwatershed():
+    """value = affinity + bias, positive merges, negative repels: two halves joined by
+    direct affinities of 0.3 (long-range ones 0.9 everywhere: a repulsion of 0.1 at the
+    default bias) merge at the default bias (0 on direct offsets) and split at -0.5
+    there; a channel order with long-range offsets first changes nothing."""
+    gt = np.zeros((12, 12), int)
+    gt[:, 6:] = 1
+    offs = default_offsets(2, distances=(3,))
+    aff = noisy_affinities(gt, offs, noise=0.0)
+    aff[1, :, 6] = 0.3  # the direct x-affinities across the cut
+    aff[2:] = 0.9
+    merged = segment_affinities(aff, offs)
+    assert merged.max() == 1
+    split = segment_affinities(aff, offs, bias=[-0.5, -0.5, -1.0, -1.0])
+    one_to_one(gt, split)
+    order = [2, 3, 0, 1]
+    np.testing.assert_array_equal(segment_affinities(aff[order], [offs[c] for c in order]), merged)
+
+
+def test_segment_affinities_mask_and_min_size():
+    gt = two_squares()
+    offs = default_offsets(2, distances=(3,))
+    aff = noisy_affinities(gt, offs, noise=0.0)
+    mask = gt > 0
+    labels = segment_affinities(aff, offs, mask=mask)
+    one_to_one(gt, labels)
+    assert not labels[~mask].any()
+    sizes = np.bincount(gt.ravel())[1:]
+    assert segment_affinities(aff, offs, mask=mask, min_size=int(sizes.max()) + 1).max() == 0
+    with pytest.raises(ValueError, match="offsets"):
+        segment_affinities(aff[:2], offs)

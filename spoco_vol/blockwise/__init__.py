@@ -34,11 +34,12 @@ from ..errors import SpocoInputError, SpocoRunError
 from ..pipeline import labels_group, write_ome_metadata
 from .executor import Executor
 from .passes import PassFailed, _crash_point, run_passes
-from .plan import LINK_OVERLAP, SegmentPlan, build_plan, required_halo
+from .plan import LINK_OVERLAP, SegmentPlan, build_affinity_plan, build_plan, required_halo
 from .report import format_report
 from .workdir import WorkDir, completed_report
 
-__all__ = ["segment_blockwise", "build_plan", "run_plan", "SegmentPlan", "format_report", "required_halo"]
+__all__ = ["segment_blockwise", "segment_affinities_blockwise", "build_plan", "build_affinity_plan", "run_plan",
+           "SegmentPlan", "format_report", "required_halo"]
 
 
 class _Terminated(BaseException):
@@ -108,7 +109,10 @@ def run_plan(plan: SegmentPlan, *, client=None, cluster_config: dict | None = No
         except _Terminated:
             raise _stopped(plan, "terminated (SIGTERM)", 143) from None
         report = {**figures, "shape": list(plan.shape), "voxel_size": list(plan.voxel_size) if plan.voxel_size
-                  else None, "model": plan.model_path, "model_sha256": plan.model_sha256, "command": plan.command,
+                  else None, **({"affinities": plan.affinities, "offsets": [list(o) for o in plan.offsets],
+                                  "bias": list(plan.bias) if plan.bias else None} if plan.affinities else
+                                 {"model": plan.model_path, "model_sha256": plan.model_sha256}),
+                  "command": plan.command, "saved_affinities": plan.save_affinities,
                   "version": __version__, "block_shape": list(plan.block_shape), "halo": list(plan.halo),
                   "roi": plan.fingerprint()["roi"], "tta": plan.tta, "intensity": plan.intensity,
                   "voxels": plan.voxels, "embeddings": "embeddings" if plan.save_embeddings else None,
@@ -147,7 +151,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       link_overlap: float = LINK_OVERLAP, threads_per_worker: int | None = None,
                       client=None, cluster: str | dict | None = None, command: str = "",
                       progress: bool = False, dry_run: bool = False, tta: bool | None = None,
-                      intensity_range: Sequence[float] | None = None, clustering: str = "mws") -> dict:
+                      intensity_range: Sequence[float] | None = None, clustering: str = "mws",
+                      save_affinities: str | None = None) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -173,6 +178,11 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     ``clustering``: mws (the Mutex Watershed, blockwise), or hdbscan, meanshift,
     consistency (spoco_vol.clustering), which cluster whole images: whole sections of a
     2D model, the whole volume of a 3D one (small volumes).
+    ``save_affinities``: "float16" or "uint8": also keep the Mutex Watershed's affinities
+    (model grid, channels first, offsets in the attributes) as the output's
+    ``affinities`` array, and the pixels that take part in it as ``foreground``;
+    ``segment_affinities_blockwise(output + "/affinities", mask=output + "/foreground")``
+    redoes the watershed from them.
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     Failures (module docstring): SpocoInputError before anything is written,
@@ -181,7 +191,42 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     plan = build_plan(input_path, output, model, block_shape=block_shape, halo=halo, mask=mask,
                       voxel_size=voxel_size, device=device, overwrite=overwrite, stitch=stitch, roi=roi,
                       save_embeddings=save_embeddings, link_sections=link_sections, link_overlap=link_overlap,
-                      tta=tta, intensity_range=intensity_range, clustering=clustering, command=command)
+                      tta=tta, intensity_range=intensity_range, clustering=clustering,
+                      save_affinities=save_affinities, command=command)
+    return _run_with(plan, dry_run=dry_run, client=client, cluster=cluster, workers=workers,
+                     threads_per_worker=threads_per_worker, overwrite=overwrite, progress=progress)
+
+
+def segment_affinities_blockwise(affinities: str, output: str | None = None, *,
+                                 offsets: Sequence[Sequence[int]] | None = None, bias: Sequence[float] | None = None,
+                                 strides: Sequence[int] | None = None, min_size: int | None = None,
+                                 mask: str | None = None, voxel_size: Sequence[float] | None = None,
+                                 block_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
+                                 stitch: bool = True, roi: str | Sequence[slice] | None = None,
+                                 workers: int | None = None, threads_per_worker: int | None = None, client=None,
+                                 cluster: str | dict | None = None, overwrite: bool = False, command: str = "",
+                                 progress: bool = False, dry_run: bool = False) -> dict:
+    """Segment given affinities (C, *spatial; from spoco-vol's --save-affinities or any
+    other network) through the same blockwise Mutex Watershed, stitching, relabelling,
+    resume and clusters as ``segment_blockwise``; labels on the affinities' grid.
+
+    ``offsets``: per channel, the offset (z, y, x) of the voxel each affinity pairs with
+    [default: the array's ``offsets`` attribute]. ``bias``: per channel, or one value for
+    the long-range channels, in mwatershed's convention (value = affinity + bias; > 0
+    merges, < 0 repels) [default: 0 direct, -1 long-range, the SPOCO split].
+    ``strides``: thin out repulsive edges on a regular grid; ``min_size``: smaller objects
+    become background [defaults: the array's attributes, else none and 0]. ``mask``:
+    voxels outside it are background. Other arguments as ``segment_blockwise``."""
+    plan = build_affinity_plan(affinities, output, offsets=offsets, bias=bias, strides=strides, min_size=min_size,
+                               mask=mask, voxel_size=voxel_size, block_shape=block_shape, halo=halo, stitch=stitch,
+                               roi=roi, command=command)
+    return _run_with(plan, dry_run=dry_run, client=client, cluster=cluster, workers=workers,
+                     threads_per_worker=threads_per_worker, overwrite=overwrite, progress=progress)
+
+
+def _run_with(plan: SegmentPlan, *, dry_run: bool, client, cluster, workers, threads_per_worker, overwrite,
+              progress) -> dict:
+    """Run a plan on the caller's client, a cluster config's cluster, or local workers."""
     if dry_run:
         return {"output": plan.output, "run_hash": plan.run_hash, "fingerprint": plan.fingerprint()}
     cluster_config = None

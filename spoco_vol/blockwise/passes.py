@@ -47,9 +47,32 @@ def _crash_point(name: str) -> None:
 
 # ----------------------------------------------------------------------------- pass 1
 
+def read_affinities(block, plan: SegmentPlan, timings: dict) -> tasks.Prediction:
+    """Pass 1 of a run on given affinities: read them over core + halo, check them."""
+    t = time.perf_counter()
+    aff = np.asarray(io.open_volume(plan.affinities)[(slice(None),) + block.read])
+    where = f"block {block.index} (voxels {tasks.region_text(block.read)})"
+    io.check_finite(aff, "affinities", where)
+    mask = None
+    if aff.any() and plan.mask_path:
+        mask = np.asarray(io.open_volume(plan.mask_path, "mask")[block.read]) != 0
+    timings["read"] += time.perf_counter() - t
+    # all 0 (a block `segment --save-affinities` skipped) or masked out: nothing to do
+    if not aff.any() or (mask is not None and not mask[tasks.relative(block.core, block.read)].any()):
+        return tasks.Prediction(None, timings)
+    if aff.dtype == np.uint8:
+        aff = aff.astype(np.float32) / np.float32(255)
+    elif aff.min() < 0 or aff.max() > 1:
+        raise ValueError(f"affinities outside [0, 1] in {where}: {aff.min():g}..{aff.max():g}")
+    return tasks.Prediction(None, timings, affinities=aff.astype(np.float32, copy=False), mask=mask)
+
+
 def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Prediction:
-    """Pass 1, the GPU part: read core + halo, check it, embed it (model grid)."""
+    """Pass 1, the GPU part: read core + halo, check it, embed it (model grid); or, in a
+    run on given affinities, read those."""
     timings = dict.fromkeys(STAGES, 0.0)
+    if plan.affinities:
+        return read_affinities(plan.grid.block_at(linear), plan, timings)
     if threads:
         import torch
         torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
@@ -73,13 +96,17 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
     """Pass 1, the CPU part: fragments and face evidence, written; the side file last."""
     block = plan.grid.block_at(linear)
     work = WorkDir(plan.work)
-    model = _load_model(plan.model_path, plan.clustering == "consistency")[0]
+    model = None if plan.affinities else _load_model(plan.model_path, plan.clustering == "consistency")[0]
     frag = tasks.block_fragments(pred, block, plan, model)
     timings = frag.timings
     t = time.perf_counter()
     if plan.save_embeddings and pred.networks is not None:
         where, values = tasks.core_embeddings(pred.networks.embeddings, block, plan.embedding_factors)
         work.array("embeddings", "r+")[where] = values
+    if plan.save_affinities and pred.networks is not None:
+        where, values, foreground = tasks.core_affinities(pred.networks, block, plan, model)
+        work.array("affinities", "r+")[where] = values
+        work.array("foreground", "r+")[where[1:]] = foreground
     work.array("fragments", "r+")[block.core] = frag.core
     timings["write"] += time.perf_counter() - t
     result = {"block": linear, "objects": frag.n_objects, "timings": timings, "peak_rss_mib": peak_rss_mib()}

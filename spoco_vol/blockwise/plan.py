@@ -25,6 +25,7 @@ from ..pipeline import check_output_path, default_output_path, label_pyramid, la
 from ..stitching import LINK_OVERLAP
 
 STITCH_DEPTH = 16    # input planes of halo agreement per face
+AFFINITY_DTYPES = ("float16", "uint8")  # of saved affinities; uint8 holds round(255 w)
 
 
 def default_block_shape(shape: Sequence[int], model_dims: int) -> list[int]:
@@ -101,6 +102,12 @@ class SegmentPlan:
     clustering: str = "mws"                # or hdbscan, meanshift, consistency (whole images)
     momentum_sha256: str | None = None     # the momentum network's, for consistency clustering
     command: str = ""
+    # segment-affinities: the affinities come from this array (C, *spatial) instead of a model
+    affinities: str | None = None
+    bias: tuple[float, ...] | None = None  # per channel, mwatershed's convention (None: the SPOCO split)
+    strides: tuple[int, ...] | None = None  # repulsive-edge strides of an affinity run
+    min_size: int = 0                      # an affinity run's smallest object, voxels
+    save_affinities: str | None = None     # keep the watershed's affinities: "float16" or "uint8"
 
     @property
     def work(self) -> str:
@@ -129,7 +136,11 @@ class SegmentPlan:
             **({"channels": self.channels} if self.channels > 1 else {}),
             # other clusterings are newer than many partial runs: their hashes stay as they were
             **({"clustering": self.clustering, "momentum_sha256": self.momentum_sha256}
-               if self.clustering != "mws" else {})}
+               if self.clustering != "mws" else {}),
+            **({"affinities": self.affinities, "bias": list(self.bias) if self.bias else None,
+                "strides": list(self.strides) if self.strides else None, "min_size": self.min_size}
+               if self.affinities else {}),
+            **({"save_affinities": self.save_affinities} if self.save_affinities else {})}
 
     @functools.cached_property
     def run_hash(self) -> str:
@@ -147,7 +158,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
                overwrite: bool = False, stitch: bool = True, roi: str | Sequence[slice] | None = None,
                save_embeddings: bool = False, link_sections: bool = False, link_overlap: float = LINK_OVERLAP,
                tta: bool | None = None, intensity_range: Sequence[float] | None = None,
-               clustering: str = "mws", command: str = "") -> SegmentPlan:
+               clustering: str = "mws", save_affinities: str | None = None, command: str = "") -> SegmentPlan:
     """Check every input and setting of a run (one SpocoInputError otherwise) and decide
     what it does; reads metadata only (and, for inputs that need it, the intensity range
     in a chunked pass), writes nothing. Arguments as spoco_vol.blockwise.segment_blockwise."""
@@ -224,12 +235,18 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         roi = parse_roi(roi, shape)
     roi = tuple(roi) if roi is not None else None
     factors = embedding_factors(scale)
-    if save_embeddings:
+    if save_affinities not in (None, *AFFINITY_DTYPES):
+        raise SpocoInputError(f"--save-affinities takes {' or '.join(AFFINITY_DTYPES)}, got {save_affinities!r}")
+    if save_affinities and clustering != "mws":
+        raise SpocoInputError("--save-affinities keeps the Mutex Watershed's affinities: it needs --clustering mws")
+    for flag, wanted in (("--save-embeddings", save_embeddings), ("--save-affinities", save_affinities)):
+        if not wanted:
+            continue
         if factors is None:
-            raise SpocoInputError(f"--save-embeddings needs the model grid to be an integer downsampling of "
+            raise SpocoInputError(f"{flag} needs the model grid to be an integer downsampling of "
                                   f"the input (zoom {scale})")
         if any(b % f for b, f in zip(block_shape, factors)):
-            raise SpocoInputError(f"--save-embeddings: the block shape {tuple(block_shape)} must be a multiple "
+            raise SpocoInputError(f"{flag}: the block shape {tuple(block_shape)} must be a multiple "
                                   f"of the model's downsampling {tuple(factors)}")
     stitch_axes = spatial_axes if stitch else []
     # Planes of the neighbour's core whose segmentation is compared: the ones next to the
@@ -255,7 +272,8 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         embedding_factors=tuple(factors) if factors else None,
         out_dtype="uint32" if n_vox < 2 ** 32 else "uint64", zarr_format=io.zarr_format(arr),
         pyramid=tuple(tuple(int(x) for x in f) for f in levels), device=device, clustering=clustering,
-        momentum_sha256=_momentum_sha256(ckpt) if clustering == "consistency" else None, command=command)
+        momentum_sha256=_momentum_sha256(ckpt) if clustering == "consistency" else None, command=command,
+        save_affinities=save_affinities)
 
 
 def _momentum_sha256(ckpt: checkpoint.Checkpoint) -> str:
@@ -263,3 +281,111 @@ def _momentum_sha256(ckpt: checkpoint.Checkpoint) -> str:
         raise SpocoInputError("--clustering consistency needs the momentum network g of the consistency term, which "
                               "this checkpoint does not hold (train with --consistency-weight > 0)")
     return ckpt.momentum_sha256
+
+
+def full_offsets(offsets: Sequence[Sequence[int]], ndim: int) -> tuple[tuple[int, ...], ...]:
+    """Offsets of a 2D model (or any with fewer axes than the volume) on the volume's
+    axes: the leading axes get 0 (no edge across sections)."""
+    return tuple((0,) * (ndim - len(o)) + tuple(int(v) for v in o) for o in offsets)
+
+
+def affinity_attributes(arr) -> dict:
+    """What an affinity array says of itself: ``offsets`` and, when spoco-vol wrote it,
+    ``strides``, ``min_size`` and ``voxel_size`` (of the affinity grid)."""
+    attrs = arr.attrs.asdict()
+    return {**{k: attrs[k] for k in ("offsets", "strides", "min_size", "voxel_size") if k in attrs},
+            **{k: v for k, v in attrs.get("spoco_vol", {}).items() if k in ("strides", "min_size")}}
+
+
+def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: Sequence[Sequence[int]] | None = None,
+                        bias: Sequence[float] | None = None, strides: Sequence[int] | None = None,
+                        min_size: int | None = None, mask: str | None = None,
+                        voxel_size: Sequence[float] | None = None, block_shape: Sequence[int] | None = None,
+                        halo: Sequence[int] | None = None, stitch: bool = True,
+                        roi: str | Sequence[slice] | None = None, command: str = "") -> SegmentPlan:
+    """As build_plan, for a run on given affinities (C, *spatial): channel c holds the
+    affinity in [0, 1] (1 = same object) of voxel i and voxel i + offsets[c], float or
+    uint8 (read as value / 255). ``offsets``, ``strides``, ``min_size`` default to what
+    the array's attributes say (as `segment --save-affinities` writes them); ``bias``
+    follows mwatershed (segmentation.segment_affinities). Labels come on the affinities'
+    grid; a block's halo defaults to the longest offset per axis."""
+    arr = io.open_volume(affinities, "affinities")
+    if arr.ndim not in (3, 4):
+        raise SpocoInputError(f"affinities must be (C, Y, X) or (C, Z, Y, X), got shape {tuple(arr.shape)}")
+    if np.dtype(arr.dtype).kind not in "fu" or (np.dtype(arr.dtype).kind == "u" and arr.dtype != np.uint8):
+        raise SpocoInputError(f"affinities must be float (values in [0, 1]) or uint8 (0..255), got {arr.dtype}")
+    ndim = arr.ndim - 1
+    shape, chunks = tuple(arr.shape[1:]), tuple(arr.chunks[1:])
+    attrs = affinity_attributes(arr)
+    offsets = offsets if offsets is not None else attrs.get("offsets")
+    if offsets is None:
+        raise SpocoInputError(f"{affinities} does not say its offsets: give --offsets, e.g. "
+                              "'-1,0,0;0,-1,0;0,0,-1;-9,0,0;0,-9,0;0,0,-9' (one z,y,x per channel)")
+    if any(len(o) > ndim or len(o) == 0 for o in offsets) or len({len(o) for o in offsets}) != 1:
+        raise SpocoInputError(f"offsets need one value per axis (at most {ndim}) and the same number for every "
+                              f"channel, got {[list(o) for o in offsets]}")
+    offsets = full_offsets(offsets, ndim)
+    if len(offsets) != arr.shape[0]:
+        raise SpocoInputError(f"{affinities} has {arr.shape[0]} channels but {len(offsets)} offsets are given")
+    if any(not any(o) for o in offsets):
+        raise SpocoInputError("an offset of all zeros pairs a voxel with itself")
+    if bias is not None:
+        bias = [float(b) for b in bias]
+        if len(bias) == 1:
+            bias = [0.0 if sum(abs(v) for v in o) == 1 else bias[0] for o in offsets]
+        if len(bias) != len(offsets) or not all(np.isfinite(bias)):
+            raise SpocoInputError(f"--bias takes one finite value per offset ({len(offsets)}), or one for the "
+                                  f"long-range offsets; got {len(bias)}")
+    strides = strides if strides is not None else attrs.get("strides")
+    if strides is not None:
+        strides = [1] * (ndim - len(strides)) + [int(x) for x in strides]
+        if len(strides) != ndim or any(x < 1 for x in strides):
+            raise SpocoInputError(f"--strides needs up to {ndim} positive values, got {strides}")
+    min_size = int(attrs.get("min_size", 0) if min_size is None else min_size)
+    if min_size < 0:
+        raise SpocoInputError(f"--min-size must be non-negative, got {min_size}")
+    vs = list(voxel_size) if voxel_size else attrs.get("voxel_size")
+    if vs is not None and (len(vs) != ndim or not all(np.isfinite(v) and v > 0 for v in vs)):
+        raise SpocoInputError(f"voxel size needs {ndim} positive values, got {vs}")
+    if mask:
+        m = io.open_volume(mask, "mask")
+        if tuple(m.shape) != shape:
+            raise SpocoInputError(f"mask shape {tuple(m.shape)} differs from the affinities' {shape}")
+    reach = [max(abs(o[a]) for o in offsets) for a in range(ndim)]
+    moved = [a for a in range(ndim) if reach[a] > 0]
+    halo = list(halo) if halo is not None else reach
+    block_shape = list(block_shape) if block_shape is not None else default_block_shape(shape, ndim - moved[0])
+    if len(halo) != ndim or len(block_shape) != ndim:
+        raise SpocoInputError(f"--block-shape and --halo need {ndim} values for these {ndim}D affinities")
+    if any(b < 1 for b in block_shape) or any(h < 0 for h in halo):
+        raise SpocoInputError("block shape must be positive and halo non-negative")
+    for a in range(ndim):
+        if halo[a] < reach[a]:
+            raise SpocoInputError(f"halo {halo[a]} along axis {a} is shorter than the longest offset ({reach[a]})")
+        if block_shape[a] < min(shape[a], max(halo[a], 1)):
+            raise SpocoInputError(f"block shape {block_shape[a]} along axis {a} is smaller than the halo "
+                                  f"{halo[a]} it needs")
+    # Faces are stitched where a direct-neighbour offset tells the affinity across them.
+    stitch_axes = [a for a in range(ndim) if any(abs(o[a]) == 1 and sum(map(abs, o)) == 1 for o in offsets)] \
+        if stitch else []
+    if isinstance(roi, str):
+        roi = parse_roi(roi, shape)
+    roi = tuple(roi) if roi is not None else None
+    depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes] + [STITCH_DEPTH]))
+    output = output or default_output_path(affinities)
+    check_output_path(output, affinities, overwrite=True)
+    grid_shape = [-(-n // b) for n, b in zip(shape, block_shape)]
+    n_vox = int(np.prod([g * b for g, b in zip(grid_shape, block_shape)]))
+    return SegmentPlan(
+        input_path=os.path.abspath(affinities), output=output, image=None, shape=shape, dtype=str(arr.dtype),
+        chunks=chunks, model_path="", model_sha256="", model_dims=ndim - moved[0], channels=1, embedding_dim=0,
+        delta_v=0.0, delta_d=0.0, voxel_size=tuple(vs) if vs else None, scale=(1.0,) * ndim,
+        block_shape=tuple(block_shape), halo=tuple(halo),
+        # strided repulsive edges sit on the volume's grid only if every read starts on it
+        align=tuple(strides) if strides else (1,) * ndim, offsets=offsets, background_rule={}, tta=False,
+        intensity={}, mask_path=os.path.abspath(mask) if mask else None, roi=roi, stitch_axes=tuple(stitch_axes),
+        depth=depth, link_overlap=None, save_embeddings=False, embedding_factors=None,
+        out_dtype="uint32" if n_vox < 2 ** 32 else "uint64", zarr_format=io.zarr_format(arr),
+        pyramid=tuple(tuple(int(x) for x in f) for f in label_pyramid(shape, vs, None)), device="cpu",
+        command=command, affinities=os.path.abspath(affinities), bias=tuple(bias) if bias else None,
+        strides=tuple(strides) if strides else None, min_size=min_size)

@@ -12,9 +12,11 @@ import fastremap
 import numpy as np
 
 from .. import stitching
+from ..affinities import embedding_affinities
 from ..blocks import Block, BlockGrid, intersect
 from ..checkpoint import Checkpoint
 from ..pipeline import ArrayPrediction, labels_from_embeddings, model_grid_index, predict_array
+from ..segmentation import segment_affinities, watershed_mask
 from ..stitching import block_id_offset
 from .plan import SegmentPlan
 
@@ -67,12 +69,31 @@ def zero_outside(arr: np.ndarray, region: Sequence[slice], roi: Sequence[slice] 
     return out
 
 
+def given_face_affinity(affinities: np.ndarray, offsets: Sequence[Sequence[int]], block: Block,
+                        axis: int) -> np.ndarray:
+    """As face_affinity, from given affinities over the block's read region: the
+    channel of the direct-neighbour offset along ``axis`` (either sign)."""
+    last = block.core[axis].stop - 1 - block.read[axis].start
+    for c, o in enumerate(offsets):
+        if abs(o[axis]) == 1 and sum(abs(v) for v in o) == 1:
+            # channel c at voxel i pairs i with i + o: the pair (last, last + 1) sits at last + 1
+            # for an offset pointing back, at last for one pointing forward
+            at = last + 1 if o[axis] < 0 else last
+            sl = tuple(at if a == axis else cs for a, cs in enumerate(block.core_in_read))
+            return np.asarray(affinities[(c, *sl)], np.float32)
+    raise ValueError(f"no direct-neighbour offset along axis {axis}")
+
+
 @dataclasses.dataclass
 class Prediction:
     """A block's network output on the model grid (``networks`` None: a block with
-    nothing to do), and the seconds spent so far per stage."""
+    nothing to do), and the seconds spent so far per stage. A run on given affinities
+    has ``affinities`` (C, *read shape) float32 instead, and its --mask over the read
+    region in ``mask``."""
     networks: ArrayPrediction | None
     timings: dict
+    affinities: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -104,9 +125,8 @@ def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Ch
     --link-sections the per-section objects are first linked across sections."""
     timings = pred.timings
     grid: BlockGrid = plan.grid
-    if pred.networks is None:
+    if pred.networks is None and pred.affinities is None:
         return Fragments(np.zeros(block.core_shape, np.uint64), {}, 0, timings)
-    emb, scale = pred.networks.embeddings, pred.networks.scale
     read_shape = tuple(r.stop - r.start for r in block.read)
     depth, axes = plan.depth, plan.stitch_axes
     # Labels are needed for the core and the ``depth`` planes around it that stitching
@@ -114,9 +134,15 @@ def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Ch
     kept = tuple(slice(max(c.start - (depth if a in axes else 0), r.start),
                        min(c.stop + (depth if a in axes else 0), r.stop))
                  for a, (c, r) in enumerate(zip(block.core, block.read)))
-    labels = labels_from_embeddings(emb, model, read_shape, scale, timings=timings, region=relative(kept, block.read),
-                                    foreground=pred.networks.foreground, clustering=plan.clustering,
-                                    momentum=pred.networks.momentum)
+    if pred.affinities is not None:
+        labels = segment_affinities(pred.affinities, plan.offsets, bias=plan.bias, strides=plan.strides,
+                                    mask=pred.mask, min_size=plan.min_size,
+                                    timings=timings)[relative(kept, block.read)]
+    else:
+        emb, scale = pred.networks.embeddings, pred.networks.scale
+        labels = labels_from_embeddings(emb, model, read_shape, scale, timings=timings,
+                                        region=relative(kept, block.read), foreground=pred.networks.foreground,
+                                        clustering=plan.clustering, momentum=pred.networks.momentum)
     t = time.perf_counter()
     labels = zero_outside(labels, kept, plan.roi)
     if plan.link_overlap is not None:
@@ -138,7 +164,9 @@ def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Ch
             faces[f"halo_{a}_{'p' if side > 0 else 'm'}"] = lut[labels[relative(face_region(block, a, side, depth),
                                                                                   kept)]]
             if side > 0:
-                faces[f"aff_{a}"] = face_affinity(emb, read_shape, block, a, plan.delta_d, scale)
+                faces[f"aff_{a}"] = (given_face_affinity(pred.affinities, plan.offsets, block, a)
+                                     if pred.affinities is not None else
+                                     face_affinity(emb, read_shape, block, a, plan.delta_d, scale))
     timings["stitch"] = timings.get("stitch", 0.0) + time.perf_counter() - t
     return Fragments(lut[core_local], faces, n, timings)
 
@@ -149,6 +177,31 @@ def core_embeddings(emb: np.ndarray, block: Block, factors: Sequence[int]) -> tu
     in_read = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core_in_read, factors))
     in_vol = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core, factors))
     return (slice(None),) + in_vol, emb[(slice(None),) + in_read].astype(np.float16)
+
+
+def core_affinities(pred: ArrayPrediction, block: Block, plan: SegmentPlan,
+                    model: Checkpoint) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """The affinities the watershed uses over the block's core on the model grid, at
+    every pixel (not only the foreground ones it needs), and its foreground (the pixels
+    that take part); where they go in the volume's arrays (C, *model grid). Affinities
+    as --save-affinities keeps them: float16, or uint8 holding round(255 w)."""
+    factors, emb = plan.embedding_factors, pred.embeddings
+    inf = model.inference
+    offsets = [(0,) * (emb.ndim - 1 - len(o)) + tuple(o) for o in inf.offsets]  # a 2D model on a 3D volume
+    reach = [max(abs(o[a]) for o in offsets) for a in range(emb.ndim - 1)]
+    core = [slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core_in_read, factors)]
+    # the core and the longest offset's reach around it: every pair of a core pixel
+    region = tuple(slice(max(c.start - r, 0), min(c.stop + r, n)) for c, r, n in zip(core, reach, emb.shape[1:]))
+    aff = embedding_affinities(emb[(slice(None), *region)], offsets, model.delta_d)
+    aff = aff[(slice(None), *relative(core, region))]
+    fg = pred.foreground[tuple(core)] if pred.foreground is not None else None
+    mask = watershed_mask(emb[(slice(None), *core)], model.delta_d, background_embedding=inf.background_embedding,
+                          background_radius=inf.background_radius, foreground=fg,
+                          foreground_threshold=inf.foreground_threshold)
+    mask = np.ones(aff.shape[1:], bool) if mask is None else mask
+    values = np.round(aff * 255).astype(np.uint8) if plan.save_affinities == "uint8" else aff.astype(np.float16)
+    in_vol = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core, factors))
+    return (slice(None),) + in_vol, values, mask.astype(np.uint8)
 
 
 def face_edges(lower_faces: dict, upper_faces: dict, lower_core_next: np.ndarray, upper_core_prev: np.ndarray,

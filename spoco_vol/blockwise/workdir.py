@@ -10,6 +10,7 @@ Layout (a zarr group; zarr v2 or v3 as the output):
 - ``0``, ``1``, ...: the labels and their pyramid; ``relabelled/<linear>``: pass 3's
   done markers, written after the block's chunk.
 - ``embeddings``: with --save-embeddings.
+- ``affinities``, ``foreground``: with --save-affinities (what `segment-affinities` takes).
 - ``errors/<pass>-<item>.txt``: the traceback of a task that kept failing.
 - ``spoco_vol`` in the attributes: the run report, written when the labels are
   complete; from then on only the move into place remains (``finalize``).
@@ -25,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import zarr
 
-from .. import io
+from .. import checkpoint, io
 from ..errors import SpocoInputError
 from ..pipeline import register_label
 from .plan import SegmentPlan
@@ -77,8 +78,36 @@ class WorkDir:
             emb_arr.attrs["spoco_vol"] = {
                 "description": "SPOCO pixel embeddings (E, *spatial) on the model grid; 0 in skipped blocks",
                 "input_voxels_per_element": list(factors), "delta_v": plan.delta_v, "delta_d": plan.delta_d}
+        if plan.save_affinities:
+            self._create_affinities(group, plan)
         # Last: a work directory with this record is one of ours, complete enough to resume.
         group.attrs["spoco_vol_run"] = {"hash": plan.run_hash, "fingerprint": plan.fingerprint()}
+
+    @staticmethod
+    def _create_affinities(group, plan: SegmentPlan) -> None:
+        """The watershed's affinities (C, *model grid), one chunk per block, with what
+        `segment-affinities` needs to redo the watershed in their attributes; and the
+        pixels that took part in it (``foreground``, its --mask)."""
+        from .plan import full_offsets
+        factors, ndim = plan.embedding_factors, len(plan.shape)
+        ckpt = checkpoint.load(plan.model_path)
+        offsets = full_offsets(ckpt.inference.offsets, ndim)
+        grid = [-(-n // f) for n, f in zip(plan.shape, factors)]
+        chunks = [b // f for b, f in zip(plan.block_shape, factors)]
+        aff = group.create_array("affinities", shape=(len(offsets), *grid), dtype=plan.save_affinities,
+                                 chunks=(len(offsets), *chunks), fill_value=0)
+        aff.attrs.update({
+            "offsets": [list(o) for o in offsets],
+            "strides": [1] * (ndim - len(ckpt.inference.strides)) + list(ckpt.inference.strides),
+            "min_size": ckpt.inference.min_size,
+            "voxel_size": [v * f for v, f in zip(plan.voxel_size, factors)] if plan.voxel_size else None,
+            "spoco_vol": {"description": "Affinities w in [0, 1] (1 = same object) of the Mutex Watershed, channel c "
+                                         "pairing voxel i with i + offsets[c], on the model grid; 0 in skipped blocks",
+                          "values": "round(255 w)" if plan.save_affinities == "uint8" else "w",
+                          "input_voxels_per_element": list(factors), "delta_d": plan.delta_d}})
+        group.create_array("foreground", shape=grid, dtype="uint8", chunks=chunks, fill_value=0).attrs.update(
+            {"spoco_vol": {"description": "1 where a pixel takes part in the watershed (not background), on the "
+                                          "affinities' grid: their --mask in segment-affinities"}})
 
     # ---------------------------------------------------------------- arrays
     def array(self, name: str, mode: str = "r") -> zarr.Array:
