@@ -49,13 +49,15 @@ def per_image(test):
 
 def one_fit(test, method, n):
     """Cluster n foreground pixels' embeddings; prints the seconds."""
-    from spoco_vol.clustering import _hdbscan, _meanshift, foreground_mask
+    from spoco_vol.clustering import _hdbscan, _meanshift
+    from spoco_vol.segmentation import watershed_mask
     ck, _, _, pred = embeddings_of_test_sections(test)
     inf = ck.inference
     emb = pred.embeddings  # (E, Z, Y, X)
     points = []
     for z in range(emb.shape[1]):
-        mask = foreground_mask(emb[:, z], inf.background_embedding, inf.background_radius, ck.delta_d)
+        mask = watershed_mask(emb[:, z], ck.delta_d, background_embedding=inf.background_embedding,
+                              background_radius=inf.background_radius)
         points.append(emb[:, z][:, mask].T)
     points = np.concatenate(points).astype(np.float64)
     if n > len(points):  # more than the sections hold: repeat them with a little noise

@@ -11,6 +11,8 @@ Python API (the CLI is a thin layer over these; each has a docstring):
     spoco_vol.segment(input, output, model, client=... | cluster="slurm" | workers=N, ...)
                                               segment a zarr volume blockwise into OME-Zarr labels;
                                               resumes an interrupted run
+    spoco_vol.segment_affinities(affinities, output, offsets=..., bias=...)
+                                              the same blockwise Mutex Watershed on given affinities
     spoco_vol.evaluate(pred_path, gt_path)    AP, mAP, ARand, VOI, SBD of two zarr label volumes, block by block
     spoco_vol.evaluate_segmentation(pred, gt) the same for two in-memory arrays
     spoco_vol.run_workflow("workflows/x.yaml", {"volume": ...})  a recipe's steps, resumable
@@ -21,11 +23,12 @@ Python API (the CLI is a thin layer over these; each has a docstring):
 """
 __version__ = "0.1.0"
 __all__ = ["TrainConfig", "calibrate", "evaluate", "evaluate_segmentation", "fine_tune", "load_cluster_config", "open_cluster",
-           "run_demo", "run_workflow", "segment", "train", "__version__"]
+           "run_demo", "run_workflow", "segment", "segment_affinities", "train", "__version__"]
 
 from .evaluation import evaluate_segmentation  # noqa: E402
 from .evaluation_blockwise import evaluate_zarr as evaluate  # noqa: E402
 from .blockwise import segment_blockwise as segment  # noqa: E402
+from .blockwise import segment_affinities_blockwise as segment_affinities  # noqa: E402
 from .cluster import load_cluster_config, open_cluster  # noqa: E402
 from .demo import run_demo  # noqa: E402
 from .calibration import recalibrate_checkpoint as calibrate  # noqa: E402

@@ -37,26 +37,12 @@ import numpy as np
 from skimage import measure
 
 from .errors import SpocoInputError
-from .segmentation import background_distance, clean_up_segments
+from .segmentation import clean_up_segments, watershed_mask
 
 METHODS = ("mws", "hdbscan", "meanshift", "consistency")
 MAX_PIXELS = {"hdbscan": 300_000, "meanshift": 300_000, "consistency": 300_000}
 CONSISTENCY_IOU = 0.6   # the paper's: median IoU of g's masks with an f cluster to keep it
 CONSISTENCY_SAMPLES = 32  # pixels of a cluster whose g masks are compared with it
-
-
-def foreground_mask(embeddings: np.ndarray, background_embedding: Sequence[float] | None,
-                    background_radius: float | None, delta_d: float, foreground: np.ndarray | None = None,
-                    foreground_threshold: float = 0.5) -> np.ndarray:
-    """The pixels that may belong to an object: beyond the background radius of the
-    background embedding (default delta_d) and called objects by a classifier."""
-    mask = np.ones(embeddings.shape[1:], bool)
-    if background_embedding is not None:
-        radius = delta_d if background_radius is None else background_radius
-        mask &= background_distance(embeddings, background_embedding) >= radius
-    if foreground is not None:
-        mask &= foreground >= foreground_threshold
-    return mask
 
 
 def merge_close_clusters(points: np.ndarray, assignment: np.ndarray, distance: float) -> np.ndarray:
@@ -119,9 +105,10 @@ def cluster_embeddings(embeddings: np.ndarray, method: str, *, delta_v: float, d
     clustering needs the momentum network's embeddings ``g_embeddings`` of the same image."""
     if method not in METHODS[1:]:
         raise SpocoInputError(f"--clustering must be one of {', '.join(METHODS)}, got {method!r}")
-    mask = foreground_mask(embeddings, background_embedding, background_radius, delta_d, foreground,
-                           foreground_threshold)
-    inside = np.flatnonzero(mask)
+    mask = watershed_mask(embeddings, delta_d, background_embedding=background_embedding,
+                          background_radius=background_radius, foreground=foreground,
+                          foreground_threshold=foreground_threshold)  # the same pixels as the watershed's
+    inside = np.flatnonzero(mask) if mask is not None else np.arange(int(np.prod(embeddings.shape[1:])))
     _check_size(method, len(inside))
     labels = np.zeros(embeddings.shape[1:], np.int64)
     if len(inside) >= 2:
