@@ -9,6 +9,16 @@ STAGES = ("read", "predict", "affinities", "watershed", "stitch", "relabel", "wr
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory. On Linux the high-water mark of its own
+    memory (VmHWM): ru_maxrss would also hold the peak of the process it was started
+    from, since a spawned worker inherits its parent's across fork and exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
