@@ -294,8 +294,8 @@ def models():
 @click.option("--model", default=None,
               help="Checkpoint: a path or a bundled model's name (`spoco-vol models`) [default: vnc-mito-2d].")
 @click.option("--block-shape", type=INTS, default=None,
-              help="Block (write ROI) shape in input voxels, z,y,x [default: 8,512,512 for 2D models, "
-                   "64,256,256 for 3D].")
+              help="Block (write ROI) shape in input voxels, z,y,x [default for 2D models: 8 sections of 768 x 768 "
+                   "model pixels, e.g. 8,1536,1536 at half the model's voxel size; 64,256,256 for 3D models].")
 @click.option("--halo", type=INTS, default=None,
               help="Context per side in input voxels [default: the model's field of view plus the longest offset].")
 @click.option("--mask", default=None,
@@ -398,7 +398,7 @@ def _cluster(cluster, cluster_set):
 @click.option("--voxel-size", type=FLOATS, default=None,
               help="Voxel size of the affinities' grid in nm [default: the array's attribute, else unknown].")
 @click.option("--block-shape", type=INTS, default=None,
-              help="Block (write ROI) shape in voxels [default: 8,512,512 for offsets within sections, "
+              help="Block (write ROI) shape in voxels [default: 8,768,768 for offsets within sections, "
                    "64,256,256 for 3D offsets].")
 @click.option("--halo", type=INTS, default=None, help="Context per side in voxels [default: the longest offset].")
 @click.option("--roi", default=None, help="Segment only this region, z0:z1,y0:y1,x0:x1 (as for segment).")

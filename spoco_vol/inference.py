@@ -79,13 +79,15 @@ def _untransform(a: np.ndarray, rot: int, flips: tuple) -> np.ndarray:
 
 def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: torch.device,
                        tile_shape: Sequence[int] | None = None, context: Sequence[int] | None = None,
-                       amp: bool = True, tta: bool = False) -> np.ndarray:
+                       amp: bool = True, tta: bool = False, image_context: bool = True) -> np.ndarray:
     """Embeddings (E, *spatial shape) float32 for a normalised 2D or 3D image, (C,
     *spatial) for a model with C > 1 input channels.
 
     The image's spatial dimensionality must equal the model's. Tiles of ``tile_shape`` (cores)
     are predicted with ``context`` extra pixels per side (reflect-padded at the image
-    border), padded up to the model's shape multiple.
+    border), padded up to the model's shape multiple. ``image_context=False``: the image
+    is its own context (a block read with a halo of at least the field of view): no
+    context is added beyond its border, only between its tiles.
     ``tta``: test-time augmentation, the mean of the embeddings of the 8 in-plane
     rotations/flips of the image (8x the time). Averaging cancels the network's
     orientation-dependent noise, which in a sparsely trained model can break background
@@ -103,7 +105,8 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
         for rot, flips in TEST_TIME_TRANSFORMS:
             view = np.ascontiguousarray(_transform(image, rot, flips))
             out += _untransform(predict_embeddings(model, view, device=device, tile_shape=tile_shape,
-                                                   context=context, amp=amp), rot, flips)
+                                                   context=context, amp=amp, image_context=image_context),
+                                rot, flips)
         return out / len(TEST_TIME_TRANSFORMS)
     mult = model.shape_multiple
     tile_shape = list(tile_shape or [512 if dims == 2 else 96] * dims)
@@ -119,11 +122,11 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     starts = [_tile_starts(s, t) for s, t in zip(spatial, tile_shape)]
     for start in itertools.product(*starts):
         core = [slice(s, min(s + t, n)) for s, t, n in zip(start, tile_shape, spatial)]
-        lo = [c.start - h for c, h in zip(core, context)]
-        hi = [c.stop + h for c, h in zip(core, context)]
+        lo = [c.start - h if image_context or c.start > 0 else 0 for c, h in zip(core, context)]
+        hi = [c.stop + h if image_context or c.stop < n else n for c, h, n in zip(core, context, spatial)]
         # Round the read window up to the shape multiple the U-Net needs.
         hi = [l + -(-(h - l) // m) * m for l, h, m in zip(lo, hi, mult)]
-        tile = _read_padded(image, lo, hi)
+        tile = read_window(image, lo, hi)
         x = torch.from_numpy(tile)[None] if channels > 1 else torch.from_numpy(tile)[None, None]
         with torch.no_grad(), autocast_context(device, amp):
             emb = model(x.to(device)).float()[0]
@@ -133,7 +136,7 @@ def predict_embeddings(model: torch.nn.Module, image: np.ndarray, *, device: tor
     return out
 
 
-def _read_padded(image: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+def read_window(image: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
     """image[lo:hi] with reflect padding where the window leaves the image (over its
     last len(lo) axes: a leading channel axis is taken whole)."""
     lead = image.ndim - len(lo)
@@ -150,9 +153,10 @@ def _read_padded(image: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> np.
 
 
 def predict_foreground(net, image: np.ndarray, *, device: torch.device, amp: bool = True,
-                       tta: bool = False) -> np.ndarray:
+                       tta: bool = False, image_context: bool = True) -> np.ndarray:
     """Object probability (float32, shape of ``image``) of a normalised image from a
     foreground classifier (spoco_vol.foreground); ``tta``: the mean logit of the 8
-    rotated/flipped predictions, as for the embeddings."""
+    rotated/flipped predictions, as for the embeddings; ``image_context`` as there."""
     from scipy.special import expit
-    return expit(predict_embeddings(net, image, device=device, amp=amp, tta=tta)[0]).astype(np.float32)
+    return expit(predict_embeddings(net, image, device=device, amp=amp, tta=tta,
+                                    image_context=image_context)[0]).astype(np.float32)

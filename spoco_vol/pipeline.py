@@ -18,7 +18,8 @@ from .bundled import model_path
 from .checkpoint import Checkpoint
 from .clustering import cluster_embeddings
 from .errors import SpocoInputError
-from .inference import predict_embeddings, predict_foreground, resolve_device
+from .inference import read_window, predict_embeddings, predict_foreground, resolve_device
+from .model import receptive_halo
 from .segmentation import segment_embeddings
 
 BUNDLED_MODEL = model_path(None)  # the default model (spoco_vol.bundled)
@@ -232,7 +233,8 @@ class ArrayPrediction(NamedTuple):
 def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, device="auto",
                   timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None,
                   intensity_mapping: dict | None = None, momentum_net=None,
-                  mask: np.ndarray | None = None) -> ArrayPrediction:
+                  mask: np.ndarray | None = None,
+                  volume_borders: Sequence[tuple[bool, bool]] | None = None) -> ArrayPrediction:
     """The networks' output for an in-memory 2D/3D array (ArrayPrediction): the
     embeddings, the zoom from the input grid to the model grid, and the object
     probabilities of the checkpoint's foreground classifier (None without one). A 2D
@@ -243,7 +245,12 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     volume's mapping onto the model's intensity range (spoco_vol.intensity; None: as it is).
     ``mask``: a foreground mask of the input's spatial shape (e.g. the ground truth's):
     pixels outside it are background, as if a perfect classifier had called them so
-    (with a classifier: outside the mask, or called background by it)."""
+    (with a classifier: outside the mask, or called background by it).
+    ``volume_borders``: ``raw`` is a block read with a halo of at least the networks'
+    field of view: per model axis, (low side, high side) True where the block meets the
+    volume's border. Only there is context added (reflected, as for the whole volume);
+    elsewhere the halo is the context, so the networks predict no pixel twice over
+    [default: ``raw`` is the whole volume]."""
     timings = timings if timings is not None else {}
     dims, channels = ckpt.dims, ckpt.in_channels
     io.validate_volume(raw, "input", channels=channels)
@@ -269,13 +276,23 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     embeddings = np.zeros((net.embedding_dim, *grid), np.float32)
     momentum = None if momentum_net is None else np.zeros_like(embeddings)
     probabilities = None if foreground_net is None else np.zeros(grid, np.float32)
+    pad = None
+    if volume_borders is not None:
+        context = [-(-h // m) * m for h, m in zip(receptive_halo(net), net.shape_multiple)]
+        pad = [(c if lo else 0, c if hi else 0) for c, (lo, hi) in zip(context, volume_borders)]
     for z, sec in enumerate(sections):
         at = (slice(None),) if dims == ndim else (slice(None), z)
-        embeddings[at] = predict_embeddings(net, sec, device=dev, tta=tta)
+        if pad is not None:  # context at the volume's border only, cropped off again below
+            n = sec.shape[sec.ndim - dims:]
+            sec = read_window(sec, [-lo for lo, _ in pad], [k + hi for k, (_, hi) in zip(n, pad)])
+        crop = (slice(None),) + tuple(slice(lo, lo + k) for k, (lo, _) in zip(n, pad)) if pad else (slice(None),)
+        embeddings[at] = predict_embeddings(net, sec, device=dev, tta=tta, image_context=pad is None)[crop]
         if momentum_net is not None:
-            momentum[at] = predict_embeddings(momentum_net, sec, device=dev, tta=tta)
+            momentum[at] = predict_embeddings(momentum_net, sec, device=dev, tta=tta,
+                                              image_context=pad is None)[crop]
         if foreground_net is not None:
-            probabilities[at[1:]] = predict_foreground(foreground_net, sec, device=dev, tta=tta)
+            probabilities[at[1:]] = predict_foreground(foreground_net, sec, device=dev, tta=tta,
+                                                       image_context=pad is None)[crop[1:]]
     if mask is not None:  # on the model grid, nearest (integer downsampling: the block's majority)
         inside = mask_on_model_grid(np.asarray(mask) != 0, grid, scale)
         probabilities = inside.astype(np.float32) if probabilities is None else probabilities * inside

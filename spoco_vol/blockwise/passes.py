@@ -89,7 +89,7 @@ def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Predict
     timings["read"] += time.perf_counter() - t
     if skip:
         return tasks.Prediction(None, timings)
-    return tasks.predict_block(raw, plan, model, networks, timings, mask)
+    return tasks.predict_block(raw, block, plan, model, networks, timings, mask)
 
 
 def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads: int = 0) -> dict:

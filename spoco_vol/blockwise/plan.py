@@ -28,8 +28,23 @@ STITCH_DEPTH = 16    # input planes of halo agreement per face
 AFFINITY_DTYPES = ("float16", "uint8")  # of saved affinities; uint8 holds round(255 w)
 
 
-def default_block_shape(shape: Sequence[int], model_dims: int) -> list[int]:
-    base = [8, 512, 512] if model_dims == 2 else [64, 256, 256]
+BLOCK_CORE_2D = 768  # model pixels per side of a 2D model's default block core
+BLOCK_ROUND = 256    # input voxels: default block sides are multiples of this
+
+
+def default_block_shape(shape: Sequence[int], model_dims: int, scale: Sequence[float] | None = None) -> list[int]:
+    """8 sections of BLOCK_CORE_2D x BLOCK_CORE_2D model pixels for a 2D model (input
+    voxels: divided by the zoom to the model grid, rounded up to BLOCK_ROUND), 64 x 256 x
+    256 voxels for a 3D one; never more than the volume. Cores this large keep the halo
+    the networks also predict (field of view + longest offset, 78 model pixels per side
+    for the bundled model) below half the core's pixels: 1.45 model pixels predicted per
+    pixel kept, against 2.6 with cores of 256 (benchmarks/RESULTS.md, "Cost of a voxel")."""
+    if model_dims == 2:
+        zoom = list(scale[-2:]) if scale is not None else [1.0, 1.0]
+        side = [int(-(-np.ceil(BLOCK_CORE_2D / z) // BLOCK_ROUND) * BLOCK_ROUND) for z in zoom]
+        base = [8, *side]
+    else:
+        base = [64, 256, 256]
     return [min(s, b) for s, b in zip(shape, base[-len(shape):])]
 
 
@@ -211,7 +226,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
                                   f"({' x '.join(map(str, image))})")
         if block_shape is None:
             block_shape = ([min(shape[0], 8)] if dims < ndim else []) + image
-    block_shape = list(block_shape) if block_shape is not None else default_block_shape(shape, dims)
+    block_shape = list(block_shape) if block_shape is not None else default_block_shape(shape, dims, scale)
     if len(halo) != ndim or len(block_shape) != ndim:
         raise SpocoInputError(f"--block-shape and --halo need {ndim} values for this {ndim}D input")
     if any(b < 1 for b in block_shape) or any(h < 0 for h in halo):

@@ -106,16 +106,20 @@ class Fragments:
     timings: dict
 
 
-def predict_block(raw: np.ndarray, plan: SegmentPlan, model: Checkpoint, networks, timings: dict,
+def predict_block(raw: np.ndarray, block: Block, plan: SegmentPlan, model: Checkpoint, networks, timings: dict,
                   mask: np.ndarray | None = None) -> Prediction:
     """Embeddings (and the classifier's probabilities, and with consistency clustering
     the momentum network's embeddings) of a block's read region; ``networks``: the
     embedding network, the classifier, the momentum network (None where absent);
     ``mask``: the --mask over the read region (its outside is background)."""
     net, foreground_net, momentum_net = networks
+    # The halo holds the field of view: context is only added where the block meets the
+    # volume's border, as the whole volume's prediction adds it there.
+    borders = [(r.start == 0, r.stop == n) for r, n in zip(block.read[-model.dims:], plan.shape[-model.dims:])]
     return Prediction(predict_array(raw, model, input_voxel_size=plan.voxel_size, device=plan.device, timings=timings,
                                     net=net, tta=plan.tta, foreground_net=foreground_net,
-                                    intensity_mapping=plan.intensity, momentum_net=momentum_net, mask=mask),
+                                    intensity_mapping=plan.intensity, momentum_net=momentum_net, mask=mask,
+                                    volume_borders=borders),
                       timings)
 
 
