@@ -1,10 +1,13 @@
 """The cost of one output voxel on CPU, at the default settings, in one run:
 
-A. the machine: fp32 matmul and 3x3-convolution GFLOP/s of one core (one thread), the
-   peak the U-Net is held against;
+A. the machine: fp32 and bf16 matmul and fp32 3x3-convolution GFLOP/s of one core (one
+   thread), the peaks the U-Net is held against;
 B. the U-Net: FLOPs per model pixel (torch.utils.flop_counter), seconds per 512 x 512
-   tile on one core as it runs (fp32), and with channels_last; achieved GFLOP/s and the
-   fraction of the matmul peak;
+   tile of the VNC test stack on one core, in fp32 and in bf16 autocast (the default
+   where the CPU has native bf16), each with the weights contiguous and channels-last
+   (spoco_vol.inference.for_inference); achieved GFLOP/s, the fraction of the matmul
+   peak of that precision, and the largest |difference| from fp64 embeddings (the pull
+   margin is 0.5);
 C. the halo: model pixels the networks predict per model pixel kept, for an interior
    block and a corner block of an 8 x N x N volume, at the default block shape and at
    8 x 512 x 512 (counted by a forward hook on the U-Net while each block is predicted);
@@ -47,35 +50,51 @@ def machine_peak():
     torch.set_num_threads(1)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     mm = 2 * 2048 ** 3 / best_of(lambda: a @ b) / 1e9
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    mm16 = 2 * 2048 ** 3 / best_of(lambda: a16 @ b16) / 1e9
     conv = torch.nn.Conv2d(32, 32, 3, padding=1).eval()
     x = torch.randn(1, 32, 512, 512)
     with torch.no_grad():
         cv = 2 * 32 * 32 * 9 * 512 * 512 / best_of(lambda: conv(x)) / 1e9
-    return mm, cv
+    return mm, mm16, cv
 
 
-def unet_rates(peak):
+def unet_rates(peaks, test):
+    """The rows of table B; returns the model pixels per second of the product's path."""
     from torch.utils.flop_counter import FlopCounterMode
-    from spoco_vol import checkpoint
+    from spoco_vol import checkpoint, io, transforms
+    from spoco_vol.inference import autocast_context, autocast_dtype, for_inference
     from spoco_vol.pipeline import BUNDLED_MODEL
     torch.set_num_threads(1)
-    net = checkpoint.load(BUNDLED_MODEL).network().eval()
-    x = torch.randn(1, 1, 512, 512)
+    ckpt = checkpoint.load(BUNDLED_MODEL)
+    raw = np.asarray(io.open_volume(test + "/raw")[0, :1024:2, :1024:2]).astype(np.float32)
+    x = torch.from_numpy(transforms.normalize(raw, ckpt.normalization))[None, None]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(x)
+        ckpt.network()(x)
     flops = counter.get_total_flops()
-    rows = []
     with torch.no_grad():
-        rows.append(("fp32", best_of(lambda: net(x))))
-        cl = net.to(memory_format=torch.channels_last)
-        xc = x.to(memory_format=torch.channels_last)
-        rows.append(("fp32 channels_last", best_of(lambda: cl(xc))))
-    net.to(memory_format=torch.contiguous_format)
-    print(f"\nB. the bundled U-Net: {flops / 512 ** 2 / 1e3:.1f} kFLOP per model pixel; one 512 x 512 tile, one core")
-    print(f"{'variant':<22}{'s/tile':>8}{'GFLOP/s':>9}{'of peak':>9}{'Mpx/s':>7}")
-    for name, t in rows:
-        print(f"{name:<22}{t:>8.3f}{flops / t / 1e9:>9.1f}{100 * flops / t / 1e9 / peak:>8.0f}%{512 ** 2 / t / 1e6:>7.2f}")
-    return 512 ** 2 / rows[0][1]
+        ref = ckpt.network().double()(x.double()).float()
+    cpu = torch.device("cpu")
+    default = autocast_dtype(cpu)
+    print(f"\nB. the bundled U-Net: {flops / 512 ** 2 / 1e3:.1f} kFLOP per model pixel; one 512 x 512 tile, one core; "
+          f"the default here: {'bf16 autocast' if default else 'fp32'}, channels-last")
+    print(f"{'variant':<26}{'s/tile':>8}{'GFLOP/s':>9}{'of peak':>9}{'Mpx/s':>7}{'max |d| vs fp64':>17}")
+    product = None
+    for precision, peak in (("fp32", peaks[0]), ("bf16 autocast", peaks[1])):
+        if precision.startswith("bf16") and default is None:
+            continue  # no native bf16: 20-50x slower, never the default
+        for layout in ("contiguous", "channels-last"):
+            net = ckpt.network() if layout == "contiguous" else for_inference(ckpt.network())
+            xi = x.contiguous(memory_format=torch.channels_last if layout != "contiguous" else torch.contiguous_format)
+            with torch.no_grad(), autocast_context(cpu, precision != "fp32"):
+                t = best_of(lambda: net(xi))
+                diff = float((net(xi).float() - ref).abs().max())
+            g = flops / t / 1e9
+            print(f"{precision + ', ' + layout:<26}{t:>8.3f}{g:>9.1f}{100 * g / peak:>8.0f}%{512 ** 2 / t / 1e6:>7.2f}"
+                  f"{diff:>17.4f}")
+            if layout == "channels-last" and (precision == "fp32") == (default is None):
+                product = 512 ** 2 / t
+    return product
 
 
 def mirrored_volume(test, size, path):
@@ -152,7 +171,8 @@ def end_to_end(path, unet_px_per_s, scale):
             print(f"  {stage:<12}{s:>11.1f}{100 * s / total:>6.0f}%{vox / s / 1e6:>19.3f}")
     print(f"  {'all stages':<12}{total:>11.1f}{'':>7}{vox / total / 1e6:>19.3f}")
     per_input = unet_px_per_s / np.prod(scale)  # input voxels per model pixel
-    print(f"  the U-Net alone (B, no halo): {per_input / 1e6:.3f} Mvox/s per core of input")
+    print(f"  the U-Net alone (B, the default precision and layout, no halo): {per_input / 1e6:.3f} Mvox/s per "
+          f"core of input")
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -169,9 +189,10 @@ def main():
     from spoco_vol import io
     work = tempfile.mkdtemp(prefix="spoco-cost-")
     try:
-        mm, cv = machine_peak()
-        print(f"A. one core, fp32: matmul 2048^3 {mm:.1f} GFLOP/s, conv 3x3 32->32 on 512^2 {cv:.1f} GFLOP/s")
-        px = unet_rates(mm)
+        mm, mm16, cv = machine_peak()
+        print(f"A. one core: matmul 2048^3 fp32 {mm:.1f} GFLOP/s, bf16 {mm16:.1f} GFLOP/s; conv 3x3 32->32 on "
+              f"512^2 fp32 {cv:.1f} GFLOP/s")
+        px = unet_rates((mm, mm16), a.test)
         path = mirrored_volume(a.test, a.size, os.path.join(work, "vol.zarr"))
         halo_table(path, a.baseline)
         vs = io.read_voxel_size(path)

@@ -18,7 +18,7 @@ from .bundled import model_path
 from .checkpoint import Checkpoint
 from .clustering import cluster_embeddings
 from .errors import SpocoInputError
-from .inference import read_window, predict_embeddings, predict_foreground, resolve_device
+from .inference import for_inference, predict_embeddings, predict_foreground, read_window, resolve_device
 from .model import receptive_halo
 from .segmentation import segment_embeddings
 
@@ -266,9 +266,9 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     image = transforms.normalize(resampled, ckpt.normalization)
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t
     t = time.perf_counter()
-    net = net if net is not None else ckpt.network()
+    net = net if net is not None else for_inference(ckpt.network())
     if foreground_net is None and ckpt.has_foreground:
-        foreground_net = ckpt.foreground_network()
+        foreground_net = for_inference(ckpt.foreground_network())
     dev = resolve_device(device)
     tta = ckpt.inference.uses_tta(tta)
     grid = image.shape[1:] if channels > 1 else image.shape  # the model grid
@@ -399,4 +399,4 @@ def momentum_network(ckpt: Checkpoint):
     if net is None:
         raise SpocoInputError("--clustering consistency needs the momentum network g of the consistency term, which "
                               "this checkpoint does not hold (train with --consistency-weight > 0)")
-    return net
+    return for_inference(net)

@@ -34,8 +34,10 @@ RESUME_BATCH = 1024  # finished blocks whose object counts one task of the resum
 def _load_model(path: str, with_momentum: bool = False):
     """One model load per worker process, not per block: the checkpoint and its networks
     (embeddings, foreground classifier, and for consistency clustering the momentum one)."""
+    from ..inference import for_inference
     model = checkpoint.load(path)
-    return model, (model.network(), model.foreground_network(), model.momentum_network() if with_momentum else None)
+    nets = (model.network(), model.foreground_network(), model.momentum_network() if with_momentum else None)
+    return model, tuple(for_inference(n) if n is not None else None for n in nets)
 
 
 def _crash_point(name: str) -> None:

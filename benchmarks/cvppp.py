@@ -1,0 +1,124 @@
+"""The SPOCO paper's CVPPP A1 table (leaves, RGB) with spoco-vol: Symmetric Best Dice
+and |DiC| on the 25 test images of benchmarks/prepare_cvppp.py (never trained on, never
+used to choose anything), for
+
+- SPOCO with full labels, segmented with the ground-truth foreground (``--mask``), with a
+  predicted foreground (the foreground classifier trained supervised on the same
+  labels) and without a mask;
+- SPOCO@0.1, @0.4, @0.8 (seeds 0, 1, 2: other objects annotated), the sparse recipe, with
+  its predicted (positive-unlabeled) foreground;
+- the discriminative-loss baseline (pull, push, regulariser), and SPOCO with the
+  adversarial instance term, both with the ground-truth foreground as in the paper.
+
+Every run is `spoco-vol train` on cvppp_train.zarr (the last 10 images validate full-label
+runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol evaluate
+--per-section` of cvppp_test.zarr. Finished runs are not redone; results go to
+WORK/cvppp.json and the table to WORK/cvppp.md.
+
+    python benchmarks/prepare_cvppp.py /tmp/cvppp
+    python benchmarks/cvppp.py /tmp/cvppp [--only full,dl,adversarial,p0.1,p0.4,p0.8] [--seeds 0,1,2] [--iterations N]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ITERATIONS = 2000
+COMMON = ["--dims", "2", "--patch-shape", "256,256", "--batch-size", "4", "--quiet"]
+SPARSE = ["--background-weight", "1", "--background-warmup", "300", "--background-select-radius", "3", "--tta",
+          "--foreground-iterations", "600"]
+PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "full, no mask": 0.886,
+         "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
+
+
+def runs(only, seeds):
+    out = []
+    if "full" in only:
+        out.append(("full", 0, ["--val-sections", "10", "--foreground-iterations", "600"],
+                    [("full, GT foreground", "gt"), ("full, predicted foreground", "classifier"),
+                     ("full, no mask", "none")]))
+    if "dl" in only:
+        out.append(("dl", 0, ["--val-sections", "10", "--loss", "discriminative"],
+                    [("discriminative loss, GT foreground", "gt")]))
+    if "adversarial" in only:
+        out.append(("adversarial", 0, ["--val-sections", "10", "--adversarial-weight", "0.1"],
+                    [("full + adversarial term, GT foreground", "gt")]))
+    for p in ("0.1", "0.4", "0.8"):
+        if f"p{p}" in only:
+            out += [(f"p{p}_s{s}", s, ["--object-fraction", p, *SPARSE], [(f"SPOCO@{p}", "classifier")])
+                    for s in seeds]
+    return out
+
+
+def segment_and_score(exe, work, model, name, mask_kind):
+    test = os.path.join(work, "cvppp_test.zarr")
+    out = os.path.join(work, "seg", f"{name}_{mask_kind}.zarr")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if mask_kind in ("gt", "none"):  # the embeddings' own background rule, and the mask if any
+        without = model.replace(".pt", "_no_classifier.pt")
+        if not os.path.exists(without):
+            from spoco_vol import checkpoint
+            checkpoint.save(checkpoint.load(model).with_foreground(None), without)
+        model = without
+    cmd = [exe, "segment", "--input", f"{test}/raw", "--output", out, "--model", model, "--quiet", "--overwrite"]
+    if mask_kind == "gt":
+        mask = os.path.join(work, "cvppp_test_fg.zarr")
+        if not os.path.exists(mask):
+            from spoco_vol import io
+            io.create_array(mask, (np.asarray(io.open_volume(f"{test}/labels")[...]) > 0).astype(np.uint8))
+        cmd += ["--mask", mask]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    res = subprocess.run([exe, "evaluate", "--pred", out, "--gt", f"{test}/labels", "--per-section", "--json"],
+                         check=True, capture_output=True, text=True)
+    m = json.loads(res.stdout)
+    return {k: m[k] for k in ("sbd", "abs_dic", "ap@0.5", "n_pred", "n_gt")}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("work")
+    p.add_argument("--only", default="full,dl,adversarial,p0.1,p0.4,p0.8")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--iterations", type=int, default=ITERATIONS)
+    a = p.parse_args()
+    path = os.path.join(a.work, "cvppp.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
+    train = os.path.join(a.work, "cvppp_train.zarr")
+    for name, seed, options, evaluations in runs(a.only.split(","), [int(s) for s in a.seeds.split(",")]):
+        out = os.path.join(a.work, "runs", name)
+        if not os.path.exists(os.path.join(out, "summary.json")):
+            resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]
+            cmd = [exe, "train", "--raw", f"{train}/raw", "--labels", f"{train}/labels", "--out", out, "--seed",
+                   str(seed), "--iterations", str(a.iterations), *COMMON, *options, *resume]
+            print("run:", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        summary = json.load(open(os.path.join(out, "summary.json")))
+        for setting, mask_kind in evaluations:
+            key = f"{name}:{setting}"
+            if key in results:
+                continue
+            results[key] = {"setting": setting, "run": name, "seed": seed, "train_seconds": summary["seconds"],
+                            "test": segment_and_score(exe, a.work, os.path.join(out, "best.pt"), name, mask_kind)}
+            print(key, json.dumps(results[key]["test"]), flush=True)
+            json.dump(results, open(path + ".tmp", "w"), indent=1)
+            os.replace(path + ".tmp", path)
+    rows = ["| setting | runs | SBD per run | SBD mean | |DiC| mean | paper's SBD |", "|---|---|---|---|---|---|"]
+    settings = {}
+    for r in results.values():
+        settings.setdefault(r["setting"], []).append(r)
+    for setting, rs in settings.items():
+        rs.sort(key=lambda r: r["seed"])
+        sbd = [r["test"]["sbd"] for r in rs]
+        rows.append(f"| {setting} | {len(rs)} | {' / '.join(f'{x:.3f}' for x in sbd)} | **{np.mean(sbd):.3f}** | "
+                    f"{np.mean([r['test']['abs_dic'] for r in rs]):.2f} | {PAPER.get(setting, '-')} |")
+    text = "\n".join(rows)
+    open(os.path.join(a.work, "cvppp.md"), "w").write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
