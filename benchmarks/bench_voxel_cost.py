@@ -78,7 +78,7 @@ def unet_rates(peaks, test):
     default = autocast_dtype(cpu)
     print(f"\nB. the bundled U-Net: {flops / 512 ** 2 / 1e3:.1f} kFLOP per model pixel; one 512 x 512 tile, one core; "
           f"the default here: {'bf16 autocast' if default else 'fp32'}, channels-last")
-    print(f"{'variant':<26}{'s/tile':>8}{'GFLOP/s':>9}{'of peak':>9}{'Mpx/s':>7}{'max |d| vs fp64':>17}")
+    print(f"{'variant':<29}{'s/tile':>8}{'GFLOP/s':>9}{'of peak':>9}{'Mpx/s':>7}{'max |d| vs fp64':>17}")
     product = None
     for precision, peak in (("fp32", peaks[0]), ("bf16 autocast", peaks[1])):
         if precision.startswith("bf16") and default is None:
@@ -90,7 +90,7 @@ def unet_rates(peaks, test):
                 t = best_of(lambda: net(xi))
                 diff = float((net(xi).float() - ref).abs().max())
             g = flops / t / 1e9
-            print(f"{precision + ', ' + layout:<26}{t:>8.3f}{g:>9.1f}{100 * g / peak:>8.0f}%{512 ** 2 / t / 1e6:>7.2f}"
+            print(f"{precision + ', ' + layout:<29}{t:>8.3f}{g:>9.1f}{100 * g / peak:>8.0f}%{512 ** 2 / t / 1e6:>7.2f}"
                   f"{diff:>17.4f}")
             if layout == "channels-last" and (precision == "fp32") == (default is None):
                 product = 512 ** 2 / t
@@ -163,7 +163,7 @@ def end_to_end(path, unet_px_per_s, scale):
     print(f"\nD. end to end: segment at the defaults ({r['blocks']} blocks of {tuple(r['block_shape'])}), "
           f"2 workers on 2 cores")
     print(f"  {vox / 1e6:.0f} Mvox in {wall:.0f} s wall (cluster start included): "
-          f"{vox / wall / 2 / 1e6:.3f} Mvox/s per core")
+          f"{vox / wall / 2 / 1e6:.3f} Mvox/s per core; peak RSS {r['peak_rss_mib']['worker']:.0f} MiB per worker")
     total = sum(r["seconds"].values())
     print(f"  {'stage':<12}{'s (summed)':>11}{'share':>7}{'Mvox/s/core alone':>19}")
     for stage, s in r["seconds"].items():
