@@ -12,12 +12,13 @@ Data:
   8 channels on the model grid, 7 x 512 x 512), scored inside the model's foreground
   against the ground truth's objects (both tools' labels set to 0 outside it alike).
 Both tools get the same array, bias 0 on direct and -1 on long-range offsets (the split
-spoco-vol uses; mwatershed's convention), no strides, no size filter, context = halo =
-the longest offset. Wall times include starting the workers; peak RSS is the client's
+spoco-vol uses; mwatershed's convention), no size filter, context = halo = the longest
+offset, and no strides or (``--strides``) the same regular strides on the long-range
+offsets (each tool places its grid by its own rule). Wall times include starting the workers; peak RSS is the client's
 and the largest worker's (for volara: its largest child process).
 
     python benchmarks/peers/compare_volara.py --volara-python VENV/bin/python [--work DIR]
-        [--shape 128,1024,1024] [--block 32,256,256] [--only synthetic,crop,vnc]
+        [--shape 128,1024,1024] [--block 32,256,256] [--only synthetic,crop,vnc] [--strides 2,2,2]
 """
 import argparse
 import json
@@ -99,6 +100,7 @@ def vnc_affinities(test, path):
     from spoco_vol import io
     from spoco_vol.blockwise import segment_blockwise
     seg = path + "/seg.zarr"
+    os.makedirs(path, exist_ok=True)
     if not os.path.exists(seg):
         segment_blockwise(test + "/raw", seg, None, workers=2, device="cpu", save_affinities="float16")
     src = zarr.open_array(seg + "/affinities", mode="r")
@@ -111,19 +113,20 @@ def vnc_affinities(test, path):
     return path + "/affinities", gt, fg
 
 
-def run_spoco(affs, out, block, halo, workers):
+def run_spoco(affs, out, block, halo, workers, strides=None):
     """`spoco-vol segment-affinities` in a process of its own, as volara runs in its own."""
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "spoco_vol.cli", "segment-affinities", "--affinities", affs, "--output", out,
                     "--block-shape", ",".join(map(str, block)), "--halo", ",".join(map(str, halo)),
-                    "--workers", str(workers), "--overwrite", "--quiet"], check=True, capture_output=True)
+                    "--workers", str(workers), "--overwrite", "--quiet",
+                    *(["--strides", ",".join(map(str, strides))] if strides else [])], check=True, capture_output=True)
     wall = time.perf_counter() - t
     r = zarr.open_group(out, mode="r").attrs["spoco_vol"]
     return {"wall": wall, "worker_rss_mib": r["peak_rss_mib"]["worker"], "client_rss_mib": r["peak_rss_mib"]["client"],
             "objects": r["objects"], "labels": out}
 
 
-def run_volara(python, affs, out, block, context, workers):
+def run_volara(python, affs, out, block, context, workers, strides=None):
     offsets = zarr.open_array(affs, mode="r").attrs["offsets"]
     bias = [0.0 if sum(abs(v) for v in o) == 1 else -1.0 for o in offsets]
     shutil.rmtree(out, ignore_errors=True)
@@ -131,7 +134,8 @@ def run_volara(python, affs, out, block, context, workers):
     try:
         res = subprocess.run([python, os.path.join(HERE, "volara_run.py"), os.path.abspath(affs), os.path.abspath(out),
                               "--block", ",".join(map(str, block)), "--context", ",".join(map(str, context)),
-                              "--bias", ",".join(map(str, bias)), "--workers", str(workers)],
+                              "--bias", ",".join(map(str, bias)), "--workers", str(workers),
+                              *(["--strides", ",".join(map(str, strides))] if strides else [])],
                              cwd=cwd, capture_output=True, text=True)
     finally:
         shutil.rmtree(cwd, ignore_errors=True)
@@ -163,11 +167,14 @@ def main():
     p.add_argument("--vnc", default="/tmp/vnc/vnc_test.zarr")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", default="synthetic,crop,vnc")
+    p.add_argument("--strides", default=None, help="regular strides of the long-range edges, both tools")
     a = p.parse_args()
+    strides = [int(v) for v in a.strides.split(",")] if a.strides else None
+    tag = "" if strides is None else "_strides" + "x".join(map(str, strides))
     shape, block, crop_shape = ([int(v) for v in s.split(",")] for s in (a.shape, a.block, a.crop))
     os.makedirs(a.work, exist_ok=True)
     rows = []
-    results_path = os.path.join(a.work, "results.json")
+    results_path = os.path.join(a.work, f"results{tag}.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
 
     def record(name, tool, run, **metrics):
@@ -186,22 +193,25 @@ def main():
     if "synthetic" in only:
         gt = read_labels(synth + "/gt")
         for tool in ("spoco-vol", "volara"):
-            out = os.path.join(a.work, f"synthetic_{tool}")
-            run = (run_spoco(synth + "/affinities", out + ".zarr", block, context, a.workers) if tool == "spoco-vol"
-                   else run_volara(a.volara_python, synth + "/affinities", out, block, context, a.workers))
+            out = os.path.join(a.work, f"synthetic_{tool}{tag}")
+            run = (run_spoco(synth + "/affinities", out + ".zarr", block, context, a.workers, strides)
+                   if tool == "spoco-vol" else
+                   run_volara(a.volara_python, synth + "/affinities", out, block, context, a.workers, strides))
             record("synthetic", tool, run, vs_gt=scores(read_labels(run["labels"] + ("/0" if tool == "spoco-vol"
                                                                                      else "")), gt))
         del gt
     if "crop" in only:
         cropped = os.path.join(a.work, "crop.zarr")
-        affs, gt_path = crop(synth + "/affinities", synth + "/gt", cropped, crop_shape)
+        if not os.path.exists(cropped + "/gt"):
+            crop(synth + "/affinities", synth + "/gt", cropped, crop_shape)
+        affs, gt_path = cropped + "/affinities", cropped + "/gt"
         gt = read_labels(gt_path)
         for tool in ("spoco-vol", "volara"):
             runs = {}
             for kind, b, workers in (("blockwise", block, a.workers), ("single", crop_shape, 1)):
-                out = os.path.join(a.work, f"crop_{tool}_{kind}")
-                runs[kind] = (run_spoco(affs, out + ".zarr", b, context, workers) if tool == "spoco-vol"
-                              else run_volara(a.volara_python, affs, out, b, context, workers))
+                out = os.path.join(a.work, f"crop_{tool}_{kind}{tag}")
+                runs[kind] = (run_spoco(affs, out + ".zarr", b, context, workers, strides) if tool == "spoco-vol"
+                              else run_volara(a.volara_python, affs, out, b, context, workers, strides))
                 runs[kind]["array"] = read_labels(runs[kind]["labels"] + ("/0" if tool == "spoco-vol" else ""))
             record("crop", tool, {k: v for k, v in runs["blockwise"].items() if k != "array"},
                    single_wall=runs["single"]["wall"], single_worker_rss_mib=runs["single"]["worker_rss_mib"],
@@ -210,12 +220,14 @@ def main():
     if "vnc" in only:
         affs, gt, fg = vnc_affinities(a.vnc, os.path.join(a.work, "vnc"))
         vnc_block, vnc_context = [7, 256, 256], [0, 27, 27]
+        vnc_strides = None if strides is None else [1, *strides[1:]]  # no offset crosses sections
         for tool in ("spoco-vol", "volara"):
             runs = {}
             for kind, b, workers in (("blockwise", vnc_block, a.workers), ("single", list(gt.shape), 1)):
-                out = os.path.join(a.work, f"vnc_{tool}_{kind}")
-                runs[kind] = (run_spoco(affs, out + ".zarr", b, vnc_context, workers) if tool == "spoco-vol"
-                              else run_volara(a.volara_python, affs, out, b, vnc_context, workers))
+                out = os.path.join(a.work, f"vnc_{tool}_{kind}{tag}")
+                runs[kind] = (run_spoco(affs, out + ".zarr", b, vnc_context, workers, vnc_strides)
+                              if tool == "spoco-vol" else
+                              run_volara(a.volara_python, affs, out, b, vnc_context, workers, vnc_strides))
                 runs[kind]["array"] = read_labels(runs[kind]["labels"] + ("/0" if tool == "spoco-vol" else ""))
             record("vnc", tool, {k: v for k, v in runs["blockwise"].items() if k != "array"},
                    single_wall=runs["single"]["wall"],

@@ -46,6 +46,7 @@ def main():
     p.add_argument("--context", type=ints, required=True)
     p.add_argument("--bias", type=lambda t: [float(v) for v in t.split(",")], required=True)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--strides", type=ints, default=None, help="on the long-range offsets (the direct ones: 1)")
     a = p.parse_args()
     logging.getLogger().setLevel(logging.WARNING)
     out = Path(a.out)
@@ -63,7 +64,10 @@ def main():
     block, context = Coordinate(a.block), Coordinate(a.context)
     stages = [
         ("fragments", ExtractFrags(db=db, affs_data=affs, frags_data=frags, block_size=block, context=context,
-                                   bias=a.bias, num_workers=a.workers)),
+                                   bias=a.bias, num_workers=a.workers,
+                                   strides=None if a.strides is None else
+                                   [Coordinate((1,) * ndim) if sum(abs(v) for v in o) == 1 else Coordinate(a.strides)
+                                    for o in offsets])),
         ("agglomerate", AffAgglom(db=db, affs_data=affs, frags_data=frags, block_size=block, context=context,
                                   scores={"direct": direct, "long": longer}, num_workers=a.workers)),
         ("graph mws", GraphMWS(db=db, lut=lut, weights={"direct": (1.0, -0.5)},
