@@ -78,8 +78,9 @@ def main():
               f"{'overlap':>8}")
         for name, r, who in (("gpu", g, f"1 GPU worker + {a.cpu_workers} CPU workers"),
                              ("cpu", c, f"{a.cpu_workers + 1} CPU workers")):
+            overlap = f"{100 * r['overlap']:>7.0f}%" if r["on_gpu_workers"] else f"{'-':>8}"  # split runs only
             print(f"{who:<44}{r['blocks']:>7}{r['wall']:>8.1f}{r['blocks_per_s']:>9.2f}"
-                  f"{r['predict_s_per_block']:>14.3f}{r['cpu_half_s_per_block']:>15.3f}{100 * r['overlap']:>7.0f}%")
+                  f"{r['predict_s_per_block']:>14.3f}{r['cpu_half_s_per_block']:>15.3f}{overlap}")
         print(f"GPU run vs CPU run: {c['wall'] / g['wall']:.2f}x faster; labels ARand {results['labels']['arand']:.4f}, "
               f"VOI {results['labels']['voi']:.4f}, identical: {results['labels']['identical']}")
         if a.out:

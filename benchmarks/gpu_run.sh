@@ -6,6 +6,9 @@
 # important first:
 #  1. bench_gpu.py: U-Net throughput fp32/bf16/fp16 vs the same machine's CPU, and
 #     whether CUDA gives the CPU's embeddings and labels (bundled model, VNC 13-19);
+#  1b. bench_gpu_blockwise.py: a blockwise run of 64 blocks with one GPU worker and CPU
+#     workers (per-block GPU rate with CUDA start-up amortised, the CPU half, overlap),
+#     the same on the CPU alone, and the labels of the two compared;
 #  2. `spoco-vol segment --device cuda` (blockwise, dask LocalCluster) on VNC 13-19, scored;
 #  3. SPOCO@0.1 trained with several seeds at once (the RESULTS.md recipe, --tta), each
 #     model calibrated without TTA too, and all scored on VNC 13-19 (eval_vnc.py).
@@ -35,6 +38,12 @@ if [[ $skip != *1* ]]; then
 echo "== 1. bench_gpu.py (left $(left) s)"
 timeout 150 $py benchmarks/bench_gpu.py --device "$device" --tables "${TABLES:-1,2,3}" --test "$data/vnc_test.zarr" \
     --train "$data/vnc_train.zarr" 2>&1 | tee "$out/bench_gpu.txt"
+fi
+
+if [[ $skip != *b* ]]; then
+echo "== 1b. bench_gpu_blockwise.py: 64 blocks on the GPU worker + CPU workers, vs CPU alone (left $(left) s)"
+timeout 300 $py benchmarks/bench_gpu_blockwise.py --device "$device" --test "$data/vnc_test.zarr" \
+    --out "$out/gpu_blockwise.json" 2>&1 | grep -v "distributed\." | tee "$out/gpu_blockwise.txt"
 fi
 
 if [[ $skip != *2* ]]; then

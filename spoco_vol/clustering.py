@@ -40,7 +40,12 @@ from .errors import SpocoInputError
 from .segmentation import clean_up_segments, watershed_mask
 
 METHODS = ("mws", "hdbscan", "meanshift", "consistency")
-MAX_PIXELS = {"hdbscan": 300_000, "meanshift": 300_000, "consistency": 300_000}
+# Foreground pixels per image at which a method takes about ten minutes on one core of
+# this project's CI machine (benchmarks/bench_clustering.py; RESULTS.md "Clustering"):
+# mean-shift measured 202 s at 100k pixels, growing as N^1.24, so ~240k; consistency
+# clustering starts from mean-shift and compares masks on top. HDBSCAN measured 8 s at
+# 100k pixels, growing more slowly.
+MAX_PIXELS = {"hdbscan": 1_000_000, "meanshift": 240_000, "consistency": 200_000}
 CONSISTENCY_IOU = 0.6   # the paper's: median IoU of g's masks with an f cluster to keep it
 CONSISTENCY_SAMPLES = 32  # pixels of a cluster whose g masks are compared with it
 
@@ -62,10 +67,10 @@ def merge_close_clusters(points: np.ndarray, assignment: np.ndarray, distance: f
 
 def _check_size(method: str, n: int) -> None:
     if n > MAX_PIXELS[method]:
-        raise SpocoInputError(f"--clustering {method} compares every pair of foreground pixels and is limited to "
-                              f"{MAX_PIXELS[method]:,} of them here (this image has {n:,}; about 10 minutes at the "
-                              "limit, growing faster than linearly): use --clustering mws, a smaller --roi, or "
-                              "the blockwise default")
+        raise SpocoInputError(f"--clustering {method} is limited to {MAX_PIXELS[method]:,} foreground pixels per "
+                              f"image (this image has {n:,}; about ten minutes of one core at the limit, and its "
+                              "time grows faster than the pixels): use --clustering mws (the default, blockwise), "
+                              "or a smaller --roi")
 
 
 def _hdbscan(points: np.ndarray, delta_v: float, min_size: int) -> np.ndarray:
