@@ -43,9 +43,9 @@ METHODS = ("mws", "hdbscan", "meanshift", "consistency")
 # Foreground pixels per image at which a method takes about ten minutes on one core of
 # this project's CI machine (benchmarks/bench_clustering.py; RESULTS.md "Clustering"):
 # mean-shift measured 202 s at 100k pixels, growing as N^1.24, so ~240k; consistency
-# clustering starts from mean-shift and compares masks on top. HDBSCAN measured 8 s at
-# 100k pixels, growing more slowly.
-MAX_PIXELS = {"hdbscan": 1_000_000, "meanshift": 240_000, "consistency": 200_000}
+# clustering starts from mean-shift and compares masks on top. HDBSCAN measured 24 s at
+# 300k pixels and 177 s at 1M, growing as N^1.67, so ~2M.
+MAX_PIXELS = {"hdbscan": 2_000_000, "meanshift": 240_000, "consistency": 200_000}
 CONSISTENCY_IOU = 0.6   # the paper's: median IoU of g's masks with an f cluster to keep it
 CONSISTENCY_SAMPLES = 32  # pixels of a cluster whose g masks are compared with it
 
