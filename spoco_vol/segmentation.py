@@ -22,7 +22,7 @@ def library_weights(affinities: np.ndarray, offsets: Sequence[Sequence[int]], co
     (passing w everywhere merges everything)."""
     n_attr = number_of_attractive(offsets)
     weights = affinities.astype(np.float32, copy=copy)
-    weights[n_attr:] = 1.0 - weights[n_attr:]
+    np.subtract(np.float32(1), weights[n_attr:], out=weights[n_attr:])
     return weights
 
 
@@ -152,7 +152,9 @@ def segment_affinities(affinities: np.ndarray, offsets: Sequence[Sequence[int]],
         # Direct offsets first: the library takes the leading channels as attractive.
         order = sorted(range(len(offsets)), key=lambda c: sum(abs(v) for v in offsets[c]) != 1)
         ordered = [offsets[c] for c in order]
-        weights = library_weights(np.asarray(affinities)[order], ordered)
+        # one copy of the input, in the library's channel order and convention
+        ordered_affs = np.asarray(affinities)[order] if order != sorted(order) else affinities
+        weights = library_weights(ordered_affs, ordered, copy=ordered_affs is affinities)
         labels = mutex_watershed(None, ordered, strides, mask=mask, weights=weights)
     else:
         labels = _graph_mutex_watershed(np.asarray(affinities, np.float64), offsets, bias, strides, mask)

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from .. import checkpoint, io, stitching
+from ..errors import SpocoInputError
 from ..stitching import merge_table, relabel_block
 from . import tasks
 from .executor import Executor, TaskFailed
@@ -54,18 +55,22 @@ def read_affinities(block, plan: SegmentPlan, timings: dict) -> tasks.Prediction
     t = time.perf_counter()
     aff = np.asarray(io.open_volume(plan.affinities)[(slice(None),) + block.read])
     where = f"block {block.index} (voxels {tasks.region_text(block.read)})"
-    io.check_finite(aff, "affinities", where)
+    # One pass each for the smallest and largest value: NaN shows in both, and the
+    # largest says whether the block holds anything.
+    lo, hi = aff.min(), aff.max()
+    if aff.dtype != np.uint8 and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise SpocoInputError(f"affinities contain NaN or inf in {where}")
+    if aff.dtype != np.uint8 and (lo < 0 or hi > 1):
+        raise ValueError(f"affinities outside [0, 1] in {where}: {lo:g}..{hi:g}")
     mask = None
-    if aff.any() and plan.mask_path:
+    if hi > 0 and plan.mask_path:
         mask = np.asarray(io.open_volume(plan.mask_path, "mask")[block.read]) != 0
     timings["read"] += time.perf_counter() - t
     # all 0 (a block `segment --save-affinities` skipped) or masked out: nothing to do
-    if not aff.any() or (mask is not None and not mask[tasks.relative(block.core, block.read)].any()):
+    if hi == 0 or (mask is not None and not mask[tasks.relative(block.core, block.read)].any()):
         return tasks.Prediction(None, timings)
     if aff.dtype == np.uint8:
         aff = aff.astype(np.float32) / np.float32(255)
-    elif aff.min() < 0 or aff.max() > 1:
-        raise ValueError(f"affinities outside [0, 1] in {where}: {aff.min():g}..{aff.max():g}")
     return tasks.Prediction(None, timings, affinities=aff.astype(np.float32, copy=False), mask=mask)
 
 
