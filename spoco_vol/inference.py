@@ -63,9 +63,9 @@ TILE_2D, TILE_3D = 1024, 96  # default tile (core) sides: a 2D block's read is o
 
 def for_inference(net: torch.nn.Module) -> torch.nn.Module:
     """``net`` (in place) laid out channels-last, as predict_embeddings then feeds it:
-    oneDNN's CPU convolutions run the bundled U-Net 1.6x faster so, with the same
-    embeddings up to float rounding (benchmarks/RESULTS.md, "Cost of a voxel"). For
-    networks that only predict: training keeps its own layout."""
+    oneDNN's CPU convolutions run the bundled U-Net 1.5x (fp32) to 2.1x (bf16) faster
+    so, with the same embeddings up to float rounding (benchmarks/RESULTS.md, "Cost of
+    a voxel"). For networks that only predict: training keeps its own layout."""
     return net.to(memory_format=torch.channels_last if net.dims == 2 else torch.channels_last_3d)
 
 
