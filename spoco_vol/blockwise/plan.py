@@ -37,7 +37,7 @@ def default_block_shape(shape: Sequence[int], model_dims: int, scale: Sequence[f
     voxels: divided by the zoom to the model grid, rounded up to BLOCK_ROUND), 64 x 256 x
     256 voxels for a 3D one; never more than the volume. Cores this large keep the halo
     the networks also predict (field of view + longest offset, 78 model pixels per side
-    for the bundled model) below half the core's pixels: 1.45 model pixels predicted per
+    for the bundled model) below half the core's pixels: 1.46 model pixels predicted per
     pixel kept, against 2.6 with cores of 256 (benchmarks/RESULTS.md, "Cost of a voxel")."""
     if model_dims == 2:
         zoom = list(scale[-2:]) if scale is not None else [1.0, 1.0]
