@@ -295,7 +295,8 @@ def models():
               help="Checkpoint: a path or a bundled model's name (`spoco-vol models`) [default: vnc-mito-2d].")
 @click.option("--block-shape", type=INTS, default=None,
               help="Block (write ROI) shape in input voxels, z,y,x [default for 2D models: 8 sections of 768 x 768 "
-                   "model pixels, e.g. 8,1536,1536 at half the model's voxel size; 64,256,256 for 3D models].")
+                   "model pixels, e.g. 8,1536,1536 at half the model's voxel size, about 1.2 GiB per worker; "
+                   "64,256,256 for 3D models]. Smaller blocks use less memory and predict more halo.")
 @click.option("--halo", type=INTS, default=None,
               help="Context per side in input voxels [default: the model's field of view plus the longest offset].")
 @click.option("--mask", default=None,
