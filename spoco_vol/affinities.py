@@ -29,17 +29,22 @@ def default_offsets(dims: int, distances: Sequence[int] = (3, 9, 27),
     return offsets
 
 
+def is_direct(offset: Sequence[int]) -> bool:
+    """A direct-neighbour offset (one step along one axis): an attractive channel."""
+    return sum(abs(int(v)) for v in offset) == 1
+
+
 def number_of_attractive(offsets: Sequence[Sequence[int]]) -> int:
     """Offsets of length one (direct neighbours) lead the list and are attractive."""
     n = 0
     for o in offsets:
-        if sum(abs(v) for v in o) != 1:
+        if not is_direct(o):
             break
         n += 1
     return n
 
 
-def _pair_slices(shape: Sequence[int], offset: Sequence[int]):
+def pair_slices(shape: Sequence[int], offset: Sequence[int]):
     """Slices (target, source) so that target[i] pairs voxel i with voxel i + offset."""
     tgt, src = [], []
     for n, o in zip(shape, offset):
@@ -70,7 +75,7 @@ def embedding_affinities(embeddings: np.ndarray, offsets: Sequence[Sequence[int]
         # Few pixels: gather each pair's two embeddings (E, n) straight from the E-major array.
         emb = np.asarray(embeddings, dtype=np.float32)
         for c, o in enumerate(offsets):
-            tgt, src = _pair_slices(spatial, o)
+            tgt, src = pair_slices(spatial, o)
             both = mask[tgt] & mask[src]
             diff = emb[(slice(None), *tgt)][:, both] - emb[(slice(None), *src)][:, both]
             dist = np.sqrt(np.einsum("en,en->n", diff, diff))
@@ -79,7 +84,7 @@ def embedding_affinities(embeddings: np.ndarray, offsets: Sequence[Sequence[int]
     # Pixel-major layout: the norm over E then reduces contiguous memory (16x faster).
     emb = np.ascontiguousarray(np.moveaxis(embeddings, 0, -1), dtype=np.float32)
     for c, o in enumerate(offsets):
-        tgt, src = _pair_slices(spatial, o)
+        tgt, src = pair_slices(spatial, o)
         diff = emb[tgt] - emb[src]
         dist = np.sqrt(np.einsum("...e,...e->...", diff, diff))
         out[(c, *tgt)] = np.square(np.clip(1.0 - dist * scale, 0.0, None))

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from bioimage_cpp.segmentation import mutex_watershed as _bioimage_mws
 
-from .affinities import embedding_affinities, number_of_attractive
+from .affinities import embedding_affinities, is_direct, number_of_attractive, pair_slices
 
 
 def library_weights(affinities: np.ndarray, offsets: Sequence[Sequence[int]], copy: bool = True) -> np.ndarray:
@@ -122,7 +122,7 @@ def segment_embeddings(embeddings: np.ndarray, offsets: Sequence[Sequence[int]],
 def default_bias(offsets: Sequence[Sequence[int]]) -> list[float]:
     """mwatershed's bias that equals the SPOCO split (w attractive, 1 - w mutex): 0 on
     the direct-neighbour offsets, -1 on the long-range ones."""
-    return [0.0 if sum(abs(v) for v in o) == 1 else -1.0 for o in offsets]
+    return [0.0 if is_direct(o) else -1.0 for o in offsets]
 
 
 def segment_affinities(affinities: np.ndarray, offsets: Sequence[Sequence[int]], *,
@@ -144,16 +144,17 @@ def segment_affinities(affinities: np.ndarray, offsets: Sequence[Sequence[int]],
     offsets = [tuple(int(v) for v in o) for o in offsets]
     if len(offsets) != affinities.shape[0]:
         raise ValueError(f"{affinities.shape[0]} affinity channels but {len(offsets)} offsets")
-    bias = default_bias(offsets) if bias is None else [float(b) for b in bias]
+    split = default_bias(offsets)
+    bias = split if bias is None else [float(b) for b in bias]
     if len(bias) != len(offsets):
         raise ValueError(f"{len(bias)} bias values for {len(offsets)} offsets")
     inside = None if mask is None else np.flatnonzero(mask)
-    if bias == default_bias(offsets):
+    if bias == split:
         # Direct offsets first: the library takes the leading channels as attractive.
-        order = sorted(range(len(offsets)), key=lambda c: sum(abs(v) for v in offsets[c]) != 1)
+        order = sorted(range(len(offsets)), key=lambda c: not is_direct(offsets[c]))
         ordered = [offsets[c] for c in order]
         # one copy of the input, in the library's channel order and convention
-        ordered_affs = np.asarray(affinities)[order] if order != sorted(order) else affinities
+        ordered_affs = np.asarray(affinities)[order] if order != list(range(len(order))) else affinities
         weights = library_weights(ordered_affs, ordered, copy=ordered_affs is affinities)
         labels = mutex_watershed(None, ordered, strides, mask=mask, weights=weights)
     else:
@@ -169,18 +170,19 @@ def _graph_mutex_watershed(affinities, offsets, bias, strides, mask) -> np.ndarr
     from bioimage_cpp.graph import UndirectedGraph
     from bioimage_cpp.graph.mutex_watershed import mutex_watershed_clustering
 
-    from .affinities import _pair_slices
     spatial = affinities.shape[1:]
     node = np.arange(int(np.prod(spatial)), dtype=np.uint64).reshape(spatial)
+    on_stride = None
+    if strides is not None:  # the voxels whose long-range edges are kept
+        on_stride = np.zeros(spatial, bool)
+        on_stride[tuple(slice(None, None, int(s)) for s in strides)] = True
     attractive, repulsive = ([], []), ([], [])
     for c, o in enumerate(offsets):
-        tgt, src = _pair_slices(spatial, o)
+        tgt, src = pair_slices(spatial, o)
         value = affinities[(c, *tgt)] + bias[c]
         keep = np.ones(value.shape, bool) if mask is None else mask[tgt] & mask[src]
-        if strides is not None and sum(abs(v) for v in o) != 1:
-            grid = np.zeros(spatial, bool)
-            grid[tuple(slice(None, None, int(s)) for s in strides)] = True
-            keep &= grid[tgt]
+        if on_stride is not None and not is_direct(o):
+            keep &= on_stride[tgt]
         for kind, sel in ((attractive, keep & (value > 0)), (repulsive, keep & (value < 0))):
             kind[0].append(np.stack([node[tgt][sel], node[src][sel]], axis=1))
             kind[1].append(np.abs(value[sel]))

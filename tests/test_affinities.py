@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from spoco_vol.affinities import _pair_slices, default_offsets, embedding_affinities, number_of_attractive
+from spoco_vol.affinities import pair_slices, default_offsets, embedding_affinities, number_of_attractive
 
 
 def test_default_offsets_2d():
@@ -121,7 +121,7 @@ def test_masked_affinities_are_the_full_ones_inside_the_mask():
     part = embedding_affinities(emb, offsets, 1.0, mask)
     for c, o in enumerate(offsets):
         partner = np.zeros_like(mask)  # mask at i + o, False where it leaves the array
-        tgt, src = _pair_slices(mask.shape, o)
+        tgt, src = pair_slices(mask.shape, o)
         partner[tgt] = mask[src]
         both = mask & partner
         np.testing.assert_array_equal(part[c][both], full[c][both])

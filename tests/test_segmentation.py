@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from spoco_vol.affinities import default_offsets
-from spoco_vol.affinities import _pair_slices
+from spoco_vol.affinities import pair_slices
 from spoco_vol.segmentation import (
     clean_up_segments, default_bias, mutex_watershed, segment_affinities, segment_embeddings,
 )
@@ -158,7 +158,7 @@ def noisy_affinities(gt, offsets, noise=1.5, seed=0):
     rng = np.random.default_rng(seed)
     aff = np.zeros((len(offsets), *gt.shape), np.float32)
     for c, o in enumerate(offsets):
-        tgt, src = _pair_slices(gt.shape, o)
+        tgt, src = pair_slices(gt.shape, o)
         logit = np.where(gt[tgt] == gt[src], 2.0, -2.0) + rng.normal(0, noise, gt[tgt].shape)
         aff[(c, *tgt)] = 1 / (1 + np.exp(-logit))
     return aff

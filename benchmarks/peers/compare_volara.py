@@ -45,7 +45,7 @@ def offsets_3d():
 def make_synthetic(path, shape, seed=0, slab=16):
     """Affinities (9, *shape) and ground truth, written slab by slab."""
     from scipy.spatial import cKDTree
-    from spoco_vol.affinities import _pair_slices
+    from spoco_vol.affinities import pair_slices
     offsets = offsets_3d()
     rng = np.random.default_rng(seed)
     n = max(2, int(np.prod(shape) / CELL ** 3))
@@ -64,7 +64,7 @@ def make_synthetic(path, shape, seed=0, slab=16):
         out = np.zeros((len(offsets), z1 - lo, *shape[1:]), np.float32)
         noise = np.random.default_rng([seed, z0])
         for c, o in enumerate(offsets):
-            tgt, src = _pair_slices(labels.shape, o)
+            tgt, src = pair_slices(labels.shape, o)
             same = labels[tgt] == labels[src]
             logit = np.where(same, 2.0, -2.0) + noise.normal(0, 1.0, same.shape)
             out[(c, *tgt)] = 1 / (1 + np.exp(-logit))
@@ -77,11 +77,11 @@ def make_synthetic(path, shape, seed=0, slab=16):
 
 def crop(src_affs, src_gt, path, shape):
     a = zarr.open_array(src_affs, mode="r")
-    from spoco_vol.affinities import _pair_slices
+    from spoco_vol.affinities import pair_slices
     sl = tuple(slice(0, s) for s in shape)
     data = np.asarray(a[(slice(None), *sl)])
     for c, o in enumerate(a.attrs["offsets"]):  # pairs that now leave the array carry 0
-        tgt, _ = _pair_slices(shape, o)
+        tgt, _ = pair_slices(shape, o)
         keep = np.zeros(shape, bool)
         keep[tgt] = True
         data[c][~keep] = 0
@@ -128,8 +128,8 @@ def run_spoco(affs, out, block, halo, workers, strides=None):
 
 
 def run_volara(python, affs, out, block, context, workers, strides=None):
-    offsets = zarr.open_array(affs, mode="r").attrs["offsets"]
-    bias = [0.0 if sum(abs(v) for v in o) == 1 else -1.0 for o in offsets]
+    from spoco_vol.segmentation import default_bias
+    bias = default_bias(zarr.open_array(affs, mode="r").attrs["offsets"])
     shutil.rmtree(out, ignore_errors=True)
     cwd = tempfile.mkdtemp(prefix="volara-")  # its logs and done markers: fresh for every run
     try:

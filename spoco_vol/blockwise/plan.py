@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__, bundled, checkpoint, intensity, io
+from ..affinities import is_direct
 from ..blocks import BlockGrid, parse_roi
 from ..clustering import METHODS
 from ..errors import SpocoInputError, warn
@@ -308,8 +309,7 @@ def affinity_attributes(arr) -> dict:
     """What an affinity array says of itself: ``offsets`` and, when spoco-vol wrote it,
     ``strides``, ``min_size`` and ``voxel_size`` (of the affinity grid)."""
     attrs = arr.attrs.asdict()
-    return {**{k: attrs[k] for k in ("offsets", "strides", "min_size", "voxel_size") if k in attrs},
-            **{k: v for k, v in attrs.get("spoco_vol", {}).items() if k in ("strides", "min_size")}}
+    return {k: attrs[k] for k in ("offsets", "strides", "min_size", "voxel_size") if k in attrs}
 
 
 def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: Sequence[Sequence[int]] | None = None,
@@ -327,7 +327,7 @@ def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: 
     arr = io.open_volume(affinities, "affinities")
     if arr.ndim not in (3, 4):
         raise SpocoInputError(f"affinities must be (C, Y, X) or (C, Z, Y, X), got shape {tuple(arr.shape)}")
-    if np.dtype(arr.dtype).kind not in "fu" or (np.dtype(arr.dtype).kind == "u" and arr.dtype != np.uint8):
+    if not (np.dtype(arr.dtype).kind == "f" or arr.dtype == np.uint8):
         raise SpocoInputError(f"affinities must be float (values in [0, 1]) or uint8 (0..255), got {arr.dtype}")
     ndim = arr.ndim - 1
     shape, chunks = tuple(arr.shape[1:]), tuple(arr.chunks[1:])
@@ -347,7 +347,7 @@ def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: 
     if bias is not None:
         bias = [float(b) for b in bias]
         if len(bias) == 1:
-            bias = [0.0 if sum(abs(v) for v in o) == 1 else bias[0] for o in offsets]
+            bias = [0.0 if is_direct(o) else bias[0] for o in offsets]
         if len(bias) != len(offsets) or not all(np.isfinite(bias)):
             raise SpocoInputError(f"--bias takes one finite value per offset ({len(offsets)}), or one for the "
                                   f"long-range offsets; got {len(bias)}")
@@ -381,8 +381,7 @@ def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: 
             raise SpocoInputError(f"block shape {block_shape[a]} along axis {a} is smaller than the halo "
                                   f"{halo[a]} it needs")
     # Faces are stitched where a direct-neighbour offset tells the affinity across them.
-    stitch_axes = [a for a in range(ndim) if any(abs(o[a]) == 1 and sum(map(abs, o)) == 1 for o in offsets)] \
-        if stitch else []
+    stitch_axes = [a for a in range(ndim) if any(is_direct(o) and o[a] for o in offsets)] if stitch else []
     if isinstance(roi, str):
         roi = parse_roi(roi, shape)
     roi = tuple(roi) if roi is not None else None

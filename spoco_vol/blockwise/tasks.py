@@ -12,13 +12,13 @@ import fastremap
 import numpy as np
 
 from .. import stitching
-from ..affinities import embedding_affinities
+from ..affinities import embedding_affinities, is_direct
 from ..blocks import Block, BlockGrid, intersect
 from ..checkpoint import Checkpoint
 from ..pipeline import ArrayPrediction, labels_from_embeddings, model_grid_index, predict_array
 from ..segmentation import segment_affinities, watershed_mask
 from ..stitching import block_id_offset
-from .plan import SegmentPlan
+from .plan import SegmentPlan, full_offsets
 
 
 def face_region(block: Block, axis: int, side: int, depth: int) -> tuple[slice, ...]:
@@ -75,7 +75,7 @@ def given_face_affinity(affinities: np.ndarray, offsets: Sequence[Sequence[int]]
     channel of the direct-neighbour offset along ``axis`` (either sign)."""
     last = block.core[axis].stop - 1 - block.read[axis].start
     for c, o in enumerate(offsets):
-        if abs(o[axis]) == 1 and sum(abs(v) for v in o) == 1:
+        if is_direct(o) and o[axis]:
             # channel c at voxel i pairs i with i + o: the pair (last, last + 1) sits at last + 1
             # for an offset pointing back, at last for one pointing forward
             at = last + 1 if o[axis] < 0 else last
@@ -191,7 +191,7 @@ def core_affinities(pred: ArrayPrediction, block: Block, plan: SegmentPlan,
     as --save-affinities keeps them: float16, or uint8 holding round(255 w)."""
     factors, emb = plan.embedding_factors, pred.embeddings
     inf = model.inference
-    offsets = [(0,) * (emb.ndim - 1 - len(o)) + tuple(o) for o in inf.offsets]  # a 2D model on a 3D volume
+    offsets = full_offsets(inf.offsets, emb.ndim - 1)  # a 2D model's on a 3D volume
     reach = [max(abs(o[a]) for o in offsets) for a in range(emb.ndim - 1)]
     core = [slice(c.start // f, -(-c.stop // f)) for c, f in zip(block.core_in_read, factors)]
     # the core and the longest offset's reach around it: every pair of a core pixel

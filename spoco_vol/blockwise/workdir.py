@@ -29,7 +29,7 @@ import zarr
 from .. import checkpoint, io
 from ..errors import SpocoInputError
 from ..pipeline import register_label
-from .plan import SegmentPlan
+from .plan import SegmentPlan, full_offsets
 
 SCRATCH = ("blocks", "fragments", "relabelled", "errors")  # removed when the run is complete
 
@@ -88,7 +88,6 @@ class WorkDir:
         """The watershed's affinities (C, *model grid), one chunk per block, with what
         `segment-affinities` needs to redo the watershed in their attributes; and the
         pixels that took part in it (``foreground``, its --mask)."""
-        from .plan import full_offsets
         factors, ndim = plan.embedding_factors, len(plan.shape)
         ckpt = checkpoint.load(plan.model_path)
         offsets = full_offsets(ckpt.inference.offsets, ndim)
