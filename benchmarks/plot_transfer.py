@@ -70,7 +70,9 @@ def pictures(results, test, section, path):
     vs = io.read_voxel_size(test + "/raw")[1:]
     picks = []
     for kind in ("bundled", "fine-tune", "scratch", "full"):
-        rs = sorted([r for r in results.values() if r["kind"] == kind and r["seed"] in (None, 0)],
+        # one row per setting (seed 0); rows measured at earlier commits keep no checkpoint here
+        rs = sorted([r for r in results.values() if r["kind"] == kind and r["seed"] in (None, 0)
+                     and os.path.exists(r.get("checkpoint") or "")],
                     key=lambda r: r["pct"] or 0)
         picks += rs
     fig, axes = plt.subplots(len(picks), 4, figsize=(12, 2.6 * len(picks)))
@@ -98,8 +100,9 @@ def main():
     p.add_argument("work")
     p.add_argument("--section", type=int, default=8, help="test section (0-15 = Lucchi sections 64-79)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "figures"))
+    p.add_argument("--results", default=None, help="results file [default: WORK/transfer.json]")
     a = p.parse_args()
-    results = json.load(open(os.path.join(a.work, "transfer.json")))
+    results = json.load(open(a.results or os.path.join(a.work, "transfer.json")))
     os.makedirs(a.out, exist_ok=True)
     ap_plot(results, os.path.join(a.out, "lucchi_transfer_ap.png"))
     pictures(results, os.path.join(a.work, "lucchi_test.zarr"), a.section,

@@ -69,6 +69,10 @@ def evaluate(ckpt_path, test):
         "segment_seconds": round(time.perf_counter() - t, 1)}
 
 
+def _mean(values):
+    return f"{np.mean(values):.3f}" if values else "-"
+
+
 def table(results):
     rows = ["| setting | objects annotated | seeds | AP@0.5 per seed | AP@0.5 mean | mAP mean | train min/run |",
             "|---|---|---|---|---|---|---|"]
@@ -81,13 +85,13 @@ def table(results):
         name = {"bundled": "bundled VNC model as is", "fine-tune": f"fine-tuned, {pct}% of the objects",
                 "scratch": f"from scratch, {pct}% of the objects", "full": "from scratch, all labels"}[kind]
         aps = [r["test"]["ap@0.5"] for r in rs]
-        maps = [r["test"]["map"] for r in rs]
+        maps = [r["test"]["map"] for r in rs if r["test"].get("map") is not None]  # rows kept from RESULTS.md may lack it
         minutes = [r["train_seconds"] / 60 for r in rs if r.get("train_seconds")]
         rows.append(f"| {name} | {rs[0].get('objects', '-')} | {len(rs) if kind != 'bundled' else '-'} | "
-                    f"{' / '.join(f'{a:.3f}' for a in aps)} | **{np.mean(aps):.3f}** | {np.mean(maps):.3f} | "
+                    f"{' / '.join(f'{a:.3f}' for a in aps)} | **{np.mean(aps):.3f}** | {_mean(maps)} | "
                     f"{np.mean(minutes):.0f} |" if minutes else
                     f"| {name} | - | - | {' / '.join(f'{a:.3f}' for a in aps)} | **{np.mean(aps):.3f}** | "
-                    f"{np.mean(maps):.3f} | - |")
+                    f"{_mean(maps)} | - |")
     return "\n".join(rows)
 
 
