@@ -61,6 +61,12 @@ def _colour(labels, seed=0):
     return lut[labels]
 
 
+def _checkpoint(result) -> str:
+    """A result's checkpoint file: a bundled model's name or a path ("" when none)."""
+    from spoco_vol.bundled import model_path
+    return model_path(result["checkpoint"]) if result.get("checkpoint") else ""
+
+
 def pictures(results, test, section, path):
     from spoco_vol import io
     from spoco_vol import checkpoint
@@ -72,13 +78,13 @@ def pictures(results, test, section, path):
     for kind in ("bundled", "fine-tune", "scratch", "full"):
         # one row per setting (seed 0); rows measured at earlier commits keep no checkpoint here
         rs = sorted([r for r in results.values() if r["kind"] == kind and r["seed"] in (None, 0)
-                     and os.path.exists(r.get("checkpoint") or "")],
+                     and os.path.exists(_checkpoint(r))],
                     key=lambda r: r["pct"] or 0)
         picks += rs
     fig, axes = plt.subplots(len(picks), 4, figsize=(12, 2.6 * len(picks)))
     axes = np.atleast_2d(axes)
     for row, r in zip(axes, picks):
-        ck = checkpoint.load(r["checkpoint"])
+        ck = checkpoint.load(_checkpoint(r))
         pred = predict_array(raw, ck, input_voxel_size=vs, device="cpu")
         emb = pred.embeddings
         seg = labels_from_embeddings(emb, ck, raw.shape, pred.scale, foreground=pred.foreground)

@@ -89,9 +89,7 @@ def table(results):
         minutes = [r["train_seconds"] / 60 for r in rs if r.get("train_seconds")]
         rows.append(f"| {name} | {rs[0].get('objects', '-')} | {len(rs) if kind != 'bundled' else '-'} | "
                     f"{' / '.join(f'{a:.3f}' for a in aps)} | **{np.mean(aps):.3f}** | {_mean(maps)} | "
-                    f"{np.mean(minutes):.0f} |" if minutes else
-                    f"| {name} | - | - | {' / '.join(f'{a:.3f}' for a in aps)} | **{np.mean(aps):.3f}** | "
-                    f"{_mean(maps)} | - |")
+                    f"{f'{np.mean(minutes):.0f}' if minutes else '-'} |")
     return "\n".join(rows)
 
 
