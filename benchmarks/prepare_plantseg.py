@@ -1,5 +1,5 @@
 """Write the PlantSeg 3D light-microscopy crops (../shared/data/plantseg_nuclei_crops and
-plantseg_ovule_crop) as zarr volumes for the 3D experiments (benchmarks/train_3d.sh).
+plantseg_ovule_crop) as zarr volumes for the 3D experiments (benchmarks/train_3d.py).
 
 - nuclei: OUT/nuclei_{1135,1136,1137}.zarr with ``raw`` (uint8) and ``labels`` (3D
   nucleus instances), voxel size in nm as the ``voxel_size`` attribute. The three
