@@ -41,15 +41,17 @@ BLOCK = [64, 80, 80]
 
 
 def runs(work, only):
+    """(name, training data, options, held-out sections with full labels, test raw, test labels):
+    20 of a nuclei crop's 100 sections, 6 of the ovule's 32 (a patch needs 24)."""
     out = []
     if only in (None, "nuclei"):
         for train, test in ROTATIONS:
             data = ["--raw", f"{work}/nuclei_{train}.zarr/raw", "--labels", f"{work}/nuclei_{train}.zarr/labels"]
-            out.append((f"nuclei_test{test}", data, NUCLEI, f"{work}/nuclei_{test}.zarr/raw",
+            out.append((f"nuclei_test{test}", data, NUCLEI, 20, f"{work}/nuclei_{test}.zarr/raw",
                         f"{work}/nuclei_{test}.zarr/labels"))
     if only in (None, "ovule"):
         out.append(("ovule", ["--raw", f"{work}/ovule.zarr/train_raw", "--labels", f"{work}/ovule.zarr/train_labels"],
-                    OVULE, f"{work}/ovule.zarr/test_raw", f"{work}/ovule.zarr/test_labels"))
+                    OVULE, 6, f"{work}/ovule.zarr/test_raw", f"{work}/ovule.zarr/test_labels"))
     return out
 
 
@@ -88,15 +90,13 @@ def main():
     path = os.path.join(a.work, "results_3d.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
-    for name, data, options, test_raw, test_gt in runs(a.work, a.only):
+    for name, data, options, val_sections, test_raw, test_gt in runs(a.work, a.only):
         for setting in a.settings.split(","):
             key = f"{name}_{setting}"
             if key in results:
                 continue
             out = os.path.join(a.work, "runs", key)
-            # held-out sections for validation: 20 of a nuclei crop's 100; 6 of the ovule's 32 (a patch needs 24)
-            val = "6" if name == "ovule" else "20"
-            extra = (["--val-sections", val] if setting == "full" else SPARSE)
+            extra = (["--val-sections", str(val_sections)] if setting == "full" else SPARSE)
             cmd = [exe, "train", *data, "--dims", "3", *options, *extra, "--out", out, "--quiet"]
             threads = ["--threads", str(a.threads)] if a.threads else []
             if not os.path.exists(os.path.join(out, "summary.json")):

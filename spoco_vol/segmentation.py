@@ -153,9 +153,8 @@ def segment_affinities(affinities: np.ndarray, offsets: Sequence[Sequence[int]],
         # Direct offsets first: the library takes the leading channels as attractive.
         order = sorted(range(len(offsets)), key=lambda c: not is_direct(offsets[c]))
         ordered = [offsets[c] for c in order]
-        # one copy of the input, in the library's channel order and convention
-        ordered_affs = np.asarray(affinities)[order] if order != list(range(len(order))) else affinities
-        weights = library_weights(ordered_affs, ordered, copy=ordered_affs is affinities)
+        # indexing by ``order`` makes the one copy, turned in place into the library's convention
+        weights = library_weights(np.asarray(affinities)[order], ordered, copy=False)
         labels = mutex_watershed(None, ordered, strides, mask=mask, weights=weights)
     else:
         labels = _graph_mutex_watershed(np.asarray(affinities, np.float64), offsets, bias, strides, mask)
