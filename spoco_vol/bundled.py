@@ -17,6 +17,12 @@ MODELS = {
         "card": "MODEL_CARD.md",
         "held_out": "AP@0.5 0.824 on VNC sections 13-19 (2D objects)",
     },
+    "lm-nuclei-3d": {
+        "file": "lm_nuclei_3d.pt",
+        "modality": "3D light microscopy (confocal, nuclear stain), nuclei",
+        "card": "MODEL_CARD_lm_nuclei_3d.md",
+        "held_out": "3D AP@0.5 0.291 on PlantSeg nuclei crop 1136 (not trained on)",
+    },
 }
 DEFAULT = "vnc-mito-2d"
 
