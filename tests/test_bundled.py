@@ -31,7 +31,7 @@ def test_every_bundled_model_has_its_file_card_and_voxel_size():
     for row in bundled.list_models():
         assert os.path.isfile(row["path"]) and os.path.isfile(row["card"])
         assert len(row["voxel_size_nm"]) == 3 and row["dims"] in (2, 3)
-        assert "HELD_OUT" not in row["held_out"]
+        assert row["held_out"] and row["modality"]
 
 
 def test_the_3d_nuclei_model_reproduces_its_held_out_scores(held_out_nuclei):
