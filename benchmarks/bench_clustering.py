@@ -1,15 +1,19 @@
 """Clustering choices on the same embeddings (spoco_vol.clustering vs the Mutex
 Watershed): accuracy and seconds per image, and how the pixel-clustering methods scale.
 
-A. Per image: the bundled model's embeddings of the VNC test sections 13-19 (each
-   section one image, 512 x 512 on the model grid), segmented by each method with the
-   model's background rule; AP@0.5 of the 2D objects against the ground truth, and the
-   seconds of the clustering step alone (prediction excluded: the same for all).
+A. Per image: a model's embeddings of a test volume's sections (default: the bundled
+   model on the VNC test sections 13-19, each one image of 512 x 512 on the model grid),
+   segmented by each method with the model's background rule (or the ground truth's
+   foreground, --gt-mask); AP@0.5 of the 2D objects, SBD and |DiC| against the ground
+   truth, and the seconds of the clustering step alone (prediction excluded: the same
+   for all). Consistency clustering when the checkpoint keeps its momentum network.
 B. Scaling: HDBSCAN and mean-shift on N foreground pixels' embeddings (drawn from those
    sections), for growing N, in a fresh process each, with a time limit; the fitted
    exponent says where a method reaches ten minutes (spoco_vol.clustering.MAX_PIXELS).
 
     python benchmarks/bench_clustering.py [--test /tmp/vnc/vnc_test.zarr] [--sizes 10000 30000 100000]
+    python benchmarks/bench_clustering.py --part A --test /tmp/cvppp/cvppp_test.zarr \
+        --model /tmp/cvppp/runs/full/best.pt --gt-mask --images 5
 """
 import argparse
 import json
@@ -20,31 +24,46 @@ import time
 import numpy as np
 
 
-def embeddings_of_test_sections(test):
-    from spoco_vol import checkpoint, io
-    from spoco_vol.pipeline import BUNDLED_MODEL, predict_array
-    ck = checkpoint.load(BUNDLED_MODEL)
-    raw = np.asarray(io.open_volume(test + "/raw")[...])
-    gt = np.asarray(io.open_volume(test + "/labels")[...])
-    pred = predict_array(raw, ck, input_voxel_size=io.read_voxel_size(test + "/raw"), device="cpu")
+def embeddings_of_test_sections(test, model=None, images=None, gt_mask=False, momentum=False):
+    """The model's embeddings of the test volume's first ``images`` sections (all: None),
+    with the ground truth's foreground as the mask if ``gt_mask``, and the momentum
+    network's embeddings if ``momentum`` (consistency clustering)."""
+    from spoco_vol import bundled, checkpoint, io
+    from spoco_vol.pipeline import predict_array
+    ck = checkpoint.load(bundled.model_path(model))
+    raw = io.open_volume(test + "/raw")
+    at = slice(None, images)
+    raw = np.asarray(raw[:, at] if ck.in_channels > 1 else raw[at])  # channels first
+    gt = np.asarray(io.open_volume(test + "/labels")[at])
+    g = None
+    if momentum:
+        from spoco_vol.inference import for_inference
+        g = ck.momentum_network()
+        g = for_inference(g) if g is not None else None
+    pred = predict_array(raw, ck, input_voxel_size=io.read_voxel_size(test + "/raw"), device="cpu",
+                         mask=gt > 0 if gt_mask else None, momentum_net=g)
     return ck, raw, gt, pred
 
 
-def per_image(test):
+def per_image(test, model=None, images=None, gt_mask=False):
     from spoco_vol.evaluation import evaluate_segmentation
     from spoco_vol.pipeline import labels_from_embeddings
-    ck, raw, gt, pred = embeddings_of_test_sections(test)
-    print("A. per image: VNC test sections 13-19, the bundled model's embeddings (512 x 512 each on the model grid)")
-    print(f"{'method':<12}{'AP@0.5':>8}{'mAP':>7}{'#pred':>7}{'#gt':>6}{'s/image':>9}")
-    for method in ("mws", "hdbscan", "meanshift"):
+    ck, raw, gt, pred = embeddings_of_test_sections(test, model, images, gt_mask, momentum=True)
+    methods = ("mws", "hdbscan", "meanshift") + (("consistency",) if pred.momentum is not None else ())
+    print(f"A. per image: {test}, sections 0-{len(gt) - 1}, model {model or 'bundled'}"
+          f"{', ground-truth foreground as the mask' if gt_mask else ''}"
+          f"{'' if pred.momentum is not None else ' (no momentum network: no consistency clustering)'}")
+    print(f"{'method':<12}{'AP@0.5':>8}{'mAP':>7}{'SBD':>7}{'|DiC|':>7}{'#pred':>7}{'#gt':>6}{'s/image':>9}")
+    spatial = raw.shape[-3:]
+    for method in methods:
         timings = {}
         t = time.perf_counter()
-        labels = labels_from_embeddings(pred.embeddings, ck, raw.shape, pred.scale, timings=timings,
-                                        foreground=pred.foreground, clustering=method)
+        labels = labels_from_embeddings(pred.embeddings, ck, spatial, pred.scale, timings=timings,
+                                        foreground=pred.foreground, clustering=method, momentum=pred.momentum)
         seconds = timings.get("watershed", 0) + timings.get("affinities", 0)
         m = evaluate_segmentation(labels, gt, per_section=True)
-        print(f"{method:<12}{m['ap@0.5']:>8.3f}{m['map']:>7.3f}{m['n_pred']:>7}{m['n_gt']:>6}"
-              f"{seconds / raw.shape[0]:>9.2f}   (wall {time.perf_counter() - t:.0f} s)", flush=True)
+        print(f"{method:<12}{m['ap@0.5']:>8.3f}{m['map']:>7.3f}{m['sbd']:>7.3f}{m['abs_dic']:>7.2f}{m['n_pred']:>7}"
+              f"{m['n_gt']:>6}{seconds / len(gt):>9.2f}   (wall {time.perf_counter() - t:.0f} s)", flush=True)
 
 
 def one_fit(test, method, n):
@@ -97,12 +116,18 @@ def main():
     p.add_argument("--test", default="/tmp/vnc/vnc_test.zarr")
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 30000, 100000, 300000])
     p.add_argument("--limit", type=int, default=900, help="seconds per fit before giving up")
+    p.add_argument("--model", help="a bundled model's name or a checkpoint [default: the bundled VNC model]")
+    p.add_argument("--images", type=int, help="the first N sections of --test only [default: all]")
+    p.add_argument("--gt-mask", action="store_true", help="the ground truth's foreground as the mask (CVPPP 'GT FG')")
+    p.add_argument("--part", choices=["A", "B", "AB"], default="AB")
     p.add_argument("--fit", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.fit:
         return one_fit(a.test, a.fit[0], int(a.fit[1]))
-    per_image(a.test)
-    scaling(a.test, a.sizes, a.limit)
+    if "A" in a.part:
+        per_image(a.test, a.model, a.images, a.gt_mask)
+    if "B" in a.part:
+        scaling(a.test, a.sizes, a.limit)
 
 
 if __name__ == "__main__":
