@@ -103,7 +103,7 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
         v.keep_ids = data.choose_object_subset(s["object_ids"], cfg.object_fraction, cfg.seed + i)
     annotated_ids = [s["object_ids"] if v.keep_ids is None else v.keep_ids for v, s in zip(train_vols, stats)]
     held = hold_out_objects(train_vols, annotated_ids, cfg) if objects_held_out else []
-    sizes = np.concatenate([s["object_sizes"] for s in stats])
+    sizes = np.concatenate([_object_sizes(s["inventory"], cfg.dims) for s in stats])
     kept = sum(len(ids) for ids in annotated_ids)
     used_ids = [v.keep_ids if v.keep_ids is not None else s["object_ids"] for v, s in zip(train_vols, stats)]
     annotated = sum(int(s["object_sizes"][np.isin(s["object_ids"], ids)].sum()) for s, ids in zip(stats, used_ids))
@@ -115,6 +115,17 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
         "objects_used": int(kept - len(held)),
         "object_size_p1": float(np.percentile(sizes, 1)), "voxel_size": vs,
         "annotated_voxels": annotated, "voxels": sum(s["voxels"] for s in stats)}
+
+
+def _object_sizes(inventory, dims: int) -> np.ndarray:
+    """The objects' sizes as the model sees them: voxels for a 3D model; for a 2D model,
+    which segments section by section, the area per section (voxels over the sections the
+    object spans; an id that recurs in images stacked as sections, e.g. per-image
+    numbering, comes out smaller, the safe side for a size floor)."""
+    sizes = inventory.sizes.astype(np.float64)
+    if dims == 2:
+        sizes = sizes / np.maximum(inventory.bbox_hi[:, 0] - inventory.bbox_lo[:, 0], 1)
+    return sizes
 
 
 MAX_HELD_OUT_OBJECTS = 24  # enough to choose by; each costs a window's prediction per validation

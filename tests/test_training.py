@@ -353,6 +353,27 @@ def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
     assert ck["inference"]["background_radius_val_score"] == pytest.approx(max(scores), abs=1e-4)
 
 
+def test_a_2d_models_size_floor_is_an_area(tmp_path):
+    """A 2D model segments section by section, so its size floor (a quarter of the
+    1st-percentile object) is measured in pixels of a section, whether an id spans
+    sections (a 3D object) or recurs in images stacked as sections (per-image numbering)."""
+    from spoco_vol.config import TrainConfig
+    from spoco_vol.training_data import prepare_volumes
+    labels = np.zeros((6, 64, 64), np.uint16)
+    for z in range(6):  # ids 1-4: one 10 x 10 square per section, the same ids in every section
+        for k in range(4):
+            labels[z, 4 + 15 * k:14 + 15 * k, 10:20] = k + 1
+    raw = np.where(labels > 0, 200, 20).astype(np.uint8)
+    path = str(tmp_path / "stack.zarr")
+    io.create_array(path + "/raw", raw, chunks=(1, 64, 64))
+    io.create_array(path + "/labels", labels, chunks=(1, 64, 64))
+    for dims, area in ((2, 100), (3, 600)):
+        cfg = TrainConfig(raw=[path + "/raw"], labels=[path + "/labels"], out=str(tmp_path / "x"), dims=dims,
+                          patch_shape=(32, 32) if dims == 2 else (4, 32, 32), val_sections=0)
+        info = prepare_volumes(cfg)[4]
+        assert info["object_size_p1"] == pytest.approx(area)
+
+
 def test_a_validation_set_without_objects_is_one_error_naming_its_sections(tmp_path):
     raw, labels, _ = _sparse_volume(tmp_path, sections=(0, 1))
     out = str(tmp_path / "run")
