@@ -6,9 +6,8 @@ never trained on nor used to choose a setting). Each zarr holds ``raw`` (3, N, 5
 uint8, the RGB channels first and the images as sections, and ``labels`` (N, 530, 500)
 uint16 leaf ids (0 = background), unique over the stack: in a label volume an id is one
 object wherever it occurs, so the images' own numbering (1, 2, ... in every image) would
-make leaf k of all images one object for training's object statistics and object
-fractions (the size floor came out at 1605 pixels, dropping small leaves, and SPOCO@p
-would annotate the same leaf numbers in every image). Images are photographs: no voxel size.
+make leaf k of all images one object: SPOCO@p and the held-out objects would pick leaf
+numbers, not leaves. Images are photographs: no voxel size.
 
 Data: Minervini M, Fischbach A, Scharr H, Tsaftaris SA (2016) Pattern Recognition
 Letters 81:80-89; Scharr H et al. (2014), FZJ-2014-03837. Research use under the CVPPP
@@ -54,7 +53,8 @@ def write(path: str, raw: np.ndarray, labels: np.ndarray, names) -> None:
     io.create_array(path + "/raw", np.ascontiguousarray(raw.transpose(1, 0, 2, 3)), chunks=(1, 1, *raw.shape[2:]),
                     attrs=attrs, overwrite=True)
     labels = unique_over_images(labels)
-    assert labels.max() < 2 ** 16
+    if labels.max() >= 2 ** 16:
+        raise ValueError(f"{labels.max()} leaves do not fit uint16 labels")
     io.create_array(path + "/labels", labels.astype(np.uint16), chunks=(1, *labels.shape[1:]), attrs=attrs,
                     overwrite=True)
 
