@@ -1,5 +1,6 @@
 """Calibration on held-out data: which embeddings mean "background", how far around them,
-and (with a foreground classifier) the radius chosen together with it.
+(with a foreground classifier) the radius chosen together with it, and (with dense
+held-out labels) the size below which objects are dropped.
 
 Used by the embedding training (training.py) at every validation, by the foreground
 classifier (foreground.py) to choose its iteration and radius, and by
@@ -8,7 +9,9 @@ classifier (foreground.py) to choose its iteration and radius, and by
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+
 import numpy as np
 import torch
 
@@ -17,7 +20,7 @@ from .checkpoint import Checkpoint, InferenceSettings
 from .config import TrainConfig
 from .errors import SpocoInputError
 from .inference import predict_foreground, resolve_device
-from .validation import choose_radius
+from .validation import choose_radius, choose_size_floor
 
 RADIUS_STEP = 0.25  # embedding units between the radii searched
 
@@ -109,6 +112,36 @@ def best_radius(embeddings, labels, delta_d: float, settings: InferenceSettings,
     return score, radius
 
 
+def calibrate_size_floor(model: Checkpoint, images, device, amp: bool, embeddings=None) -> Checkpoint:
+    """``model`` with its size floor (``min_size``) chosen on held-out images with dense
+    labels (spoco_vol.validation.choose_size_floor), segmented as inference will: with its
+    background rule, its foreground classifier if it has one, and test-time augmentation
+    if calibrated with it. ``embeddings``: the images' embeddings, if already predicted.
+
+    The floor training derives from the annotated object sizes (the base, kept as
+    ``min_size_base`` so that a recalibration starts from it again) removes specks; the
+    slivers a watershed cuts along object borders are larger, and only held-out labels
+    tell how large before true objects go too."""
+    scored = [k for k, (_, lab) in enumerate(images) if lab.any()]
+    if not scored:
+        return model
+    tta = model.inference.tta
+    if embeddings is None:
+        embeddings = embed(model.network().to(device), [images[k] for k in scored], device, amp, tta)
+    else:
+        embeddings = [embeddings[k] for k in scored]
+    probabilities = [None] * len(scored)
+    if model.has_foreground:
+        classifier = model.foreground_network().to(device)
+        probabilities = [predict_foreground(classifier, images[k][0], device=device, amp=amp, tta=tta)
+                         for k in scored]
+    base = max(1, int(model.inference_record.get("min_size_base", model.inference.min_size)))
+    settings = dataclasses.replace(model.inference, min_size=base)
+    segmentations = [held_out_segmentation(e, model.delta_d, settings, p) for e, p in zip(embeddings, probabilities)]
+    floor, f1 = choose_size_floor(segmentations, [images[k][1] for k in scored], base)
+    return model.with_inference(min_size=floor, min_size_base=base, min_size_val_f1=round(f1, 4))
+
+
 def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, out: str = ""):
     """The labeled held-out images of ``raw``/``labels`` on ``model``'s grid (whole
     sections, or a central crop of a 3D volume), as training validates."""
@@ -142,7 +175,7 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     (whole sections, as at the end of training) and save it as ``out``. ``tta``: measure
     (and later segment) with test-time augmentation [default: as the checkpoint does].
     A foreground classifier's radius is chosen again too: it was chosen around the old
-    background embedding."""
+    background embedding; and then the size floor (``calibrate_size_floor``)."""
     model = checkpoint.load(model_path)
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
@@ -164,5 +197,8 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
                                     model.settings(with_classifier=False), probabilities)
         model = model.with_foreground_radius(radius)
         shown.update({"foreground_background_radius": radius, "foreground_val_score": round(score, 4)})
+    model = calibrate_size_floor(model, images, dev, amp, embeddings)
+    shown.update({k: model.inference_record[k] for k in ("min_size", "min_size_base", "min_size_val_f1")
+                  if k in model.inference_record})
     checkpoint.save(model.for_inference(), out)
     return shown

@@ -124,6 +124,8 @@ def train(cfg: TrainConfig) -> dict:
     ds = list(cfg.downsample)
     offsets = None if cfg.offset_distances is None else default_offsets(cfg.dims, cfg.offset_distances)
     # Specks below a quarter of the smallest annotated objects (1st percentile) are noise.
+    # This is the base floor; with dense held-out labels the final one is chosen on them
+    # at the end (calibration.calibrate_size_floor).
     min_size = max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4))
     settings = InferenceSettings.new(cfg.dims, offsets=offsets, min_size=min_size, tta=cfg.tta, downsample=ds)
     rng = np.random.default_rng(cfg.seed)
@@ -327,6 +329,12 @@ def train(cfg: TrainConfig) -> dict:
     fg_summary = None
     if cfg.foreground_iterations:
         fg_summary = _add_foreground(cfg, best_path, train_vols, val_images, val_objects, info, device)
+    floor = None
+    if val_images and val_objects is None and os.path.exists(best_path):
+        # Last, once the segmentation rule (background radius, classifier) is final.
+        best = calibration.calibrate_size_floor(checkpoint.load(best_path), val_images, device, cfg.amp)
+        checkpoint.save(best, best_path)
+        floor = {k: best.inference_record.get(k) for k in ("min_size", "min_size_base", "min_size_val_f1")}
     _plot_log(log_path, os.path.join(cfg.out, "loss.png"))
     start, elapsed = state["start"], state["elapsed"]
     summary = {"iterations": cfg.iterations, "seconds": round(elapsed, 1),
@@ -340,6 +348,8 @@ def train(cfg: TrainConfig) -> dict:
                "device": str(device)}
     if fg_summary is not None:
         summary["foreground"] = fg_summary
+    if floor is not None:
+        summary["size_floor"] = floor
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

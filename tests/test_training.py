@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from spoco_vol import checkpoint, io
 from spoco_vol.cli import cli
+from spoco_vol.validation import FLOOR_MULTIPLES
 
 
 def load_checkpoint(path):
@@ -49,6 +50,11 @@ def test_train_writes_checkpoints_log_and_plot(blob_volume, tmp_path):
     assert ck["normalization"]["std"] > 0
     assert len(ck["inference"]["background_embedding"]) == 16
     assert ck["training"]["mode"] == "full"
+    # dense held-out labels choose the size floor from multiples of the base floor
+    inf = ck["inference"]
+    assert inf["min_size"] in [inf["min_size_base"] * m for m in FLOOR_MULTIPLES]
+    assert 0 <= inf["min_size_val_f1"] <= 1
+    assert json.load(open(os.path.join(out, "summary.json")))["size_floor"]["min_size"] == inf["min_size"]
 
 
 def test_best_checkpoint_is_the_one_with_the_highest_validation_ap(blob_volume, tmp_path):
@@ -293,6 +299,9 @@ def test_calibrate_command(blob_volume, tmp_path):
     ck = load_checkpoint(cal)
     assert 0.5 <= ck["inference"]["background_radius"] <= 4.5 and "training_state" not in ck
     assert ck["inference"]["tta"] is False  # as trained
+    trained = load_checkpoint(out + "/best.pt")["inference"]
+    assert ck["inference"]["min_size_base"] == trained["min_size_base"]
+    assert ck["inference"]["min_size"] in [trained["min_size_base"] * m for m in FLOOR_MULTIPLES]
     r = run(["calibrate", "--model", out + "/best.pt", "--raw", raw, "--labels", labels, "--z-range", "3,4",
              "--out", cal, "--overwrite", "--tta"])
     assert r.exit_code == 0, r.output
@@ -351,6 +360,8 @@ def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
     scores = [float(r["val_score"]) for r in csv.DictReader(open(out + "/log.csv")) if r["val_score"]]
     assert len(scores) == 2 and ck["training"]["val_score"] == pytest.approx(max(scores), abs=1e-4)
     assert ck["inference"]["background_radius_val_score"] == pytest.approx(max(scores), abs=1e-4)
+    # held-out objects cannot tell a small false object from an unannotated true one
+    assert "min_size_base" not in ck["inference"]
 
 
 def test_a_2d_models_size_floor_is_an_area(tmp_path):

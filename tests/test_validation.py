@@ -1,9 +1,10 @@
-"""Held-out scores (spoco_vol.validation): recovering held-out objects, PQ, radius choice."""
+"""Held-out scores (spoco_vol.validation): recovering held-out objects, PQ, radius and size-floor choice."""
 import numpy as np
 import pytest
 
-from spoco_vol.validation import (RADIUS_TOLERANCE, choose_radius, held_out_score, object_recovery,
-                                  panoptic_quality)
+from spoco_vol.evaluation import average_precision
+from spoco_vol.validation import (RADIUS_TOLERANCE, choose_radius, choose_size_floor, held_out_score,
+                                  object_recovery, panoptic_quality)
 
 
 def _disc(shape, cy, cx, r):
@@ -76,3 +77,26 @@ def test_choose_radius():
     tied = [0.8, 0.8, 0.7, 0.5]
     assert choose_radius(radii, tied, False, prefer_larger=False)[0] == 0.5
     assert choose_radius(radii, tied, False, prefer_larger=True)[0] == 1.0
+
+
+def test_the_size_floor_rises_while_it_removes_more_false_objects_than_true_ones():
+    """Two objects (about 1250 and 110 pixels) and four 20-pixel slivers along the large
+    one's border. AP@0.5 ranks the slivers last and does not see them; F1 does, so the
+    floor (base 10: 10, 20, ..., 160) rises to 40, and no further: 160 would drop the
+    small object, and among equal scores the smallest floor wins."""
+    gt = np.zeros((80, 80), np.int64)
+    gt[_disc(gt.shape, 30, 30, 20)] = 1
+    gt[_disc(gt.shape, 65, 65, 6)] = 2
+    assert 100 <= (gt == 2).sum() < 160
+    seg = gt.copy()
+    for k, (y, x) in enumerate([(9, 25), (47, 25), (25, 9), (25, 47)]):
+        seg[y:y + 4, x:x + 5] = 10 + k  # 20 pixels cut from the large object's border
+    assert average_precision(seg, gt)["ap@0.5"] == 1.0 and average_precision(seg, gt)["fp"] == 4
+    floor, f1 = choose_size_floor([seg], [gt], base=10)
+    assert (floor, f1) == (40, 1.0)
+    # one image without slivers beside it: pooled counts, the same choice
+    assert choose_size_floor([seg, gt], [gt, gt], base=10)[0] == 40
+    # nothing to remove: the base floor stays
+    assert choose_size_floor([gt], [gt], base=10) == (10, 1.0)
+    with pytest.raises(ValueError):
+        choose_size_floor([gt], [gt], base=0)
