@@ -62,6 +62,8 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     sections beat random patches here: objects cut by a patch border bias the choice.
     The embeddings must be predicted as inference will (with test-time augmentation if
     ``settings.tta``): the radius fits the embeddings it is measured on.
+    When no radius scores above 0 (nothing held out is recovered at all), the radius is
+    delta_d, as without scored images.
     Returns {} when the images have no label 0 (dense labels: no background), else
     {background_embedding, background_radius[, background_radius_val_score]}.
     """
@@ -79,6 +81,11 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     scores = [held_out_score([embeddings[k] for k in scored], [labels[k] for k in scored], delta_d,
                              settings.with_background(background, float(r)),
                              objects=None if objects is None else [objects[k] for k in scored]) for r in grid]
+    if max(scores) <= 0:
+        # No radius recovers anything held out: the scores cannot choose, and the radius
+        # a tie would give (the largest, for held-out objects) makes everything background.
+        return {"background_embedding": background, "background_radius": delta_d,
+                "background_radius_val_score": 0.0}
     radius, score = choose_radius(grid, scores, objects is not None, prefer_larger=False)
     return {"background_embedding": background, "background_radius": radius,
             "background_radius_val_score": score}
