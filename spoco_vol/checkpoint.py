@@ -15,9 +15,10 @@ Layout (format_version 1): format, format_version, architecture (UNet kwargs),
 embedding_dim, delta_v, delta_d, normalization {mean, std, kind, input_dtype,
 input_range}, voxel_size (nm per model pixel, z y x), training_data, training_command,
 inference {offsets, strides, background_embedding, background_radius, min_size
-(min_size_base: the floor training derived before choosing min_size), tta, downsample, ...}, state_dict; optional: training {...}, training_state (latest.pt only),
-foreground {architecture, state_dict, threshold, background_radius, ...},
-calibration_command, fine_tuned_from.
+(min_size_base: the floor training derived before choosing min_size), tta, downsample,
+...}, state_dict; optional: training {...}, training_state (latest.pt only), foreground
+{architecture, state_dict, threshold, background_radius, ...}, calibration_command,
+fine_tuned_from.
 """
 from __future__ import annotations
 
