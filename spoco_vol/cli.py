@@ -492,7 +492,8 @@ def demo(out, device, overwrite):
                    "checkpoint then segments with it by default [default: as the model already does].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
-    """Re-measure a model's background embedding and radius on labeled data (AP@0.5)."""
+    """Re-measure a model's background embedding and radius on labeled data (AP@0.5),
+    then its size floor (F1 of matched objects)."""
     import os
     from .calibration import recalibrate_checkpoint
     if os.path.exists(out) and not overwrite:
