@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from . import checkpoint, data, inference, intensity, losses, validation
+from . import bundled, checkpoint, data, inference, intensity, losses, validation
 from .checkpoint import Checkpoint, InferenceSettings
 from .config import TrainConfig
 from .errors import SpocoInputError
@@ -183,7 +183,7 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     (and later segment) with test-time augmentation [default: as the checkpoint does].
     A foreground classifier's radius is chosen again too: it was chosen around the old
     background embedding; and then the size floor (``calibrate_size_floor``)."""
-    model = checkpoint.load(model_path)
+    model = checkpoint.load(bundled.model_path(model_path))
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise SpocoInputError(f"cannot write the calibrated checkpoint to {out}")

@@ -481,7 +481,7 @@ def demo(out, device, overwrite):
 
 
 @cli.command()
-@click.option("--model", required=True, help="Checkpoint to calibrate.")
+@click.option("--model", required=True, help="Checkpoint to calibrate: a bundled model's name or a path.")
 @click.option("--raw", required=True, help="Raw zarr array with labeled objects (held out from training).")
 @click.option("--labels", required=True, help="Labels of --raw (0 = background).")
 @click.option("--out", required=True, type=click.Path(), help="Where to write the calibrated checkpoint.")

@@ -56,3 +56,28 @@ def test_the_3d_nuclei_model_blockwise_equals_whole(held_out_nuclei, whole_nucle
                       block_shape=(64, 80, 80))  # smaller than the volume in every axis
     blockwise = np.asarray(io.open_volume(out + "/0")[...])
     assert adapted_rand_error(blockwise, whole_nuclei)["arand"] <= 0.001
+
+
+def test_calibrate_takes_a_bundled_model_by_name_and_chooses_its_size_floor(tmp_path):
+    """`spoco-vol calibrate --model vnc-mito-2d` on a labeled section of the bundled VNC
+    sample: the base floor the model shipped with (25 px) is kept as min_size_base and the
+    floor is chosen from its multiples; the bundled file is left as it is."""
+    from click.testing import CliRunner
+    from spoco_vol.cli import cli
+    from spoco_vol.demo import SAMPLE
+    from spoco_vol.validation import FLOOR_MULTIPLES
+    d = np.load(SAMPLE)
+    path = str(tmp_path / "sample.zarr")
+    attrs = {"voxel_size": [float(v) for v in d["voxel_size_nm"]]}
+    io.create_array(path + "/raw", d["raw"], chunks=(1, 512, 512), attrs=attrs)
+    io.create_array(path + "/labels", d["labels"], chunks=(1, 512, 512), attrs=attrs)
+    shipped = checkpoint.load(bundled.model_path("vnc-mito-2d")).inference_record
+    out = str(tmp_path / "cal.pt")
+    r = CliRunner().invoke(cli, ["calibrate", "--model", "vnc-mito-2d", "--raw", path + "/raw", "--labels",
+                                 path + "/labels", "--z-range", "0,1", "--out", out, "--device", "cpu"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    inf = checkpoint.load(out).inference_record
+    assert inf["min_size_base"] == shipped["min_size"] == 25
+    assert inf["min_size"] in [25 * m for m in FLOOR_MULTIPLES]
+    assert checkpoint.load(bundled.model_path("vnc-mito-2d")).inference_record == shipped
