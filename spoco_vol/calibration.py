@@ -23,6 +23,7 @@ from .inference import predict_foreground, resolve_device
 from .validation import choose_radius, choose_size_floor
 
 RADIUS_STEP = 0.25  # embedding units between the radii searched
+SIZE_FLOOR_KEYS = ("min_size", "min_size_base", "min_size_val_f1")  # what calibrate_size_floor records
 
 
 def held_out_segmentation(embeddings: np.ndarray, delta_d: float, settings: InferenceSettings,
@@ -119,11 +120,13 @@ def best_radius(embeddings, labels, delta_d: float, settings: InferenceSettings,
     return score, radius
 
 
-def calibrate_size_floor(model: Checkpoint, images, device, amp: bool, embeddings=None) -> Checkpoint:
+def calibrate_size_floor(model: Checkpoint, images, device, amp: bool, embeddings=None,
+                         probabilities=None) -> Checkpoint:
     """``model`` with its size floor (``min_size``) chosen on held-out images with dense
     labels (spoco_vol.validation.choose_size_floor), segmented as inference will: with its
     background rule, its foreground classifier if it has one, and test-time augmentation
-    if calibrated with it. ``embeddings``: the images' embeddings, if already predicted.
+    if calibrated with it. ``embeddings`` and the classifier's ``probabilities``: one per
+    image of ``images``, if already predicted.
 
     The floor training derives from the annotated object sizes (the base, kept as
     ``min_size_base`` so that a recalibration starts from it again) removes specks; the
@@ -137,11 +140,14 @@ def calibrate_size_floor(model: Checkpoint, images, device, amp: bool, embedding
         embeddings = embed(model.network().to(device), [images[k] for k in scored], device, amp, tta)
     else:
         embeddings = [embeddings[k] for k in scored]
-    probabilities = [None] * len(scored)
-    if model.has_foreground:
+    if not model.has_foreground:
+        probabilities = [None] * len(scored)
+    elif probabilities is None:
         classifier = model.foreground_network().to(device)
         probabilities = [predict_foreground(classifier, images[k][0], device=device, amp=amp, tta=tta)
                          for k in scored]
+    else:
+        probabilities = [probabilities[k] for k in scored]
     base = max(1, int(model.inference_record.get("min_size_base", model.inference.min_size)))
     settings = dataclasses.replace(model.inference, min_size=base)
     segmentations = [held_out_segmentation(e, model.delta_d, settings, p) for e, p in zip(embeddings, probabilities)]
@@ -196,16 +202,18 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     found = calibrate_background(embeddings, [lab for _, lab in images], model.delta_v, model.delta_d, own)
     model = model.with_inference(**found, tta=tta)
     shown = {k: v for k, v in model.inference_record.items() if k != "background_embedding"}
+    # The classifier's radius and the size floor are scored on the images with objects.
+    scored = [k for k, (_, lab) in enumerate(images) if lab.any()]
+    held, held_embeddings = [images[k] for k in scored], [embeddings[k] for k in scored]
+    probabilities = None
     if model.has_foreground:
         classifier = model.foreground_network().to(dev)
-        scored = [(e, raw, lab) for e, (raw, lab) in zip(embeddings, images) if lab.any()]
-        probabilities = [predict_foreground(classifier, raw, device=dev, amp=amp, tta=tta) for _, raw, _ in scored]
-        score, radius = best_radius([e for e, _, _ in scored], [lab for _, _, lab in scored], model.delta_d,
+        probabilities = [predict_foreground(classifier, raw, device=dev, amp=amp, tta=tta) for raw, _ in held]
+        score, radius = best_radius(held_embeddings, [lab for _, lab in held], model.delta_d,
                                     model.settings(with_classifier=False), probabilities)
         model = model.with_foreground_radius(radius)
         shown.update({"foreground_background_radius": radius, "foreground_val_score": round(score, 4)})
-    model = calibrate_size_floor(model, images, dev, amp, embeddings)
-    shown.update({k: model.inference_record[k] for k in ("min_size", "min_size_base", "min_size_val_f1")
-                  if k in model.inference_record})
+    model = calibrate_size_floor(model, held, dev, amp, held_embeddings, probabilities)
+    shown.update({k: model.inference_record[k] for k in SIZE_FLOOR_KEYS})
     checkpoint.save(model.for_inference(), out)
     return shown

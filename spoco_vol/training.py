@@ -334,7 +334,7 @@ def train(cfg: TrainConfig) -> dict:
         # Last, once the segmentation rule (background radius, classifier) is final.
         best = calibration.calibrate_size_floor(checkpoint.load(best_path), val_images, device, cfg.amp)
         checkpoint.save(best, best_path)
-        floor = {k: best.inference_record.get(k) for k in ("min_size", "min_size_base", "min_size_val_f1")}
+        floor = {k: best.inference_record.get(k) for k in calibration.SIZE_FLOOR_KEYS}
     _plot_log(log_path, os.path.join(cfg.out, "loss.png"))
     start, elapsed = state["start"], state["elapsed"]
     summary = {"iterations": cfg.iterations, "seconds": round(elapsed, 1),
