@@ -129,6 +129,10 @@ def cli():
               help="2: a 2D model trained on sections; 3: a 3D model.")
 @click.option("--patch-shape", type=INTS, default=_csv(_D["patch_shape"]), show_default=True,
               help="Patch size in model pixels (after --downsample), e.g. 256,256 or 32,128,128.")
+@click.option("--loss-margin", type=INTS, default="0", show_default=True,
+              help="Model pixels at each patch side left out of the loss (one number, or one per axis): their "
+                   "embeddings depend on the network's zero padding, which inference never sees. Worth setting "
+                   "when the patch is not much larger than the U-Net's field of view (small 3D patches).")
 @click.option("--batch-size", type=click.IntRange(1), default=_D["batch_size"], show_default=True)
 @click.option("--iterations", type=click.IntRange(1), default=_D["iterations"], show_default=True)
 @click.option("--object-fraction", type=float, default=_D["object_fraction"], show_default=True,

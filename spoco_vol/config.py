@@ -21,6 +21,7 @@ class TrainConfig:
     out: str
     dims: int = 2
     patch_shape: Sequence[int] = (256, 256)
+    loss_margin: Sequence[int] | int = 0   # model pixels per patch side that the loss leaves out (see margins())
     batch_size: int = 4
     iterations: int = 1000
     object_fraction: float = 1.0
@@ -118,6 +119,17 @@ class TrainConfig:
             return [[int(f) for f in flat[i * self.dims:(i + 1) * self.dims]] for i in range(n)]
         return [[int(f) for f in p] for p in flat]
 
+    def margins(self) -> list[int]:
+        """The loss margin per axis. The U-Net zero-pads at the patch border, so the
+        embeddings of pixels within its field of view of that border differ from what
+        inference gives them (it predicts with real context, spoco_vol.inference); in 3D
+        patches, which are small beside the field of view, the network learns from these
+        border embeddings only unless a margin leaves them out of the loss."""
+        m = [self.loss_margin] if isinstance(self.loss_margin, (int, np.integer)) else list(self.loss_margin)
+        if len(m) == 1:
+            m = m * self.dims
+        return [int(v) for v in m]
+
     def check(self) -> "TrainConfig":
         """Numbers that would fail deep inside training fail here, before --out is touched."""
         if self.dims not in (2, 3):
@@ -141,6 +153,13 @@ class TrainConfig:
             raise SpocoInputError("--consistency-network dropout needs --dropout above 0")
         if len(self.patch_shape) != self.dims:
             raise SpocoInputError(f"--patch-shape needs {self.dims} numbers for a {self.dims}D model")
+        margins = self.margins()
+        if len(margins) != self.dims or min(margins) < 0:
+            raise SpocoInputError(f"--loss-margin takes one number, or {self.dims} (one per axis), all >= 0")
+        if any(p - 2 * m < 1 for p, m in zip(self.patch_shape, margins)):
+            raise SpocoInputError(f"--loss-margin {','.join(map(str, margins))} leaves nothing of the patch "
+                                  f"{','.join(map(str, self.patch_shape))} to train on: each margin must be below "
+                                  "half the patch side")
         if self.batch_size < 1 or self.iterations < 1 or self.val_every < 1:
             raise SpocoInputError("--batch-size, --iterations and --val-every must be at least 1")
         if not 0 < self.object_fraction <= 1:
@@ -194,5 +213,6 @@ def fine_tune_config(raw: Sequence[str], labels: Sequence[str], out: str, model:
     from . import checkpoint
     ckpt = checkpoint.load(bundled.model_path(model))
     patch = ckpt.training.get("patch_shape") or [256] * ckpt.dims
-    settings = {"dims": ckpt.dims, "patch_shape": list(patch), "init": model, **FINE_TUNE_RECIPE, **overrides}
+    settings = {"dims": ckpt.dims, "patch_shape": list(patch), "loss_margin": ckpt.training.get("loss_margin", 0),
+                "init": model, **FINE_TUNE_RECIPE, **overrides}
     return TrainConfig(raw=list(raw), labels=list(labels), out=out, **settings)

@@ -210,12 +210,14 @@ class PatchSampler:
     ``patch_shape`` is in model pixels; ``downsample`` (per axis of the 3D volume) says
     how many input voxels make one model pixel: integer factors average blocks of voxels,
     others (e.g. 1.84 for 5 nm data and a 9.2 nm model) resample linearly (labels:
-    nearest), as segmentation resamples its blocks.
+    nearest), as segmentation resamples its blocks. ``margin`` (model pixels per side,
+    per axis of the patch): the border the loss leaves out; the chosen anchor voxel
+    lies inside it where the volume allows.
     """
 
     def __init__(self, volumes: Sequence[TrainingVolume], patch_shape: Sequence[int], dims: int,
                  downsample: Sequence[float] = (1, 1, 1), rng: np.random.Generator | None = None,
-                 random_share: float = RANDOM_PATCH_SHARE):
+                 random_share: float = RANDOM_PATCH_SHARE, margin: Sequence[int] | None = None):
         self.volumes = list(volumes)
         self.dims = dims
         self.patch_shape = tuple(patch_shape)
@@ -227,6 +229,9 @@ class PatchSampler:
         # Read shape, in input voxels, as a 3D (z, y, x) window.
         self.model_shape = (1, *self.patch_shape) if dims == 2 else self.patch_shape
         self.read_shape = tuple(int(np.ceil(p * d - 1e-9)) for p, d in zip(self.model_shape, self.downsample))
+        margin = [0] * dims if margin is None else list(margin)
+        self.read_margin = tuple(int(np.ceil(m * d - 1e-9)) for m, d in
+                                 zip([0] * (3 - dims) + margin, self.downsample))
         for v in self.volumes:
             z0, z1 = v.z_range or (0, v.shape3d[0])
             avail = (z1 - z0, *v.shape3d[1:])
@@ -279,8 +284,8 @@ class PatchSampler:
         """A window of read_shape that holds ``anchor`` at a random position (clipping
         to the volume keeps it inside: anchor - offset < lo means anchor < lo + read)."""
         lo, hi = self._bounds(vol)
-        return [int(np.clip(a - self.rng.integers(0, r), l, h - r))
-                for a, r, l, h in zip(anchor, self.read_shape, lo, hi)]
+        return [int(np.clip(a - self.rng.integers(m, max(m + 1, r - m)), l, h - r))
+                for a, r, m, l, h in zip(anchor, self.read_shape, self.read_margin, lo, hi)]
 
     def sample(self, around_object: bool | None = None):
         """One patch: around an annotated object, or (``around_object`` False, or by

@@ -26,6 +26,15 @@ def forward(net, x: torch.Tensor, device: torch.device, amp: bool) -> torch.Tens
         return net(x)
 
 
+def interior(t: torch.Tensor, margins) -> torch.Tensor:
+    """``t`` without ``margins[i]`` pixels at both ends of its last len(margins) axes
+    (embeddings (B, E, *spatial) and labels (B, *spatial) alike)."""
+    if not any(margins):
+        return t
+    lead = t.ndim - len(margins)
+    return t[(slice(None),) * lead + tuple(slice(m, t.shape[lead + i] - m) for i, m in enumerate(margins))]
+
+
 class Optimization:
     """Adam, its learning-rate schedule (cosine to ``lr * eta_ratio``, or halving on a
     validation-loss plateau) and, under fp16 autocast (GPUs without bf16), loss scaling:

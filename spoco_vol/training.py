@@ -45,7 +45,7 @@ def _check_out_dir(cfg: TrainConfig):
         raise SpocoInputError(f"output directory {cfg.out} is not empty (use --overwrite or --resume)")
 
 
-def _validation_loss(net, loss_fn, patches, device, amp):
+def _validation_loss(net, loss_fn, patches, device, amp, margins):
     if not patches:
         return None
     net.eval()
@@ -53,7 +53,8 @@ def _validation_loss(net, loss_fn, patches, device, amp):
     with torch.no_grad():
         for raw, lab in patches:
             emb = loop.forward(net, loop.to_batch(raw[None], device, net.in_channels), device, amp)
-            t, _ = loss_fn(emb.float(), torch.from_numpy(lab[None]).to(device))
+            t, _ = loss_fn(loop.interior(emb.float(), margins), loop.interior(torch.from_numpy(lab[None]), margins)
+                           .to(device))
             total += float(t)
     net.train()
     return total / len(patches)
@@ -129,7 +130,8 @@ def train(cfg: TrainConfig) -> dict:
     min_size = max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4))
     settings = InferenceSettings.new(cfg.dims, offsets=offsets, min_size=min_size, tta=cfg.tta, downsample=ds)
     rng = np.random.default_rng(cfg.seed)
-    sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, ds, rng=rng)
+    margins = cfg.margins()
+    sampler = data.PatchSampler(train_vols, cfg.patch_shape, cfg.dims, ds, rng=rng, margin=margins)
     val_patches = validation_patches(val_vols, cfg, normalization, cfg.seed)
     # Checkpoints are chosen by a held-out score (spoco_vol.validation): AP@0.5 of whole
     # labeled sections, or with sparse labels the recovery of held-out objects. The
@@ -202,9 +204,11 @@ def train(cfg: TrainConfig) -> dict:
         ts, saved = st.training_state, st.training
         if ts is None or st.architecture != net.config or saved.get("mode") != mode \
                 or list(saved.get("patch_shape", [])) != list(cfg.patch_shape) \
-                or saved.get("batch_size") != cfg.batch_size:
+                or saved.get("batch_size") != cfg.batch_size \
+                or list(saved.get("loss_margin", [0] * cfg.dims)) != margins:
             raise SpocoInputError(f"--resume: {cfg.out}/latest.pt was written by a different configuration "
-                                  "(architecture, mode, patch shape or batch size); rerun with those options")
+                                  "(architecture, mode, patch shape, loss margin or batch size); rerun with those "
+                                  "options")
         net.load_state_dict(st.state_dict)
         if teacher is not None and teacher.keeps_a_network:
             teacher.g.load_state_dict(ts["momentum_state"])
@@ -225,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
                     "objects_annotated": info["objects_annotated"], "objects_held_out": info["objects_held_out"],
                     "validation": score_kind, "seconds": round(state["elapsed"], 1), "downsample": ds,
                     "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size,
-                    "fine_tuned_from": fine_tuned_from, **(val or {})}
+                    **({"loss_margin": margins} if any(margins) else {}), "fine_tuned_from": fine_tuned_from, **(val or {})}
         inference = {"downsample": ds, "min_size": min_size, "tta": cfg.tta,
                      **({"offsets": offsets} if offsets else {}), **(background or {})}
         training_state = None if not with_state else {
@@ -258,12 +262,16 @@ def train(cfg: TrainConfig) -> dict:
 
     def step(it: int, due: bool) -> dict:
         raws, labs, graws = augmented_batch(sampler, cfg, normalization, rng, use_g)
-        x, y = loop.to_batch(raws, device, channels), torch.from_numpy(labs).to(device)
-        emb = loop.forward(net, x, device, cfg.amp)
+        x = loop.to_batch(raws, device, channels)
+        y = loop.interior(torch.from_numpy(labs), margins).to(device)
+
+        def forward(network, batch):  # every network's embeddings where the loss sees them
+            return loop.interior(loop.forward(network, batch, device, cfg.amp), margins)
+
+        emb = forward(net, x)
         g_emb = None
         if teacher is not None:
-            g_emb = teacher.embeddings(lambda n, b: loop.forward(n, b, device, cfg.amp),
-                                       loop.to_batch(graws, device, channels))
+            g_emb = teacher.embeddings(forward, loop.to_batch(graws, device, channels))
         loss_fn.weights["background"] = weights["background_weight"] \
             if (mode == "sparse" and it > cfg.background_warmup) else 0.0
         total, terms = loss_fn(emb.float(), y, g_embeddings=g_emb, generator=gen)
@@ -276,14 +284,14 @@ def train(cfg: TrainConfig) -> dict:
             terms["adversarial"] = terms["adversarial"].detach()
         optim.step(total)
         if teacher is not None:
-            teacher.after_step(lambda n, b: loop.forward(n, b, device, cfg.amp), x, y, gen)
+            teacher.after_step(forward, x, y, gen)
         now = time.perf_counter()
         state["elapsed"] += now - last["t"]
         last["t"] = now
         vals = {"total": float(total.detach()), **{k: float(v) for k, v in terms.items()}}
         val_loss, val_score, last["background"] = None, None, None
         if due:
-            val_loss = _validation_loss(net, val_loss_fn, val_patches, device, cfg.amp)
+            val_loss = _validation_loss(net, val_loss_fn, val_patches, device, cfg.amp, margins)
             optim.validated(val_loss)
             if val_images:
                 last["background"] = calibrate(net, val_images, val_objects)

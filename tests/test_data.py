@@ -396,3 +396,14 @@ def test_normalize():
     np.testing.assert_array_equal(out, np.array([[-2, 0], [2, 49]], np.float32))
     out = transforms.normalize(np.float64(3.0) * np.ones((2, 2)), {"mean": 1.0, "std": 0.5})
     np.testing.assert_array_equal(out, np.full((2, 2), 4.0, np.float32))
+
+
+def test_a_loss_margin_keeps_the_chosen_object_inside_it():
+    raw = np.zeros((1, 40, 40), np.float32)
+    lab = np.zeros((1, 40, 40), np.uint8)
+    lab[0, 20, 20] = 5  # one anchor voxel
+    s = data.PatchSampler([data.TrainingVolume("v", raw, lab)], (12, 12), dims=2,
+                          rng=np.random.default_rng(0), random_share=0, margin=(4, 3))
+    for _ in range(50):
+        y, x = np.argwhere(s.sample()[1] == 5)[0]
+        assert 4 <= y < 8 and 3 <= x < 9

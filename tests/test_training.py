@@ -183,7 +183,8 @@ def test_bad_parameters_write_nothing(blob_volume, tmp_path):
     out = str(tmp_path / "out")
     for extra, word in ((["--threshold", "1.5"], "threshold"), (["--downsample", "1,0,1"], "downsample"),
                         (["--downsample", "2,1,1"], "z factor"), (["--voxel-size", "0,1,1"], "voxel-size"),
-                        (["--delta-v", "0"], "delta-v")):
+                        (["--delta-v", "0"], "delta-v"), (["--loss-margin", "16"], "loss-margin"),
+                        (["--loss-margin", "1,2,3"], "loss-margin")):
         r = CliRunner().invoke(cli, train_args(raw, labels, out, *extra))
         assert r.exit_code == 2 and word in r.output and not os.path.exists(out), (extra, r.output)
     (tmp_path / "afile").write_text("x")
@@ -196,6 +197,8 @@ def test_resume_refuses_a_different_configuration(blob_volume, tmp_path):
     out = str(tmp_path / "run")
     assert run(train_args(raw, labels, out, "--iterations", "4", "--stop-after", "2")).exit_code == 0
     r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "4", "--resume", "--batch-size", "3"))
+    assert r.exit_code == 2 and "different configuration" in r.output
+    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "4", "--resume", "--loss-margin", "2"))
     assert r.exit_code == 2 and "different configuration" in r.output
 
 
