@@ -131,8 +131,9 @@ def cli():
               help="Patch size in model pixels (after --downsample), e.g. 256,256 or 32,128,128.")
 @click.option("--loss-margin", type=INTS, default="0", show_default=True,
               help="Model pixels at each patch side left out of the loss (one number, or one per axis): their "
-                   "embeddings depend on the network's zero padding, which inference never sees. Worth setting "
-                   "when the patch is not much larger than the U-Net's field of view (small 3D patches).")
+                   "embeddings depend on the network's zero padding, which inference never sees. On the 3D nuclei "
+                   "crops it made the model fit its training crop better but not the other crop "
+                   "(benchmarks/RESULTS.md, 3D), so it is off by default.")
 @click.option("--batch-size", type=click.IntRange(1), default=_D["batch_size"], show_default=True)
 @click.option("--iterations", type=click.IntRange(1), default=_D["iterations"], show_default=True)
 @click.option("--object-fraction", type=float, default=_D["object_fraction"], show_default=True,

@@ -229,7 +229,8 @@ def train(cfg: TrainConfig) -> dict:
                     "objects_annotated": info["objects_annotated"], "objects_held_out": info["objects_held_out"],
                     "validation": score_kind, "seconds": round(state["elapsed"], 1), "downsample": ds,
                     "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size,
-                    **({"loss_margin": margins} if any(margins) else {}), "fine_tuned_from": fine_tuned_from, **(val or {})}
+                    **({"loss_margin": margins} if any(margins) else {}), "fine_tuned_from": fine_tuned_from,
+                    **(val or {})}
         inference = {"downsample": ds, "min_size": min_size, "tta": cfg.tta,
                      **({"offsets": offsets} if offsets else {}), **(background or {})}
         training_state = None if not with_state else {
