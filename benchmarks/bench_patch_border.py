@@ -18,19 +18,9 @@ import argparse
 import numpy as np
 import torch
 
-from spoco_vol import checkpoint, intensity, io, transforms
+from spoco_vol import checkpoint, intensity, io
 from spoco_vol.model import receptive_halo
-from spoco_vol.pipeline import resample_raw
-
-
-def model_image(ck, raw):
-    """``raw`` on the model grid, normalised as for inference."""
-    raw = intensity.apply(raw, intensity.volume_mapping(raw, ck.normalization))
-    scale = [1 / d for d in ck.inference.downsample][-raw.ndim + (1 if ck.in_channels > 1 else 0):]
-    if ck.in_channels > 1:
-        return transforms.normalize(np.stack([resample_raw(c, scale) for c in raw]).astype(np.float32),
-                                    ck.normalization)
-    return transforms.normalize(resample_raw(raw, scale).astype(np.float32), ck.normalization)[None]
+from spoco_vol.pipeline import model_grid_image
 
 
 def main():
@@ -46,7 +36,9 @@ def main():
         raw = np.asarray(vol[:, a.index] if ck.in_channels > 1 else vol[a.index])
     else:
         raw = np.asarray(vol[...])
-    img = model_image(ck, raw)  # (C, *spatial)
+    scale = [1 / d for d in ck.inference.downsample][3 - ck.dims:]  # the training's resampling
+    img = model_grid_image(raw, ck, scale, intensity.volume_mapping(raw, ck.normalization))
+    img = img if ck.in_channels > 1 else img[None]  # (C, *spatial)
     mult = net.shape_multiple
     spatial = [n - n % m for n, m in zip(img.shape[1:], mult)]
     img = img[(slice(None), *(slice(0, n) for n in spatial))]

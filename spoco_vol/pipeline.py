@@ -230,6 +230,17 @@ class ArrayPrediction(NamedTuple):
     momentum: np.ndarray | None = None     # the momentum network's embeddings (consistency clustering)
 
 
+def model_grid_image(raw: np.ndarray, ckpt: Checkpoint, scale: Sequence[float],
+                     intensity_mapping: dict | None = None) -> np.ndarray:
+    """What the networks see of ``raw`` (channel-first with several channels): mapped
+    onto the model's intensity range (spoco_vol.intensity; None: as it is), resampled by
+    ``scale`` to the model grid, normalised."""
+    mapped = intensity.apply(raw, intensity_mapping)
+    multi = ckpt.in_channels > 1
+    resampled = np.stack([resample_raw(c, scale) for c in mapped]) if multi else resample_raw(mapped, scale)
+    return transforms.normalize(resampled, ckpt.normalization)
+
+
 def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, device="auto",
                   timings: dict | None = None, net=None, tta: bool | None = None, foreground_net=None,
                   intensity_mapping: dict | None = None, momentum_net=None,
@@ -261,9 +272,7 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
     spatial_axes = list(range(ndim - dims, ndim))
     scale = model_scale(input_voxel_size, ckpt.voxel_size, spatial_axes, ndim)
     t = time.perf_counter()
-    mapped = intensity.apply(raw, intensity_mapping)
-    resampled = np.stack([resample_raw(c, scale) for c in mapped]) if channels > 1 else resample_raw(mapped, scale)
-    image = transforms.normalize(resampled, ckpt.normalization)
+    image = model_grid_image(raw, ckpt, scale, intensity_mapping)
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t
     t = time.perf_counter()
     net = net if net is not None else for_inference(ckpt.network())
