@@ -202,7 +202,8 @@ def test_resume_refuses_a_different_configuration(blob_volume, tmp_path):
     assert r.exit_code == 2 and "different configuration" in r.output
     # a margin is recorded, so resuming without it is refused too
     out2 = str(tmp_path / "run_margin")
-    assert run(train_args(raw, labels, out2, "--iterations", "4", "--stop-after", "2", "--loss-margin", "2")).exit_code == 0
+    margin_run = train_args(raw, labels, out2, "--iterations", "4", "--stop-after", "2", "--loss-margin", "2")
+    assert run(margin_run).exit_code == 0
     assert load_checkpoint(os.path.join(out2, "latest.pt"))["training"]["loss_margin"] == [2, 2]
     r = CliRunner().invoke(cli, train_args(raw, labels, out2, "--iterations", "4", "--resume"))
     assert r.exit_code == 2 and "different configuration" in r.output
