@@ -92,6 +92,20 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
             "background_radius_val_score": score}
 
 
+def score_without_background(embeddings, labels, delta_d: float, settings: InferenceSettings,
+                             objects=None) -> dict:
+    """For tissue where every voxel belongs to an object (`train --no-background`): no
+    background rule to calibrate, only the held-out score (as in ``calibrate_background``)
+    of the segmentation without one. {} when no image has an annotated object."""
+    scored = [k for k, lab in enumerate(labels) if lab.any()]
+    if not scored:
+        return {}
+    score = held_out_score([embeddings[k] for k in scored], [labels[k] for k in scored], delta_d,
+                           settings.with_background(None, None),
+                           objects=None if objects is None else [objects[k] for k in scored])
+    return {"background_radius_val_score": score}
+
+
 def embed(net, images, device, amp: bool, tta: bool) -> list[np.ndarray]:
     """Embeddings of held-out images (normalised raw, labels), predicted as inference would."""
     return [inference.predict_embeddings(net, raw, device=device, amp=amp, tta=tta) for raw, _ in images]

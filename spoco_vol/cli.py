@@ -178,6 +178,9 @@ def cli():
 @click.option("--background-weight", type=float, default=_D["background_weight"], show_default=True,
               help="Sparse mode: weight of the pseudo-background term (the unlabeled pixels at the mode "
                    "of the momentum network's embeddings are pulled into one cluster).")
+@click.option("--no-background", is_flag=True,
+              help="Every voxel belongs to an object (dense tissue, e.g. cells with stained boundaries): label 0 "
+                   "is unlabeled, never background, and the model segments without a background rule.")
 @click.option("--background-select-radius", type=click.FloatRange(0, min_open=True), default=None,
               help="Pseudo-background term: unlabeled pixels whose momentum embedding lies within this "
                    "distance of the background mode count as background [default: --delta-d].")
@@ -259,6 +262,9 @@ def train(**settings):
                    "resampled to the model's voxel size.")
 @click.option("--val-objects", type=float, default=_D["val_objects"], show_default=True,
               help="Share of your annotated objects held out to choose the checkpoint and calibrate the background.")
+@click.option("--no-background", is_flag=True,
+              help="Every voxel belongs to an object (dense tissue, e.g. cells with stained boundaries): the "
+                   "recipe then has no pseudo-background term, no foreground classifier and no background rule.")
 @click.option("--seed", type=int, default=_D["seed"], show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D["device"], show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")

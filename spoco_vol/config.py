@@ -44,6 +44,8 @@ class TrainConfig:
     unlabeled_weight: float = 1.0
     instance_weight: float = 1.0
     background_weight: float = 0.0         # pseudo-background term (sparse mode; needs g)
+    no_background: bool = False            # dense tissue: every voxel belongs to an object, so label 0 is
+                                           # unlabeled only and inference has no background rule
     adversarial_weight: float = 0.0        # beta of the adversarial instance term (spoco_vol.adversarial); 0: off
     background_warmup: int = 0             # iterations before it starts (g must mean something)
     background_select_radius: float | None = None  # pseudo-background: g within this of its mode (default delta_d)
@@ -80,7 +82,9 @@ class TrainConfig:
     @property
     def training_mode(self) -> str:
         """sparse (label 0 = unlabeled) or full (label 0 = background, an object)."""
-        return self.mode if self.mode != "auto" else ("full" if self.object_fraction >= 1 else "sparse")
+        if self.mode != "auto":
+            return self.mode
+        return "full" if self.object_fraction >= 1 and not self.no_background else "sparse"
 
     @property
     def loss_weights(self) -> dict:
@@ -187,6 +191,17 @@ class TrainConfig:
                                   "used)")
         if self.foreground_iterations < 0:
             raise SpocoInputError("--foreground-iterations must be >= 0")
+        if self.no_background:
+            # Every term and step below models a background that this tissue does not have.
+            if self.training_mode == "full":
+                raise SpocoInputError("--no-background: with --mode full label 0 is background; use --mode sparse "
+                                      "(label 0 = unlabeled), or no flag if your labels have no 0")
+            if self.background_weight > 0:
+                raise SpocoInputError("--no-background leaves no background for the pseudo-background term: "
+                                      "drop --background-weight")
+            if self.foreground_iterations:
+                raise SpocoInputError("--no-background leaves no background for a foreground classifier: "
+                                      "drop --foreground-iterations")
         if self.foreground_iterations:
             if self.foreground_prior is not None and self.training_mode != "sparse":
                 raise SpocoInputError("--foreground-prior is for sparse labels: with full labels the background "
@@ -213,6 +228,9 @@ def fine_tune_config(raw: Sequence[str], labels: Sequence[str], out: str, model:
     from . import checkpoint
     ckpt = checkpoint.load(bundled.model_path(model))
     patch = ckpt.training.get("patch_shape") or [256] * ckpt.dims
+    recipe = dict(FINE_TUNE_RECIPE)
+    if overrides.get("no_background"):  # the recipe's background steps have nothing to model
+        recipe.update(background_weight=0.0, background_warmup=0, foreground_iterations=0)
     settings = {"dims": ckpt.dims, "patch_shape": list(patch), "loss_margin": ckpt.training.get("loss_margin", 0),
-                "init": model, **FINE_TUNE_RECIPE, **overrides}
+                "init": model, **recipe, **overrides}
     return TrainConfig(raw=list(raw), labels=list(labels), out=out, **settings)

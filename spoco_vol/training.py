@@ -229,6 +229,7 @@ def train(cfg: TrainConfig) -> dict:
                     "objects_annotated": info["objects_annotated"], "objects_held_out": info["objects_held_out"],
                     "validation": score_kind, "seconds": round(state["elapsed"], 1), "downsample": ds,
                     "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size,
+                    **({"no_background": True} if cfg.no_background else {}),
                     **({"loss_margin": margins} if any(margins) else {}), "fine_tuned_from": fine_tuned_from,
                     **(val or {})}
         inference = {"downsample": ds, "min_size": min_size, "tta": cfg.tta,
@@ -251,6 +252,9 @@ def train(cfg: TrainConfig) -> dict:
     def calibrate(network, images, objects=None) -> dict:
         embeddings = calibration.embed(network, images, device, cfg.amp, cfg.tta)
         network.train()
+        if cfg.no_background:
+            return calibration.score_without_background(embeddings, [lab for _, lab in images], cfg.delta_d,
+                                                        settings, objects)
         return calibration.calibrate_background(embeddings, [lab for _, lab in images], cfg.delta_v, cfg.delta_d,
                                                 settings, objects)
 

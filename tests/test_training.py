@@ -374,6 +374,61 @@ def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
     assert "min_size_base" not in ck["inference"]
 
 
+def _dense_cells(tmp_path, keep=3):
+    """Tissue where every pixel belongs to a cell (2D Voronoi cells with dark membranes,
+    no label 0), of which every ``keep``-th cell per section is annotated."""
+    from scipy.spatial import cKDTree
+    rng = np.random.default_rng(0)
+    shape = (4, 64, 64)
+    labels = np.zeros(shape, np.uint16)
+    raw = np.zeros(shape, np.float64)
+    grid = np.indices(shape[1:]).reshape(2, -1).T
+    for z in range(shape[0]):
+        seeds = rng.uniform(0, 64, (12, 2))
+        dist, idx = cKDTree(seeds).query(grid, k=2)
+        labels[z] = (idx[:, 0] + 1 + 12 * z).reshape(shape[1:])
+        raw[z] = np.where((dist[:, 1] - dist[:, 0] < 1.5).reshape(shape[1:]), 30, 170)
+    raw = (raw + rng.normal(0, 10, shape)).clip(0, 255).astype(np.uint8)
+    sparse = np.where(np.isin(labels, np.unique(labels)[::keep]), labels, 0).astype(np.uint16)
+    path = str(tmp_path / "cells.zarr")
+    io.create_array(path + "/raw", raw, chunks=(1, 64, 64), attrs={"voxel_size": [50.0, 10.0, 10.0]})
+    io.create_array(path + "/labels", sparse, chunks=(1, 64, 64), attrs={"voxel_size": [50.0, 10.0, 10.0]})
+    assert labels.min() > 0 and (sparse == 0).mean() > 0.5
+    return path + "/raw", path + "/labels"
+
+
+def test_no_background_trains_dense_tissue_without_a_background_rule(tmp_path):
+    """--no-background (cells that fill the tissue, a few annotated): label 0 is
+    unlabeled, the run is sparse without --mode, and the model is chosen by its held-out
+    objects but gets no background rule; the same labels without the flag get one (the
+    mode of the unlabeled pixels, here other cells)."""
+    raw, labels = _dense_cells(tmp_path)
+    out, usual = str(tmp_path / "dense"), str(tmp_path / "usual")
+    assert run(train_args(raw, labels, out, "--iterations", "6", "--no-background")).exit_code == 0
+    assert run(train_args(raw, labels, usual, "--iterations", "6", "--mode", "sparse")).exit_code == 0
+    ck, ck_usual = load_checkpoint(out + "/best.pt"), load_checkpoint(usual + "/best.pt")
+    assert ck["training"]["mode"] == "sparse" and ck["training"]["no_background"] is True
+    assert ck["training"]["selected_by"] == "PQ of held-out objects"
+    assert ck["inference"].get("background_embedding") is None and ck["inference"].get("background_radius") is None
+    scores = [float(r["val_score"]) for r in csv.DictReader(open(out + "/log.csv")) if r["val_score"]]
+    assert len(scores) == 2 and ck["inference"]["background_radius_val_score"] == pytest.approx(max(scores), abs=1e-4)
+    assert ck_usual["inference"]["background_embedding"] is not None and "no_background" not in ck_usual["training"]
+    assert checkpoint.load(out + "/best.pt").inference.background_rule()["background_embedding"] is None
+
+
+def test_no_background_refuses_the_steps_that_model_a_background(tmp_path):
+    from spoco_vol.config import fine_tune_config
+    raw, labels = _dense_cells(tmp_path)
+    for extra, word in ((["--mode", "full"], "--mode sparse"), (["--background-weight", "1"], "pseudo-background"),
+                        (["--foreground-iterations", "5"], "foreground classifier")):
+        assert word in _bad(tmp_path, "no background", raw, labels, "--no-background", *extra)
+    base = str(tmp_path / "base")
+    assert run(train_args(raw, labels, base, "--iterations", "1")).exit_code == 0
+    cfg = fine_tune_config([raw], [labels], str(tmp_path / "ft"), base + "/best.pt", no_background=True).check()
+    assert cfg.no_background and cfg.background_weight == 0 and cfg.foreground_iterations == 0
+    assert cfg.training_mode == "sparse" and cfg.tta  # the rest of the recipe stays
+
+
 def test_a_2d_models_size_floor_is_an_area(tmp_path):
     """A 2D model segments section by section, so its size floor (a quarter of the
     1st-percentile object) is measured in pixels of a section, whether an id spans
