@@ -3,7 +3,7 @@ against the annotated fraction (fine-tuned vs from scratch, with the bundled mod
 is and the all-labels ceiling), and one picture per setting of a test section: raw,
 embeddings (first three principal components as RGB), segmentation, ground truth.
 
-    python benchmarks/plot_transfer.py /tmp/lucchi [--section 8] [--out benchmarks/figures]
+    python benchmarks/plot_transfer.py /tmp/lucchi [--section 8] [--out benchmarks/figures] [--no-pictures]
 """
 import argparse
 import json
@@ -107,12 +107,15 @@ def main():
     p.add_argument("--section", type=int, default=8, help="test section (0-15 = Lucchi sections 64-79)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "figures"))
     p.add_argument("--results", default=None, help="results file [default: WORK/transfer.json]")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="the AP plot only (the pictures need the runs' checkpoints on disk)")
     a = p.parse_args()
     results = json.load(open(a.results or os.path.join(a.work, "transfer.json")))
     os.makedirs(a.out, exist_ok=True)
     ap_plot(results, os.path.join(a.out, "lucchi_transfer_ap.png"))
-    pictures(results, os.path.join(a.work, "lucchi_test.zarr"), a.section,
-             os.path.join(a.out, "lucchi_transfer_pictures.png"))
+    if not a.no_pictures:
+        pictures(results, os.path.join(a.work, "lucchi_test.zarr"), a.section,
+                 os.path.join(a.out, "lucchi_transfer_pictures.png"))
     print("wrote", a.out)
 
 
