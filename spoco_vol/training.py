@@ -205,10 +205,11 @@ def train(cfg: TrainConfig) -> dict:
         if ts is None or st.architecture != net.config or saved.get("mode") != mode \
                 or list(saved.get("patch_shape", [])) != list(cfg.patch_shape) \
                 or saved.get("batch_size") != cfg.batch_size \
-                or list(saved.get("loss_margin", [0] * cfg.dims)) != margins:
+                or list(saved.get("loss_margin", [0] * cfg.dims)) != margins \
+                or bool(saved.get("no_background")) != cfg.no_background:
             raise SpocoInputError(f"--resume: {cfg.out}/latest.pt was written by a different configuration "
-                                  "(architecture, mode, patch shape, loss margin or batch size); rerun with those "
-                                  "options")
+                                  "(architecture, mode, patch shape, loss margin, --no-background or batch size); "
+                                  "rerun with those options")
         net.load_state_dict(st.state_dict)
         if teacher is not None and teacher.keeps_a_network:
             teacher.g.load_state_dict(ts["momentum_state"])
