@@ -208,7 +208,8 @@ def test_resume_refuses_a_different_configuration(blob_volume, tmp_path):
     r = CliRunner().invoke(cli, train_args(raw, labels, out2, "--iterations", "4", "--resume"))
     assert r.exit_code == 2 and "different configuration" in r.output
     out3 = str(tmp_path / "run_sparse")
-    assert run(train_args(raw, labels, out3, "--iterations", "4", "--stop-after", "2", "--mode", "sparse")).exit_code == 0
+    sparse_run = train_args(raw, labels, out3, "--iterations", "4", "--stop-after", "2", "--mode", "sparse")
+    assert run(sparse_run).exit_code == 0
     r = CliRunner().invoke(cli, train_args(raw, labels, out3, "--iterations", "4", "--resume", "--mode", "sparse",
                                            "--no-background"))
     assert r.exit_code == 2 and "different configuration" in r.output
