@@ -74,14 +74,11 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     if len(bg) == 0:
         return {}
     background = [float(v) for v in losses.embedding_mode(bg, delta_d)]
-    # Only images with annotated objects can score a radius (an empty one rewards deleting all).
-    scored = [k for k, lab in enumerate(labels) if lab.any()]
-    if not scored:
+    score = _scorer(embeddings, labels, delta_d, objects)
+    if score is None:
         return {"background_embedding": background, "background_radius": delta_d}
     grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, RADIUS_STEP)
-    scores = [held_out_score([embeddings[k] for k in scored], [labels[k] for k in scored], delta_d,
-                             settings.with_background(background, float(r)),
-                             objects=None if objects is None else [objects[k] for k in scored]) for r in grid]
+    scores = [score(settings.with_background(background, float(r))) for r in grid]
     if max(scores) <= 0:
         # No radius recovers anything held out: the scores cannot choose, and the radius
         # a tie would give (the largest, for held-out objects) makes everything background.
@@ -97,13 +94,19 @@ def score_without_background(embeddings, labels, delta_d: float, settings: Infer
     """For tissue where every voxel belongs to an object (`train --no-background`): no
     background rule to calibrate, only the held-out score (as in ``calibrate_background``)
     of the segmentation without one. {} when no image has an annotated object."""
+    score = _scorer(embeddings, labels, delta_d, objects)
+    return {} if score is None else {"background_radius_val_score": score(settings.with_background(None, None))}
+
+
+def _scorer(embeddings, labels, delta_d: float, objects=None):
+    """settings -> held-out score of the images with annotated objects (an empty one
+    rewards deleting everything, so it cannot score); None when there are none."""
     scored = [k for k, lab in enumerate(labels) if lab.any()]
     if not scored:
-        return {}
-    score = held_out_score([embeddings[k] for k in scored], [labels[k] for k in scored], delta_d,
-                           settings.with_background(None, None),
-                           objects=None if objects is None else [objects[k] for k in scored])
-    return {"background_radius_val_score": score}
+        return None
+    embs, labs = [embeddings[k] for k in scored], [labels[k] for k in scored]
+    objs = None if objects is None else [objects[k] for k in scored]
+    return lambda settings: held_out_score(embs, labs, delta_d, settings, objects=objs)
 
 
 def embed(net, images, device, amp: bool, tta: bool) -> list[np.ndarray]:
