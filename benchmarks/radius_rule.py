@@ -27,7 +27,7 @@ from spoco_vol.training_data import object_windows, prepare_volumes
 
 RULES = {
     "largest within tolerance": lambda r, s, dd: _largest(r, s),
-    "capped at delta_d": lambda r, s, dd: min(_largest(r, s), dd),
+    "capped at delta_d (shipped)": lambda r, s, dd: min(_largest(r, s), dd),
     "searched up to delta_d": lambda r, s, dd: _largest(r[:_below(r, dd)], s[:_below(r, dd)]),
     "middle of the plateau": lambda r, s, dd: _middle(r, s),
     "best score": lambda r, s, dd: r[int(np.argmax(s))],

@@ -58,8 +58,8 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     unannotated objects in the unlabeled region does not pull it off. The radius is the
     one whose segmentation of the held-out images scores best (spoco_vol.validation:
     AP@0.5 of dense labels, or with ``objects``, one held-out object id per image, the
-    held-out objects' PQ and the largest radius that keeps it), searched from delta_v to
-    ``background_radius_limit``. Whole
+    held-out objects' PQ and the largest radius that keeps it, at most delta_d), searched
+    from delta_v to 2*delta_d + delta_v (objects are pushed 2*delta_d from the background). Whole
     sections beat random patches here: objects cut by a patch border bias the choice.
     The embeddings must be predicted as inference will (with test-time augmentation if
     ``settings.tta``): the radius fits the embeddings it is measured on.
@@ -77,27 +77,25 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     score = _scorer(embeddings, labels, delta_d, objects)
     if score is None:
         return {"background_embedding": background, "background_radius": delta_d}
-    grid = np.arange(delta_v, background_radius_limit(delta_v, delta_d, objects is not None) + 1e-9, RADIUS_STEP)
+    grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, RADIUS_STEP)
     scores = [score(settings.with_background(background, float(r))) for r in grid]
     if max(scores) <= 0:
         # No radius recovers anything held out: the scores cannot choose, and the radius
         # a tie would give (the largest, for held-out objects) makes everything background.
         return {"background_embedding": background, "background_radius": delta_d,
                 "background_radius_val_score": 0.0}
-    radius, score = choose_radius(grid, scores, objects is not None, prefer_larger=False)
+    radius, best = choose_radius(grid, scores, objects is not None, prefer_larger=False)
+    if objects is not None and radius > delta_d:
+        # Held-out objects see neither the unannotated objects that a radius beyond delta_d
+        # (halfway between the background and where objects are pushed to) swallows, nor
+        # the false segments that a small radius leaves, when they reach beyond the objects'
+        # neighbourhoods. So their choice is capped at delta_d: on fully labeled sections
+        # that sparse runs never saw, the cap matched or beat every other rule tried,
+        # while a search that stops at delta_d fell for the small radii
+        # (benchmarks/RESULTS.md, transfer; benchmarks/radius_rule.py).
+        radius, best = delta_d, score(settings.with_background(background, delta_d))
     return {"background_embedding": background, "background_radius": radius,
-            "background_radius_val_score": score}
-
-
-def background_radius_limit(delta_v: float, delta_d: float, objects_held_out: bool) -> float:
-    """The largest background radius the calibration searches. Objects are pushed 2*delta_d
-    from the background, so radii up to 2*delta_d + delta_v can be right, and dense
-    held-out labels, which see every object, can tell. Held-out objects cannot: their
-    score is flat or even rises over large radii that swallow the unannotated objects
-    lying nearer the background than they do (measured on fully labeled sections that
-    sparse runs never saw, benchmarks/radius_rule.py). There the search stops at
-    delta_d, halfway between the background and where objects are pushed to."""
-    return delta_d if objects_held_out else 2 * delta_d + delta_v
+            "background_radius_val_score": best}
 
 
 def score_without_background(embeddings, labels, delta_d: float, settings: InferenceSettings,

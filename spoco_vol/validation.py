@@ -12,8 +12,8 @@ Two kinds of held-out data:
   object there would have to overlap the annotated one). A false object far from every
   annotation cannot be told from an unannotated true one, so this score does not see
   it; the calibration therefore prefers the largest background radius that still
-  recovers the held-out objects (``choose_radius``), up to delta_d
-  (``calibration.background_radius_limit`` says why not beyond).
+  recovers the held-out objects (``choose_radius``), capped at delta_d
+  (``calibration.calibrate_background`` says why).
 
 The object score is the panoptic quality pooled over the held-out objects:
 PQ = sum of matched IoUs / (TP + FP/2 + FN/2), a match being IoU >= 0.5.

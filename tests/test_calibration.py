@@ -19,7 +19,7 @@ def test_a_radius_that_no_score_can_choose_is_delta_d(objects):
     found = calibrate_background([embeddings], [labels], 0.5, 2.0, InferenceSettings.new(2), objects)
     assert found["background_radius"] == 2.0 and found["background_radius_val_score"] == 0.0
     # an object 4.0 from the background is recovered by every radius up to 4.0: held-out
-    # objects take the largest of those they may search (up to delta_d), dense labels the smallest
+    # objects take the largest of those, capped at delta_d, dense labels the smallest
     embeddings[0, labels == 5] = 4.0
     found = calibrate_background([embeddings], [labels], 0.5, 2.0, InferenceSettings.new(2), objects)
     assert found["background_radius_val_score"] == 1.0
@@ -29,8 +29,8 @@ def test_a_radius_that_no_score_can_choose_is_delta_d(objects):
 def test_held_out_objects_do_not_choose_a_radius_that_swallows_unannotated_objects():
     """Sparse labels: an unannotated object (label 0) whose embeddings lie 3.0 from the
     background is invisible to the held-out object's score, which is as high at a radius
-    of 4.0 as at 2.0. Past delta_d the search would be blind to it; it stops there, so the
-    unannotated object stays an object."""
+    of 4.0 as at 2.0. The choice is capped at delta_d, so the unannotated object stays an
+    object."""
     labels = np.zeros((48, 48), np.int64)
     labels[4:16, 4:16] = 5
     embeddings = np.zeros((16, 48, 48), np.float32)
@@ -42,3 +42,6 @@ def test_held_out_objects_do_not_choose_a_radius_that_swallows_unannotated_objec
     seg = held_out_segmentation(embeddings, 2.0, settings.with_background(found["background_embedding"],
                                                                            found["background_radius"]))
     assert seg[34, 34] > 0 and seg[10, 10] > 0 and seg[34, 34] != seg[10, 10] and seg[24, 44] == 0
+    # below delta_d the held-out object's choice stands
+    embeddings[0, labels == 5] = 1.6
+    assert calibrate_background([embeddings], [labels], 0.5, 2.0, settings, [5])["background_radius"] == 1.5
