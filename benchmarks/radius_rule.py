@@ -23,6 +23,7 @@ import numpy as np
 
 from spoco_vol import calibration, checkpoint, validation
 from spoco_vol.config import TrainConfig
+from spoco_vol.inference import predict_foreground
 from spoco_vol.training_data import object_windows, prepare_volumes
 
 RULES = {
@@ -79,7 +80,14 @@ def run_curves(work, run, sections, device="cpu"):
     dense_emb = calibration.embed(net, dense, device, False, settings.tta)
     dense_scores = [calibration.held_out_score(dense_emb, [lab for _, lab in dense], ck.delta_d,
                                                settings.with_background(bg, r)) for r in radii]
+    # the checkpoint as it segments: its own radius, and its foreground classifier if it has one
+    probs = None
+    if ck.has_foreground:
+        fg = ck.foreground_network().to(device)
+        probs = [predict_foreground(fg, raw, device=device, amp=False, tta=settings.tta) for raw, _ in dense]
+    shipped = calibration.held_out_score(dense_emb, [lab for _, lab in dense], ck.delta_d, settings, probs)
     return {"run": run, "held_out": len(objects), "stored_radius": settings.background_radius,
+            "shipped": round(shipped, 4), "prior": (ck.data.get("foreground") or {}).get("prior"),
             "radii": radii, "held_out_scores": [round(s, 4) for s in held_scores],
             "dense_scores": [round(s, 4) for s in dense_scores], "delta_d": ck.delta_d}
 
@@ -100,12 +108,13 @@ def main(argv=None):
         print("radius      " + " ".join(f"{r:5.2f}" for r in c["radii"]))
         print("held-out    " + " ".join(f"{s:5.3f}" for s in c["held_out_scores"]))
         print("sections    " + " ".join(f"{s:5.3f}" for s in c["dense_scores"]))
+        print(f"as shipped (radius {c['stored_radius']}, classifier prior {c['prior']}): {c['shipped']:.3f}")
         sys.stdout.flush()
     print(f"\nAP@0.5 (embeddings alone) on sections {a.sections} at the radius each rule picks")
     names = list(RULES)
-    print("| run | " + " | ".join(names) + " | best on the sections |")
-    print("|---|" + "---|" * (len(names) + 1))
-    totals = np.zeros(len(names) + 1)
+    print("| run | " + " | ".join(names) + " | best on the sections | checkpoint as shipped |")
+    print("|---|" + "---|" * (len(names) + 2))
+    totals = np.zeros(len(names) + 2)
     for c in rows:
         radii, dense = c["radii"], c["dense_scores"]
         cells = []
@@ -115,8 +124,9 @@ def main(argv=None):
             totals[k] += s
             cells.append(f"{s:.3f} (r {r:g})")
         b = int(np.argmax(dense))
-        totals[-1] += dense[b]
-        print(f"| {c['run']} | " + " | ".join(cells) + f" | {dense[b]:.3f} (r {radii[b]:g}) |")
+        totals[-2] += dense[b]
+        totals[-1] += c["shipped"]
+        print(f"| {c['run']} | " + " | ".join(cells) + f" | {dense[b]:.3f} (r {radii[b]:g}) | {c['shipped']:.3f} |")
     print("| mean | " + " | ".join(f"{t / len(rows):.3f}" for t in totals) + " |")
     if a.json:
         with open(a.json, "w") as f:
