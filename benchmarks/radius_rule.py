@@ -40,8 +40,8 @@ def _plateau(scores):
     return np.flatnonzero(s >= s.max() - validation.RADIUS_TOLERANCE - 1e-12)
 
 
-def _largest(radii, scores):
-    return radii[_plateau(scores)[-1]]
+def _largest(radii, scores):  # the previous rule, as calibration applies it before the cap
+    return validation.choose_radius(radii, scores, objects_held_out=True)[0]
 
 
 def _below(radii, limit):
@@ -71,7 +71,7 @@ def run_curves(work, run, sections, device="cpu"):
     emb = calibration.embed(net, images, device, False, settings.tta)
     labs = [lab for _, lab in images]
     bg = settings.background_embedding
-    radii = [float(r) for r in np.arange(ck.delta_v, 2 * ck.delta_d + ck.delta_v + 1e-9, calibration.RADIUS_STEP)]
+    radii = [float(r) for r in calibration.radius_grid(ck.delta_v, ck.delta_d)]
     held_scores = [calibration.held_out_score(emb, labs, ck.delta_d, settings.with_background(bg, r),
                                               objects=objects) for r in radii]
     dense = []

@@ -59,7 +59,7 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     one whose segmentation of the held-out images scores best (spoco_vol.validation:
     AP@0.5 of dense labels, or with ``objects``, one held-out object id per image, the
     held-out objects' PQ and the largest radius that keeps it, at most delta_d), searched
-    from delta_v to 2*delta_d + delta_v (objects are pushed 2*delta_d from the background). Whole
+    over ``radius_grid``. Whole
     sections beat random patches here: objects cut by a patch border bias the choice.
     The embeddings must be predicted as inference will (with test-time augmentation if
     ``settings.tta``): the radius fits the embeddings it is measured on.
@@ -77,7 +77,7 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     score = _scorer(embeddings, labels, delta_d, objects)
     if score is None:
         return {"background_embedding": background, "background_radius": delta_d}
-    grid = np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, RADIUS_STEP)
+    grid = radius_grid(delta_v, delta_d)
     scores = [score(settings.with_background(background, float(r))) for r in grid]
     if max(scores) <= 0:
         # No radius recovers anything held out: the scores cannot choose, and the radius
@@ -96,6 +96,12 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
         radius, best = delta_d, score(settings.with_background(background, delta_d))
     return {"background_embedding": background, "background_radius": radius,
             "background_radius_val_score": best}
+
+
+def radius_grid(delta_v: float, delta_d: float) -> np.ndarray:
+    """The background radii the calibration searches: delta_v to 2*delta_d + delta_v
+    (objects are pushed 2*delta_d from the background), in RADIUS_STEP steps."""
+    return np.arange(delta_v, 2 * delta_d + delta_v + 1e-9, RADIUS_STEP)
 
 
 def score_without_background(embeddings, labels, delta_d: float, settings: InferenceSettings,
