@@ -1,6 +1,6 @@
-"""Which background radius should held-out objects choose? Measured on training sections
-that were never annotated for the run (Lucchi sections 5, 25, 45 by default, with their
-full labels), never on the test sections 64-79.
+"""Which background radius should held-out objects choose? (What ships: none; it is
+delta_d.) Measured on training sections that were never annotated for the run (Lucchi
+sections 5, 25, 45 by default, with their full labels), never on the test sections 64-79.
 
 With sparse labels the background radius is chosen by how well a few held-out objects
 are recovered (spoco_vol.validation). Their score is flat over a wide range of radii
@@ -27,8 +27,9 @@ from spoco_vol.inference import predict_foreground
 from spoco_vol.training_data import object_windows, prepare_volumes
 
 RULES = {
-    "largest within tolerance": lambda r, s, dd: _largest(r, s),
-    "capped at delta_d (shipped)": lambda r, s, dd: min(_largest(r, s), dd),
+    "largest within tolerance (first rule)": lambda r, s, dd: _largest(r, s),
+    "capped at delta_d (second rule)": lambda r, s, dd: min(_largest(r, s), dd),
+    "delta_d (shipped)": lambda r, s, dd: dd,
     "searched up to delta_d": lambda r, s, dd: _largest(r[:_below(r, dd)], s[:_below(r, dd)]),
     "middle of the plateau": lambda r, s, dd: _middle(r, s),
     "best score": lambda r, s, dd: r[int(np.argmax(s))],

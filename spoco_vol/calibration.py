@@ -57,10 +57,10 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     then a few mean-shift steps over the pixels within delta_d, so that a minority of
     unannotated objects in the unlabeled region does not pull it off. The radius is the
     one whose segmentation of the held-out images scores best (spoco_vol.validation:
-    AP@0.5 of dense labels, or with ``objects``, one held-out object id per image, the
-    held-out objects' PQ and the largest radius that keeps it, at most delta_d), searched
-    over ``radius_grid``. Whole
-    sections beat random patches here: objects cut by a patch border bias the choice.
+    AP@0.5 of dense labels), searched over ``radius_grid``. With ``objects`` (one
+    held-out object id per image) it is delta_d, and their score there is returned: they
+    still choose the checkpoint and a classifier's radius (``best_radius``), not this one.
+    Whole sections beat random patches here: objects cut by a patch border bias the choice.
     The embeddings must be predicted as inference will (with test-time augmentation if
     ``settings.tta``): the radius fits the embeddings it is measured on.
     When no radius scores above 0 (nothing held out is recovered at all), the radius is
@@ -77,23 +77,24 @@ def calibrate_background(embeddings, labels, delta_v: float, delta_d: float, set
     score = _scorer(embeddings, labels, delta_d, objects)
     if score is None:
         return {"background_embedding": background, "background_radius": delta_d}
+    if objects is not None:
+        # Held-out objects see neither the unannotated objects that a large radius swallows
+        # nor the false segments that a small one leaves when they reach beyond the objects'
+        # neighbourhoods, and a few objects make a noisy curve: on fully labeled sections
+        # that sparse runs never saw, every rule that let them choose this radius (the
+        # largest within tolerance, capped at delta_d or not, the plateau's middle, the
+        # best score) failed on some seed, while delta_d, halfway between the background
+        # and where objects are pushed to, did not (benchmarks/RESULTS.md, transfer;
+        # benchmarks/radius_rule.py).
+        return {"background_embedding": background, "background_radius": delta_d,
+                "background_radius_val_score": score(settings.with_background(background, delta_d))}
     grid = radius_grid(delta_v, delta_d)
     scores = [score(settings.with_background(background, float(r))) for r in grid]
     if max(scores) <= 0:
-        # No radius recovers anything held out: the scores cannot choose, and the radius
-        # a tie would give (the largest, for held-out objects) makes everything background.
+        # Nothing held out is recovered at any radius: the scores cannot choose.
         return {"background_embedding": background, "background_radius": delta_d,
                 "background_radius_val_score": 0.0}
-    radius, best = choose_radius(grid, scores, objects is not None, prefer_larger=False)
-    if objects is not None and radius > delta_d:
-        # Held-out objects see neither the unannotated objects that a radius beyond delta_d
-        # (halfway between the background and where objects are pushed to) swallows, nor
-        # the false segments that a small radius leaves, when they reach beyond the objects'
-        # neighbourhoods. So their choice is capped at delta_d: on fully labeled sections
-        # that sparse runs never saw, the cap matched or beat every other rule tried,
-        # while a search that stops at delta_d fell for the small radii
-        # (benchmarks/RESULTS.md, transfer; benchmarks/radius_rule.py).
-        radius, best = delta_d, score(settings.with_background(background, delta_d))
+    radius, best = choose_radius(grid, scores, False, prefer_larger=False)
     return {"background_embedding": background, "background_radius": radius,
             "background_radius_val_score": best}
 

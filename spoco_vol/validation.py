@@ -11,9 +11,10 @@ Two kinds of held-out data:
   its radius: where the annotation tells that nothing else is there, since another
   object there would have to overlap the annotated one). A false object far from every
   annotation cannot be told from an unannotated true one, so this score does not see
-  it; the calibration therefore prefers the largest background radius that still
-  recovers the held-out objects (``choose_radius``), capped at delta_d
-  (``calibration.calibrate_background`` says why).
+  it; so held-out objects do not choose the embeddings' background radius (it is
+  delta_d; ``calibration.calibrate_background`` says why), and where they choose a
+  foreground classifier's radius they take the largest that still recovers them
+  (``choose_radius``).
 
 The object score is the panoptic quality pooled over the held-out objects:
 PQ = sum of matched IoUs / (TP + FP/2 + FN/2), a match being IoU >= 0.5.
