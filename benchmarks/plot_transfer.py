@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 def ap_plot(results, path):
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for kind, colour, label in (("fine-tune", "tab:blue", "fine-tuned from the VNC model"),
-                                ("fine-tune-previous", "tab:cyan", "fine-tuned, previous radius rule"),
-                                ("scratch", "tab:orange", "trained from scratch (previous radius rule)")):
+                                ("fine-tune-capped", "tab:cyan", "fine-tuned, radius capped at delta_d"),
+                                ("fine-tune-first", "tab:gray", "fine-tuned, first radius rule"),
+                                ("scratch", "tab:orange", "trained from scratch (first radius rule)")):
         rs = [r for r in results.values() if r["kind"] == kind]
         pcts = sorted({r["pct"] for r in rs})
         if not pcts:

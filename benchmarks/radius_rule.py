@@ -93,13 +93,48 @@ def run_curves(work, run, sections, device="cpu"):
             "dense_scores": [round(s, 4) for s in dense_scores], "delta_d": ck.delta_d}
 
 
+def print_table(rows, sections):
+    """One row per run: the AP@0.5 on the sections at the radius each rule picks from the
+    run's held-out curve, the best radius there, and the checkpoint as shipped."""
+    print(f"\nAP@0.5 (embeddings alone) on sections {sections} at the radius each rule picks")
+    names = list(RULES)
+    print("| run | " + " | ".join(names) + " | best on the sections | checkpoint as shipped |")
+    print("|---|" + "---|" * (len(names) + 2))
+    totals = np.zeros(len(names) + 1)
+    shipped = []
+    for c in rows:
+        radii, dense = c["radii"], c["dense_scores"]
+        cells = []
+        for k, name in enumerate(names):
+            r = RULES[name](radii, c["held_out_scores"], c["delta_d"])
+            s = dense[radii.index(r)]
+            totals[k] += s
+            cells.append(f"{s:.3f} (r {r:g})")
+        b = int(np.argmax(dense))
+        totals[-1] += dense[b]
+        if c.get("shipped") is not None:
+            shipped.append(c["shipped"])
+        run = c["run"] + (f" (trained with {c['trained_with']})" if c.get("trained_with") else "")
+        as_shipped = "" if c.get("shipped") is None else f"{c['shipped']:.3f}"
+        print(f"| {run} | " + " | ".join(cells) + f" | {dense[b]:.3f} (r {radii[b]:g}) | {as_shipped} |")
+    mean_shipped = f"{np.mean(shipped):.3f} ({len(shipped)} runs)" if shipped else ""
+    print("| mean | " + " | ".join(f"{t / len(rows):.3f}" for t in totals) + f" | {mean_shipped} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("work")
-    p.add_argument("runs", nargs="+")
+    p.add_argument("work", nargs="?")
+    p.add_argument("runs", nargs="*")
     p.add_argument("--sections", default="5,25,45", help="fully labeled training sections to score on")
     p.add_argument("--json", help="write the curves here")
+    p.add_argument("--curves", help="print the table from curves written by --json instead of measuring")
     a = p.parse_args(argv)
+    if a.curves:
+        with open(a.curves) as f:
+            print_table(json.load(f), a.sections)
+        return
+    if not a.work or not a.runs:
+        p.error("give WORK and RUN..., or --curves")
     sections = [int(s) for s in a.sections.split(",")]
     rows = []
     for run in a.runs:
@@ -111,24 +146,7 @@ def main(argv=None):
         print("sections    " + " ".join(f"{s:5.3f}" for s in c["dense_scores"]))
         print(f"as shipped (radius {c['stored_radius']}, classifier prior {c['prior']}): {c['shipped']:.3f}")
         sys.stdout.flush()
-    print(f"\nAP@0.5 (embeddings alone) on sections {a.sections} at the radius each rule picks")
-    names = list(RULES)
-    print("| run | " + " | ".join(names) + " | best on the sections | checkpoint as shipped |")
-    print("|---|" + "---|" * (len(names) + 2))
-    totals = np.zeros(len(names) + 2)
-    for c in rows:
-        radii, dense = c["radii"], c["dense_scores"]
-        cells = []
-        for k, name in enumerate(names):
-            r = RULES[name](radii, c["held_out_scores"], c["delta_d"])
-            s = dense[radii.index(r)]
-            totals[k] += s
-            cells.append(f"{s:.3f} (r {r:g})")
-        b = int(np.argmax(dense))
-        totals[-2] += dense[b]
-        totals[-1] += c["shipped"]
-        print(f"| {c['run']} | " + " | ".join(cells) + f" | {dense[b]:.3f} (r {radii[b]:g}) | {c['shipped']:.3f} |")
-    print("| mean | " + " | ".join(f"{t / len(rows):.3f}" for t in totals) + " |")
+    print_table(rows, a.sections)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
