@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shlex
 
 import click
@@ -107,6 +108,9 @@ def _run(fn, *args, **kwargs):
     except SpocoInputError as exc:
         raise InputError(str(exc)) from None
     except SpocoRunError as exc:
+        # zarr's reads abandoned with the failed blocks are collected at exit, where asyncio
+        # would log "Task was destroyed but it is pending!" after the one error line
+        logging.getLogger("asyncio").disabled = True
         raise RunStopped(str(exc), exc.exit_code) from None
 
 
