@@ -2,14 +2,15 @@
 delta_d.) Measured on training sections that were never annotated for the run (Lucchi
 sections 5, 25, 45 by default, with their full labels), never on the test sections 64-79.
 
-With sparse labels the background radius is chosen by how well a few held-out objects
+With sparse labels the background radius was chosen by how well a few held-out objects
 are recovered (spoco_vol.validation). Their score is flat over a wide range of radii
 and cannot see unannotated objects swallowed by a large radius. For each trained run
 this prints, for every candidate rule, the radius it picks from the held-out objects'
 score curve, and the AP@0.5 that the embeddings alone (no classifier) reach at that
 radius on the fully labeled sections, next to the best radius there.
 
-    python benchmarks/radius_rule.py /tmp/lucchi scratch_p1_s1 scratch_p1_s2 fine-tune_p5_s0 ...
+    python benchmarks/radius_rule.py /tmp/lucchi scratch_p1_s1 scratch_p1_s2 fine-tune_p5_s0 ... [--json F]
+    python benchmarks/radius_rule.py --curves benchmarks/results/radius_rule.json  # the table, from saved curves
 
 RUN names follow transfer_lucchi.py: WORK/runs/RUN/best.pt, trained on
 WORK/lucchi_train.zarr/sparse_pP_sS with seed S.
