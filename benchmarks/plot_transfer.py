@@ -21,7 +21,8 @@ def ap_plot(results, path):
     for kind, colour, label in (("fine-tune", "tab:blue", "fine-tuned from the VNC model"),
                                 ("fine-tune-capped", "tab:cyan", "fine-tuned, radius capped at delta_d"),
                                 ("fine-tune-first", "tab:gray", "fine-tuned, first radius rule"),
-                                ("scratch", "tab:orange", "trained from scratch (first radius rule)")):
+                                ("scratch", "tab:orange", "trained from scratch"),
+                                ("scratch-first", "tab:brown", "trained from scratch, first radius rule")):
         rs = [r for r in results.values() if r["kind"] == kind]
         pcts = sorted({r["pct"] for r in rs})
         if not pcts:
@@ -77,7 +78,7 @@ def pictures(results, test, section, path):
     gt = np.asarray(io.open_volume(test + "/labels")[section])
     vs = io.read_voxel_size(test + "/raw")[1:]
     picks = []
-    for kind in ("bundled", "fine-tune", "scratch", "full"):
+    for kind in ("bundled", "fine-tune", "scratch", "scratch-first", "full"):
         # one row per setting (seed 0); rows measured at earlier commits keep no checkpoint here
         rs = sorted([r for r in results.values() if r["kind"] == kind and r["seed"] in (None, 0)
                      and os.path.exists(_checkpoint(r))],
@@ -91,7 +92,8 @@ def pictures(results, test, section, path):
         emb = pred.embeddings
         seg = labels_from_embeddings(emb, ck, raw.shape, pred.scale, foreground=pred.foreground)
         name = {"bundled": "VNC model as is", "fine-tune": f"fine-tuned, {r['pct']}%",
-                "scratch": f"from scratch, {r['pct']}%", "full": "from scratch, all labels"}[r["kind"]]
+                "scratch": f"from scratch, {r['pct']}%", "scratch-first": f"from scratch, {r['pct']}% (first rule)",
+                "full": "from scratch, all labels"}[r["kind"]]
         for ax, img, title in zip(row, (raw, _pca_rgb(emb), _colour(seg), _colour(gt, 1)),
                                   (f"{name}: raw", f"embeddings (PCA) AP@0.5 {r['test']['ap@0.5']:.2f}",
                                    "segmentation", "ground truth")):

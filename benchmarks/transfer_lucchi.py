@@ -79,16 +79,19 @@ def table(results):
     groups = {}
     for r in results.values():
         groups.setdefault((r["kind"], r["pct"]), []).append(r)
-    # "fine-tune-capped", "fine-tune-first": runs kept from the earlier rules for the
+    # "fine-tune-capped", "fine-tune-first", "scratch-first": runs kept from the earlier rules for the
     # background radius, when held-out objects chose it (capped at delta_d; the first rule,
     # uncapped), before it became delta_d (benchmarks/RESULTS.md, transfer)
-    order = {"bundled": 0, "fine-tune": 1, "fine-tune-capped": 2, "fine-tune-first": 3, "scratch": 4, "full": 5}
+    order = {"bundled": 0, "fine-tune": 1, "fine-tune-capped": 2, "fine-tune-first": 3, "scratch": 4,
+             "scratch-first": 5, "full": 6}
     for (kind, pct), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0)):
         rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
         name = {"bundled": "bundled VNC model as is", "fine-tune": f"fine-tuned, {pct}% of the objects",
                 "fine-tune-capped": f"fine-tuned, {pct}%, radius chosen by held-out objects, capped at delta_d",
                 "fine-tune-first": f"fine-tuned, {pct}%, radius chosen by held-out objects (first rule)",
-                "scratch": f"from scratch, {pct}% of the objects", "full": "from scratch, all labels"}[kind]
+                "scratch": f"from scratch, {pct}% of the objects",
+                "scratch-first": f"from scratch, {pct}%, radius chosen by held-out objects (first rule)",
+                "full": "from scratch, all labels"}[kind]
         aps = [r["test"]["ap@0.5"] for r in rs]
         # rows kept from RESULTS.md may lack mAP
         maps = [r["test"]["map"] for r in rs if r["test"].get("map") is not None]
