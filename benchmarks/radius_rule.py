@@ -42,7 +42,7 @@ def _plateau(scores):
     return np.flatnonzero(s >= s.max() - validation.RADIUS_TOLERANCE - 1e-12)
 
 
-def _largest(radii, scores):  # the previous rule, as calibration applies it before the cap
+def _largest(radii, scores):  # the first rule: choose_radius as held-out objects use it (now the classifier's radius)
     return validation.choose_radius(radii, scores, objects_held_out=True)[0]
 
 

@@ -10,9 +10,10 @@ from spoco_vol.checkpoint import InferenceSettings
 @pytest.mark.parametrize("objects", [None, [5]])
 def test_a_radius_that_no_score_can_choose_is_delta_d(objects):
     """Embeddings in which the held-out object sits on the background embedding: every
-    radius deletes it and scores 0. A tie would choose the largest radius (held-out
-    objects) or the smallest (dense labels); neither is measured, so the radius is
-    delta_d, halfway between the background and objects pushed 2 * delta_d from it."""
+    radius deletes it and scores 0. With dense labels a tie would choose the smallest
+    radius, which is not measured either, so the radius is delta_d (halfway between the
+    background and objects pushed 2 * delta_d from it), as held-out objects always
+    leave it; the score says that nothing was recovered."""
     labels = np.zeros((32, 32), np.int64)
     labels[8:20, 8:20] = 5
     embeddings = np.zeros((16, 32, 32), np.float32)
