@@ -67,6 +67,18 @@ class BlockGrid:
         """The block numbered ``linear`` (C order)."""
         return self.block(np.unravel_index(int(linear), self.grid_shape))
 
+    def reading(self, region: Sequence[slice], roi: Sequence[slice] | None = None) -> list[Block]:
+        """The blocks (within ``roi``) whose read ROI overlaps ``region``."""
+        ranges = []
+        for r, b, h, a, g in zip(region, self.block_shape, self.halo, self.align, self.grid_shape):
+            lo = max((r.start - h - a) // b, 0)
+            hi = min((r.stop + h + a) // b + 1, g)
+            ranges.append(range(lo, hi))
+        if roi is not None:
+            ranges = [range(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(ranges, self.index_ranges(roi))]
+        blocks = (self.block(i) for i in itertools.product(*ranges))
+        return [blk for blk in blocks if intersect(blk.read, region) is not None]
+
     def index_ranges(self, roi: Sequence[slice] | None = None) -> list[range]:
         """Per axis, the grid indices of the blocks whose core overlaps ``roi``: a box."""
         if roi is None:

@@ -329,6 +329,11 @@ def models():
               help="Override a setting of the --cluster file (repeatable), e.g. --cluster-set walltime=12:00:00 "
                    "--cluster-set queue=gpu.")
 @click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
+@click.option("--seams", type=click.Choice(["auto", "faces", "graph"]), default="auto", show_default=True,
+              help="How objects are joined across blocks: faces (each face by its two blocks; exact where objects "
+                   "are kept apart by background, e.g. mitochondria, nuclei), graph (one Mutex Watershed over all "
+                   "blocks' fragments: the whole volume's result also for touching cells; keeps the core "
+                   "affinities, 4 bytes per voxel and offset, until the run ends), auto: graph for a model with the input's axes at its voxel size, faces for a 2D model's sections.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--roi", default=None,
               help="Segment only this region, z0:z1,y0:y1,x0:x1 in input voxels (stop exclusive; an empty "
@@ -364,7 +369,7 @@ def models():
                    "a 3D one): small volumes only, minutes per image.")
 @click.option("--progress/--quiet", default=True, help="Show progress bars.")
 def segment(input_path, output, model, block_shape, halo, mask, voxel_size, workers, cluster, cluster_set, stitch,
-            device, roi, save_embeddings, save_affinities, link_sections, link_overlap, tta, intensity_range,
+            seams, device, roi, save_embeddings, save_affinities, link_sections, link_overlap, tta, intensity_range,
             clustering, overwrite, progress):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
@@ -376,7 +381,7 @@ def segment(input_path, output, model, block_shape, halo, mask, voxel_size, work
                   stitch=stitch, roi=roi, save_embeddings=save_embeddings,
                   link_sections=link_sections, link_overlap=link_overlap, cluster=_cluster(cluster, cluster_set),
                   command=_command_line(), progress=progress, tta=tta, intensity_range=intensity_range,
-                  clustering=clustering, save_affinities=save_affinities)
+                  clustering=clustering, save_affinities=save_affinities, seams=seams)
     click.echo(format_report(report))
 
 
@@ -419,6 +424,11 @@ def _cluster(cluster, cluster_set):
 @click.option("--halo", type=INTS, default=None, help="Context per side in voxels [default: the longest offset].")
 @click.option("--roi", default=None, help="Segment only this region, z0:z1,y0:y1,x0:x1 (as for segment).")
 @click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
+@click.option("--seams", type=click.Choice(["auto", "faces", "graph"]), default="auto", show_default=True,
+              help="How objects are joined across blocks: faces (each face by its two blocks; exact where objects "
+                   "are kept apart by background, e.g. mitochondria, nuclei), graph (one Mutex Watershed over all "
+                   "blocks' fragments: the whole volume's result also for touching cells; keeps the core "
+                   "affinities, 4 bytes per voxel and offset, until the run ends), auto: graph for offsets along every axis, faces for offsets within sections.")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="Dask workers (as for segment) [default: one per core].")
 @click.option("--cluster", "cluster", default=None, help="Cluster config (as for segment).")
@@ -428,7 +438,7 @@ def _cluster(cluster, cluster_set):
                                                  "with other settings).")
 @click.option("--progress/--quiet", default=True, help="Show progress bars.")
 def segment_affinities(affinities, offsets, bias, strides, min_size, mask, output, voxel_size, block_shape, halo,
-                       roi, stitch, workers, cluster, cluster_set, overwrite, progress):
+                       roi, stitch, seams, workers, cluster, cluster_set, overwrite, progress):
     """Segment given affinities block by block with the Mutex Watershed (OME-Zarr labels).
 
     The same blockwise watershed, stitching, relabelling, resume and clusters as
@@ -437,7 +447,7 @@ def segment_affinities(affinities, offsets, bias, strides, min_size, mask, outpu
     from .blockwise import format_report, segment_affinities_blockwise
     report = _run(segment_affinities_blockwise, affinities, output, offsets=offsets, bias=bias, strides=strides,
                   min_size=min_size, mask=mask, voxel_size=voxel_size, block_shape=block_shape, halo=halo,
-                  roi=roi, stitch=stitch, workers=workers, cluster=_cluster(cluster, cluster_set),
+                  roi=roi, stitch=stitch, seams=seams, workers=workers, cluster=_cluster(cluster, cluster_set),
                   overwrite=overwrite, command=_command_line(), progress=progress)
     click.echo(format_report(report))
 

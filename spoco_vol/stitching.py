@@ -14,6 +14,22 @@ data whose size grows with the face area, never the volume:
   halo, and B segments ``depth`` planes of A's core; the Dice of (a, b) in each view;
 - the affinity across the face: the mean direct-neighbour affinity between a's voxels on
   A's last core plane and b's on B's first.
+
+That is exact where objects are kept apart by background (mitochondria, nuclei), but the
+Mutex Watershed is not local: in tissue of touching cells a block can merge two cells
+that the whole volume keeps apart, because the repulsive chain that separates them runs
+beyond its halo. The graph seams (``--seams graph``) do not decide locally:
+- fragments: a core voxel's fragment is the set of core voxels that *every* block view
+  covering it (its own, and its neighbours' halos) puts in one segment
+  (``intersect_views``). A merge made for want of context in one view is cut by the view
+  that has the context;
+- edges: between fragments, the strongest attractive and the strongest repulsive edge of
+  the voxel graph (``fragment_edges``), from affinities exact in each core;
+- one Mutex Watershed over the graph of all fragments (``graph_merge_table``).
+If the fragments refine the whole volume's partition, this gives that partition exactly:
+the Mutex Watershed on the contracted graph takes the same decisions in the same order
+(an edge inside a fragment joins voxels the whole run joins anyway, and of the parallel
+edges between two fragments only the strongest of each kind can change anything).
 """
 from __future__ import annotations
 
@@ -23,6 +39,8 @@ import fastremap
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from .affinities import is_direct
 
 LINK_OVERLAP = 0.5  # default --link-overlap (share of the smaller object); see benchmarks/RESULTS.md
 
@@ -130,8 +148,10 @@ class MergeTable:
     object l. Two flat arrays (one entry per object, one offset per block), not one array
     per block: a terabyte run has ~500k blocks."""
 
-    def __init__(self, final: np.ndarray, start: np.ndarray):
+    def __init__(self, final: np.ndarray, start: np.ndarray, clusters: int | None = None):
         self.final, self.start = final, start
+        # groups the fragments were merged into, before a size floor dropped any
+        self.clusters = int(final.max()) if clusters is None and len(final) else (clusters or 0)
 
     def __len__(self) -> int:
         return len(self.start) - 1
@@ -181,3 +201,143 @@ def relabel_block(fragments: np.ndarray, linear: int, block_shape: Sequence[int]
         local = fragments[fg] - np.uint64(block_id_offset(linear, block_shape) + 1)
         out[fg] = table[local.astype(np.int64)].astype(dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- graph seams
+
+def intersect_views(own: np.ndarray, views: Sequence[tuple[tuple[slice, ...], np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """A block's fragments: (labels 1..n over its core, uint64, 0 = background; voxel
+    count of each, (n,) int64). ``own``: the block's own segments over its core (0 =
+    background: its embeddings are exact there, so it alone decides the background);
+    ``views``: (region of the core, another block's segments there). Two core voxels
+    share a fragment when every view that covers both puts them in one segment.
+    Fragments are numbered in order of their first voxel (C order): deterministic."""
+    key = np.asarray(own, np.int64)
+    for region, labels in views:
+        full = np.zeros(own.shape, np.int64)  # 0: the view does not reach here
+        full[region] = np.asarray(labels, np.int64) + 1
+        # pair (key, view label) -> one compact integer; renumbering keeps values small
+        key, _ = fastremap.renumber(key * (int(full.max()) + 1) + full, preserve_zero=False)
+        key = key.astype(np.int64, copy=False)
+    flat = key.reshape(-1)
+    inside = np.flatnonzero(np.asarray(own).reshape(-1) != 0)
+    out = np.zeros(flat.shape, np.uint64)
+    if not len(inside):
+        return out.reshape(own.shape), np.zeros(0, np.int64)
+    ids, first, inv, counts = np.unique(flat[inside], return_index=True, return_inverse=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(ids), np.uint64)
+    rank[order] = np.arange(1, len(ids) + 1, dtype=np.uint64)
+    out[inside] = rank[inv.reshape(-1)]
+    return out.reshape(own.shape), counts[order].astype(np.int64)
+
+
+def _max_per_pair(uv: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (n, 2) with u < v and weights -> each pair once, with its largest weight."""
+    if not len(uv):
+        return np.zeros((0, 2), np.uint64), np.zeros(0, np.float64)
+    pairs, inv = np.unique(uv, axis=0, return_inverse=True)
+    best = np.full(len(pairs), -np.inf)
+    np.maximum.at(best, inv.reshape(-1), w)
+    return pairs.astype(np.uint64), best
+
+
+def fragment_edges(fragments: np.ndarray, core: Sequence[slice], affinities: np.ndarray,
+                   offsets: Sequence[Sequence[int]], *, origin: Sequence[int],
+                   bias: Sequence[float] | None = None, strides: Sequence[int] | None = None) -> dict:
+    """The fragment graph's edges owned by one block: ``{"attractive": (uv, w),
+    "repulsive": (uv, w)}``, uv (n, 2) uint64 with u < v, each pair once with its
+    strongest edge (only that one can change the Mutex Watershed's decisions).
+
+    ``fragments``: global fragment ids over a region around the core (0 = background),
+    reaching every voxel a core voxel's offsets pair it with inside the volume;
+    ``core``: the core within that region; ``affinities`` (C, *core shape): channel c at
+    voxel i pairs i with i + offsets[c] (the affinity convention); ``origin``: the
+    region's first voxel in the volume, which places the strides' grid. Edge kinds as
+    segmentation.segment_affinities: without ``bias`` (the SPOCO split) direct offsets
+    attract with w and long-range ones repel with 1 - w, as the grid watershed takes
+    them; with a bias, value = w + bias attracts when positive and repels when negative.
+    ``strides``: long-range edges only from voxels on the volume's stride grid."""
+    kinds = {"attractive": ([], []), "repulsive": ([], [])}
+    core_shape = tuple(c.stop - c.start for c in core)
+    for c, o in enumerate(offsets):
+        # the pairs (i, i + o) with i in the core and i + o inside the region
+        lo = [max(s.start, -v) - s.start for s, v in zip(core, o)]
+        hi = [min(s.stop, n - v) - s.start for s, v, n in zip(core, o, fragments.shape)]
+        if any(h <= l for l, h in zip(lo, hi)):
+            continue
+        at = tuple(slice(l, h) for l, h in zip(lo, hi))  # in the core
+        u = fragments[tuple(slice(s.start + l, s.start + h) for s, l, h in zip(core, lo, hi))]
+        v = fragments[tuple(slice(s.start + l + d, s.start + h + d) for s, l, h, d in zip(core, lo, hi, o))]
+        w = np.asarray(affinities[(c, *at)], np.float64)
+        keep = (u != 0) & (v != 0) & (u != v)
+        if strides is not None and not is_direct(o):
+            grid = np.ones(w.shape, bool)
+            for a, (s, l, h) in enumerate(zip(core, lo, hi)):
+                coord = np.arange(origin[a] + s.start + l, origin[a] + s.start + h)
+                shape = [1] * len(core_shape)
+                shape[a] = len(coord)
+                grid &= (coord % int(strides[a]) == 0).reshape(shape)
+            keep &= grid
+        if bias is None:
+            kind, value = ("attractive", w) if is_direct(o) else ("repulsive", 1.0 - w)
+            sel = {kind: keep}
+            values = {kind: value}
+        else:
+            value = w + float(bias[c])
+            sel = {"attractive": keep & (value > 0), "repulsive": keep & (value < 0)}
+            values = {"attractive": value, "repulsive": -value}
+        for kind, m in sel.items():
+            if m.any():
+                a, b = u[m].astype(np.uint64), v[m].astype(np.uint64)
+                kinds[kind][0].append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+                kinds[kind][1].append(values[kind][m])
+    out = {}
+    for kind, (uv, w) in kinds.items():
+        out[kind] = _max_per_pair(np.concatenate(uv) if uv else np.zeros((0, 2), np.uint64),
+                                  np.concatenate(w) if w else np.zeros(0))
+    return out
+
+
+def graph_merge_table(objects_per_block: Sequence[int], block_shape: Sequence[int], attractive, repulsive,
+                      sizes: np.ndarray, min_size: int = 0) -> MergeTable:
+    """Final ids of every block's fragments (MergeTable) from one Mutex Watershed over the
+    graph of all fragments. ``attractive``/``repulsive``: (uv (n, 2) global fragment ids,
+    weights), as fragment_edges gives them (pairs may repeat across blocks);
+    ``sizes``: voxels per fragment in table order. Objects below ``min_size`` voxels
+    become background (id 0), as the whole volume's clean-up makes them; the others are
+    numbered 1..N by their first fragment in (block, local id) order."""
+    from bioimage_cpp.graph import UndirectedGraph
+    from bioimage_cpp.graph.mutex_watershed import mutex_watershed_clustering
+
+    counts = np.asarray(objects_per_block, dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(counts)])
+    n = int(start[-1])
+    if n == 0:
+        return MergeTable(np.zeros(0, np.uint64), start)
+    size = int(np.prod(block_shape))
+
+    def compact(uv):
+        uv = np.asarray(uv, np.uint64).reshape(-1, 2)
+        blk = ((uv - 1) // np.uint64(size)).astype(np.int64)
+        return (start[blk] + ((uv - 1) % np.uint64(size)).astype(np.int64)).astype(np.uint64)
+
+    a_uv, a_w = _max_per_pair(compact(attractive[0]), np.asarray(attractive[1], np.float64))
+    r_uv, r_w = _max_per_pair(compact(repulsive[0]), np.asarray(repulsive[1], np.float64))
+    graph = UndirectedGraph(n)
+    ids = graph.insert_edges(a_uv) if len(a_uv) else np.zeros(0, np.int64)
+    costs = np.zeros(graph.number_of_edges, np.float64)
+    costs[np.asarray(ids, np.int64)] = a_w
+    cluster = np.asarray(mutex_watershed_clustering(graph, costs, r_uv, r_w), np.int64)
+    # clusters -> objects: drop the small ones, number the rest by their first fragment
+    _, cluster = np.unique(cluster, return_inverse=True)
+    cluster = cluster.reshape(-1)
+    voxels = np.bincount(cluster, weights=np.asarray(sizes, np.float64), minlength=cluster.max() + 1)
+    first = np.full(len(voxels), n, np.int64)
+    np.minimum.at(first, cluster, np.arange(n))
+    kept = voxels >= max(min_size, 1)
+    order = np.argsort(first, kind="stable")
+    final = np.zeros(len(voxels), np.uint64)
+    ranked = order[kept[order]]
+    final[ranked] = np.arange(1, len(ranked) + 1, dtype=np.uint64)
+    return MergeTable(final[cluster], start, clusters=len(voxels))

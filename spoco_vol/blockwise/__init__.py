@@ -152,7 +152,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       client=None, cluster: str | dict | None = None, command: str = "",
                       progress: bool = False, dry_run: bool = False, tta: bool | None = None,
                       intensity_range: Sequence[float] | None = None, clustering: str = "mws",
-                      save_affinities: str | None = None) -> dict:
+                      save_affinities: str | None = None, seams: str = "auto") -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -183,6 +183,12 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     ``affinities`` array, and the pixels that take part in it as ``foreground``;
     ``segment_affinities_blockwise(output + "/affinities", mask=output + "/foreground")``
     redoes the watershed from them.
+    ``seams``: how objects are joined across blocks: "faces" (each face by its two blocks;
+    exact where objects are kept apart by background), "graph" (one Mutex Watershed over
+    all blocks' fragments: the whole volume's result also for touching cells; keeps the
+    core affinities, 4 bytes per voxel and offset, in the work directory until the run
+    ends), or "auto" [default]: graph for a model with the volume's own axes at its voxel
+    size, faces otherwise (a 2D model's sections).
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     Failures (module docstring): SpocoInputError before anything is written,
@@ -192,7 +198,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       voxel_size=voxel_size, device=device, overwrite=overwrite, stitch=stitch, roi=roi,
                       save_embeddings=save_embeddings, link_sections=link_sections, link_overlap=link_overlap,
                       tta=tta, intensity_range=intensity_range, clustering=clustering,
-                      save_affinities=save_affinities, command=command)
+                      save_affinities=save_affinities, seams=seams, command=command)
     return _run_with(plan, dry_run=dry_run, client=client, cluster=cluster, workers=workers,
                      threads_per_worker=threads_per_worker, overwrite=overwrite, progress=progress)
 
@@ -205,7 +211,7 @@ def segment_affinities_blockwise(affinities: str, output: str | None = None, *,
                                  stitch: bool = True, roi: str | Sequence[slice] | None = None,
                                  workers: int | None = None, threads_per_worker: int | None = None, client=None,
                                  cluster: str | dict | None = None, overwrite: bool = False, command: str = "",
-                                 progress: bool = False, dry_run: bool = False) -> dict:
+                                 progress: bool = False, dry_run: bool = False, seams: str = "auto") -> dict:
     """Segment given affinities (C, *spatial; from spoco-vol's --save-affinities or any
     other network) through the same blockwise Mutex Watershed, stitching, relabelling,
     resume and clusters as ``segment_blockwise``; labels on the affinities' grid.
@@ -216,10 +222,12 @@ def segment_affinities_blockwise(affinities: str, output: str | None = None, *,
     merges, < 0 repels) [default: 0 direct, -1 long-range, the SPOCO split].
     ``strides``: thin out repulsive edges on a regular grid; ``min_size``: smaller objects
     become background [defaults: the array's attributes, else none and 0]. ``mask``:
-    voxels outside it are background. Other arguments as ``segment_blockwise``."""
+    voxels outside it are background. ``seams``: as for ``segment_blockwise``; "auto" is
+    graph for offsets along every axis, faces for per-section ones. Other arguments as
+    ``segment_blockwise``."""
     plan = build_affinity_plan(affinities, output, offsets=offsets, bias=bias, strides=strides, min_size=min_size,
                                mask=mask, voxel_size=voxel_size, block_shape=block_shape, halo=halo, stitch=stitch,
-                               roi=roi, command=command)
+                               roi=roi, seams=seams, command=command)
     return _run_with(plan, dry_run=dry_run, client=client, cluster=cluster, workers=workers,
                      threads_per_worker=threads_per_worker, overwrite=overwrite, progress=progress)
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from .. import checkpoint, io, stitching
 from ..errors import SpocoInputError
-from ..stitching import merge_table, relabel_block
+from ..blocks import intersect
+from ..stitching import block_id_offset, merge_table, relabel_block
 from . import tasks
 from .executor import Executor, TaskFailed
 from .plan import SegmentPlan
@@ -104,6 +105,8 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
     block = plan.grid.block_at(linear)
     work = WorkDir(plan.work)
     model = None if plan.affinities else _load_model(plan.model_path, plan.clustering == "consistency")[0]
+    if plan.seams == "graph":
+        return _finish_graph_block(pred, block, plan, model, work)
     frag = tasks.block_fragments(pred, block, plan, model)
     timings = frag.timings
     t = time.perf_counter()
@@ -119,6 +122,24 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
     result = {"block": linear, "objects": frag.n_objects, "timings": timings, "peak_rss_mib": peak_rss_mib()}
     work.write_block_record(linear, frag.n_objects, frag.faces, result)  # the block's done marker
     _crash_point(f"segment:{linear}")
+    return result
+
+
+def _finish_graph_block(pred: tasks.Prediction, block, plan: SegmentPlan, model, work: WorkDir) -> dict:
+    """Pass 1 with graph seams: the block's view (its segments over the read region) in
+    its side file, and in a model run its core's affinities; fragments come in pass 2."""
+    timings = pred.timings
+    empty = pred.networks is None and pred.affinities is None
+    view = None if empty else tasks.block_view(pred, block, plan, model)
+    t = time.perf_counter()
+    if pred.networks is not None:
+        work.array("graph_affinities", "r+")[(slice(None), *block.core)] = tasks.core_graph_affinities(
+            pred.networks, block, model)
+    timings["write"] += time.perf_counter() - t
+    n = 0 if view is None else int(len(np.unique(view[block.core_in_read]))) - 1
+    result = {"block": block.linear, "objects": n, "timings": timings, "peak_rss_mib": peak_rss_mib()}
+    work.write_block_record(block.linear, n, {} if view is None else {"view": view}, result)
+    _crash_point(f"segment:{block.linear}")
     return result
 
 
@@ -185,6 +206,84 @@ def count_stitch_jobs(plan: SegmentPlan) -> int:
     return int(np.prod([len(r) for r in ranges])) - without
 
 
+# ----------------------------------------------------------------------------- pass 2, graph seams
+
+def graph_fragments(linear: int, plan: SegmentPlan) -> dict:
+    """Pass 2a with graph seams: the block's fragments (stitching.intersect_views of its
+    own view and every neighbour view that reaches into its core), written with the
+    block's global ids; their count and voxel counts."""
+    t = time.perf_counter()
+    work, grid = WorkDir(plan.work), plan.grid
+    block = grid.block_at(linear)
+    own = work.read_view(linear)
+    sizes = np.zeros(0, np.int64)
+    local = np.zeros(block.core_shape, np.uint64)
+    if own is not None:
+        views = []
+        for other in grid.reading(block.core, plan.roi):
+            if other.linear == linear:
+                continue
+            view = work.read_view(other.linear)
+            inside = intersect(other.read, block.core)
+            if view is not None and inside is not None:
+                views.append((tasks.relative(inside, block.core), view[tasks.relative(inside, other.read)]))
+        local, sizes = stitching.intersect_views(own[block.core_in_read], views)
+    out = local
+    if len(sizes):
+        out = np.where(local != 0, local + np.uint64(block_id_offset(linear, plan.block_shape)), np.uint64(0))
+    work.array("fragments", "r+")[block.core] = out
+    return {"objects": len(sizes), "sizes": sizes, "seconds": time.perf_counter() - t}
+
+
+def graph_edges(linear: int, plan: SegmentPlan) -> dict:
+    """Pass 2b with graph seams: the fragment graph's edges that the block's core voxels
+    own (stitching.fragment_edges), from the affinities kept in pass 1 (a model run) or
+    the given ones."""
+    t = time.perf_counter()
+    work, block = WorkDir(plan.work), plan.grid.block_at(linear)
+    offsets, strides = plan.offsets, plan.strides
+    if plan.affinities:
+        aff = np.asarray(io.open_volume(plan.affinities)[(slice(None), *block.core)])
+        aff = aff.astype(np.float32) / np.float32(255) if aff.dtype == np.uint8 else aff.astype(np.float32)
+    else:
+        inf = _load_model(plan.model_path)[0].inference
+        offsets, strides = inf.offsets, inf.strides
+        aff = np.asarray(work.array("graph_affinities")[(slice(None), *block.core)])
+    reach = [max(abs(o[a]) for o in offsets) for a in range(len(plan.shape))]
+    region = tuple(slice(max(c.start - r, 0), min(c.stop + r, n)) for c, r, n in zip(block.core, reach, plan.shape))
+    frag = np.asarray(work.array("fragments")[region])
+    edges = stitching.fragment_edges(frag, tasks.relative(block.core, region), aff, offsets,
+                                     origin=[r.start for r in region], bias=plan.bias, strides=strides)
+    _crash_point("edges")
+    return {**edges, "seconds": time.perf_counter() - t}
+
+
+def _graph_table(plan: SegmentPlan, run, objects_per_block: np.ndarray, tally: Tally) -> tuple:
+    """Passes 2a and 2b with graph seams, then one Mutex Watershed over all fragments on
+    the client: (MergeTable, fragments, graph edges)."""
+    grid = plan.grid
+    n_blocks = grid.count(plan.roi)
+    sizes = [np.zeros(0, np.int64)] * len(grid)
+    seconds = 0.0
+    for b, r in run("fragments", graph_fragments, grid.linear_indices(plan.roi), plan, total=n_blocks):
+        objects_per_block[b], sizes[b] = r["objects"], r["sizes"]
+        seconds += r["seconds"]
+    kinds = {"attractive": ([], []), "repulsive": ([], [])}
+    for _, r in run("edges", graph_edges, grid.linear_indices(plan.roi), plan, total=n_blocks):
+        for kind, (uv, w) in kinds.items():
+            uv.append(r[kind][0])
+            w.append(r[kind][1])
+        seconds += r["seconds"]
+    t = time.perf_counter()
+    model_min = None if plan.affinities else _load_model(plan.model_path)[0].inference.min_size
+    edges = {k: (np.concatenate(uv), np.concatenate(w)) for k, (uv, w) in kinds.items()}
+    table = stitching.graph_merge_table(objects_per_block, plan.block_shape, edges["attractive"],
+                                        edges["repulsive"], np.concatenate(sizes),
+                                        plan.min_size if model_min is None else model_min)
+    tally.add(stitch=seconds + time.perf_counter() - t)
+    return table, int(objects_per_block.sum()), sum(len(uv) for uv, _ in edges.values())
+
+
 # ----------------------------------------------------------------------------- pass 3, 4
 
 def relabel_one_block(job: tuple, plan: SegmentPlan) -> dict:
@@ -234,10 +333,11 @@ def _describe(pass_name: str, item, plan: SegmentPlan) -> tuple[str, str]:
     if pass_name.startswith("pyramid"):
         level, start, _ = item
         return f"pyramid level {level}, chunk at {tuple(start)}", f"pyramid-{level}-{'-'.join(map(str, start))}"
-    linear = item if pass_name == "segment" else item[0]
+    linear = item if pass_name in ("segment", "fragments", "edges") else item[0]
     block = plan.grid.block_at(linear)
     region = block.read if pass_name == "segment" else block.core
-    what = {"segment": "block", "stitch": "stitching the faces of block", "relabel": "relabelling block"}[pass_name]
+    what = {"segment": "block", "stitch": "stitching the faces of block", "relabel": "relabelling block",
+            "fragments": "the fragments of block", "edges": "the graph edges of block"}[pass_name]
     return f"{what} {block.index} (voxels {tasks.region_text(region)})", f"{pass_name}-{linear}"
 
 
@@ -283,15 +383,22 @@ def run_passes(plan: SegmentPlan, executor: Executor, threads: int, log=lambda l
     wall_segment = time.perf_counter() - t
 
     t = time.perf_counter()
-    edges, stitch_seconds = [], 0.0
-    for _, r in run("stitch", stitch_block, stitch_jobs(plan), plan, total=count_stitch_jobs(plan)):
-        if len(r["edges"]):
-            edges.append(r["edges"])
-        stitch_seconds += r["seconds"]
-    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64)
-    t_merge = time.perf_counter()
-    table = merge_table(objects_per_block, plan.block_shape, edges)
-    tally.add(stitch=stitch_seconds + time.perf_counter() - t_merge)
+    graph = {}
+    if plan.seams == "graph":
+        table, fragments, graph_edges_n = _graph_table(plan, run, objects_per_block, tally)
+        merges = fragments - table.clusters
+        graph = {"seams": "graph", "fragments": fragments, "graph_edges": graph_edges_n}
+    else:
+        edges, stitch_seconds = [], 0.0
+        for _, r in run("stitch", stitch_block, stitch_jobs(plan), plan, total=count_stitch_jobs(plan)):
+            if len(r["edges"]):
+                edges.append(r["edges"])
+            stitch_seconds += r["seconds"]
+        edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64)
+        t_merge = time.perf_counter()
+        table = merge_table(objects_per_block, plan.block_shape, edges)
+        tally.add(stitch=stitch_seconds + time.perf_counter() - t_merge)
+        merges = int(len(edges))
     wall_stitch = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -312,7 +419,7 @@ def run_passes(plan: SegmentPlan, executor: Executor, threads: int, log=lambda l
         _crash_point(f"pyramid:{level}")
     wall_pyramid = time.perf_counter() - t
     return {"objects": table.objects, "blocks": n_blocks, "blocks_done_before": len(done),
-            "merges": int(len(edges)), "prediction_on_gpu_workers": bool(pools["GPU"]),
+            "merges": merges, **graph, "prediction_on_gpu_workers": bool(pools["GPU"]),
             "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
                              "relabel": round(wall_relabel, 3), "pyramid": round(wall_pyramid, 3)},
             "seconds": {k: round(v, 3) for k, v in tally.seconds.items()},

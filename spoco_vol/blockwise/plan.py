@@ -124,6 +124,7 @@ class SegmentPlan:
     strides: tuple[int, ...] | None = None  # repulsive-edge strides of an affinity run
     min_size: int = 0                      # an affinity run's smallest object, voxels
     save_affinities: str | None = None     # keep the watershed's affinities: "float16" or "uint8"
+    seams: str = "faces"                   # "faces" (stitch_faces) or "graph" (stitching.graph_merge_table)
 
     @property
     def work(self) -> str:
@@ -156,7 +157,8 @@ class SegmentPlan:
             **({"affinities": self.affinities, "bias": list(self.bias) if self.bias else None,
                 "strides": list(self.strides) if self.strides else None, "min_size": self.min_size}
                if self.affinities else {}),
-            **({"save_affinities": self.save_affinities} if self.save_affinities else {})}
+            **({"save_affinities": self.save_affinities} if self.save_affinities else {}),
+            **({"seams": self.seams} if self.seams != "faces" else {})}
 
     @functools.cached_property
     def run_hash(self) -> str:
@@ -174,7 +176,8 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
                overwrite: bool = False, stitch: bool = True, roi: str | Sequence[slice] | None = None,
                save_embeddings: bool = False, link_sections: bool = False, link_overlap: float = LINK_OVERLAP,
                tta: bool | None = None, intensity_range: Sequence[float] | None = None,
-               clustering: str = "mws", save_affinities: str | None = None, command: str = "") -> SegmentPlan:
+               clustering: str = "mws", save_affinities: str | None = None, seams: str = "auto",
+               command: str = "") -> SegmentPlan:
     """Check every input and setting of a run (one SpocoInputError otherwise) and decide
     what it does; reads metadata only (and, for inputs that need it, the intensity range
     in a chunked pass), writes nothing. Arguments as spoco_vol.blockwise.segment_blockwise."""
@@ -265,6 +268,10 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
             raise SpocoInputError(f"{flag}: the block shape {tuple(block_shape)} must be a multiple "
                                   f"of the model's downsampling {tuple(factors)}")
     stitch_axes = spatial_axes if stitch else []
+    seams = resolve_seams(seams, stitch, dims == ndim and all(s == 1 for s in scale) and clustering == "mws"
+                          and not link_sections,
+                          "a model of the input's dimensions at the input's voxel size (no resampling), "
+                          "--clustering mws and no --link-sections")
     # Planes of the neighbour's core whose segmentation is compared: the ones next to the
     # face, where both blocks see enough context (the far halo is least reliable).
     depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes] + [STITCH_DEPTH]))
@@ -289,7 +296,29 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         out_dtype="uint32" if n_vox < 2 ** 32 else "uint64", zarr_format=io.zarr_format(arr),
         pyramid=tuple(tuple(int(x) for x in f) for f in levels), device=device, clustering=clustering,
         momentum_sha256=_momentum_sha256(ckpt) if clustering == "consistency" else None, command=command,
-        save_affinities=save_affinities)
+        save_affinities=save_affinities, seams=seams)
+
+
+SEAMS = ("auto", "faces", "graph")
+
+
+def resolve_seams(seams: str, stitch: bool, graph_fits: bool, needs: str) -> str:
+    """--seams: "faces" (each face decided by its two blocks; exact where objects are kept
+    apart by background), "graph" (one Mutex Watershed over every block's fragments, the
+    whole volume's result; module docstring of spoco_vol.stitching), or "auto": graph
+    where it fits (a model or affinities with the volume's own axes: 3D cells touch
+    across faces), faces otherwise (a 2D model's sections on a 3D volume)."""
+    if seams not in SEAMS:
+        raise SpocoInputError(f"--seams takes {', '.join(SEAMS)}, got {seams!r}")
+    if not stitch:
+        if seams == "graph":
+            raise SpocoInputError("--seams graph joins objects across blocks: it cannot go with --no-stitch")
+        return "faces"
+    if seams == "graph" and not graph_fits:
+        raise SpocoInputError(f"--seams graph needs {needs}; use --seams faces")
+    if seams == "auto":
+        return "graph" if graph_fits else "faces"
+    return seams
 
 
 def _momentum_sha256(ckpt: checkpoint.Checkpoint) -> str:
@@ -317,7 +346,8 @@ def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: 
                         min_size: int | None = None, mask: str | None = None,
                         voxel_size: Sequence[float] | None = None, block_shape: Sequence[int] | None = None,
                         halo: Sequence[int] | None = None, stitch: bool = True,
-                        roi: str | Sequence[slice] | None = None, command: str = "") -> SegmentPlan:
+                        roi: str | Sequence[slice] | None = None, seams: str = "auto",
+                        command: str = "") -> SegmentPlan:
     """As build_plan, for a run on given affinities (C, *spatial): channel c holds the
     affinity in [0, 1] (1 = same object) of voxel i and voxel i + offsets[c], float or
     uint8 (read as value / 255). ``offsets``, ``strides``, ``min_size`` default to what
@@ -382,6 +412,7 @@ def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: 
                                   f"{halo[a]} it needs")
     # Faces are stitched where a direct-neighbour offset tells the affinity across them.
     stitch_axes = [a for a in range(ndim) if any(is_direct(o) and o[a] for o in offsets)] if stitch else []
+    seams = resolve_seams(seams, stitch, moved[0] == 0, "offsets along every axis of the affinities")
     if isinstance(roi, str):
         roi = parse_roi(roi, shape)
     roi = tuple(roi) if roi is not None else None
@@ -402,4 +433,4 @@ def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: 
         out_dtype="uint32" if n_vox < 2 ** 32 else "uint64", zarr_format=io.zarr_format(arr),
         pyramid=tuple(tuple(int(x) for x in f) for f in label_pyramid(shape, vs, None)), device="cpu",
         command=command, affinities=os.path.abspath(affinities), bias=tuple(bias) if bias else None,
-        strides=tuple(strides) if strides else None, min_size=min_size)
+        strides=tuple(strides) if strides else None, min_size=min_size, seams=seams)

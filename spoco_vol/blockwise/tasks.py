@@ -16,7 +16,7 @@ from ..affinities import embedding_affinities, is_direct
 from ..blocks import Block, BlockGrid, intersect
 from ..checkpoint import Checkpoint
 from ..pipeline import ArrayPrediction, labels_from_embeddings, model_grid_index, predict_array
-from ..segmentation import segment_affinities, watershed_mask
+from ..segmentation import segment_affinities, segment_embeddings, watershed_mask
 from ..stitching import block_id_offset
 from .plan import SegmentPlan, full_offsets
 
@@ -173,6 +173,43 @@ def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Ch
                                      face_affinity(emb, read_shape, block, a, plan.delta_d, scale))
     timings["stitch"] = timings.get("stitch", 0.0) + time.perf_counter() - t
     return Fragments(lut[core_local], faces, n, timings)
+
+
+def block_view(pred: Prediction, block: Block, plan: SegmentPlan, model: Checkpoint | None) -> np.ndarray:
+    """Graph seams, pass 1: the block's segments over its whole read region (uint32, 0 =
+    background), the view that stitching.intersect_views cuts fragments from. No size
+    floor: it applies to whole objects, after the graph's watershed."""
+    timings = pred.timings
+    if pred.affinities is not None:
+        labels = segment_affinities(pred.affinities, plan.offsets, bias=plan.bias, strides=plan.strides,
+                                    mask=pred.mask, min_size=0, timings=timings)
+    else:
+        inf = model.inference
+        labels = segment_embeddings(pred.networks.embeddings, inf.offsets, model.delta_d, strides=inf.strides,
+                                    background_embedding=inf.background_embedding,
+                                    background_radius=inf.background_radius, min_size=0,
+                                    foreground=pred.networks.foreground,
+                                    foreground_threshold=inf.foreground_threshold, timings=timings)
+    return zero_outside(labels, block.read, plan.roi).astype(np.uint32)
+
+
+def core_graph_affinities(pred: ArrayPrediction, block: Block, model: Checkpoint) -> np.ndarray:
+    """Graph seams, pass 1 of a model run: the affinities (C, *core shape) float32 of
+    every edge a core voxel owns (channel c at voxel i pairs i with i + offsets[c]), from
+    the block's embeddings, exact over the core and the longest offset around it. Computed
+    as the whole volume's watershed computes them (the same mask), so that the values,
+    and with them the order of the edges, are the same."""
+    emb, inf = pred.embeddings, model.inference
+    reach = [max(abs(o[a]) for o in inf.offsets) for a in range(emb.ndim - 1)]
+    core = block.core_in_read
+    region = tuple(slice(max(c.start - r, 0), min(c.stop + r, n)) for c, r, n in zip(core, reach, emb.shape[1:]))
+    fg = pred.foreground[region] if pred.foreground is not None else None
+    e = emb[(slice(None), *region)]
+    mask = watershed_mask(e, model.delta_d, background_embedding=inf.background_embedding,
+                          background_radius=inf.background_radius, foreground=fg,
+                          foreground_threshold=inf.foreground_threshold)
+    aff = embedding_affinities(e, inf.offsets, model.delta_d, mask)
+    return aff[(slice(None), *relative(core, region))]
 
 
 def core_embeddings(emb: np.ndarray, block: Block, factors: Sequence[int]) -> tuple[tuple[slice, ...], np.ndarray]:

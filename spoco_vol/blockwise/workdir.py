@@ -6,7 +6,9 @@ Layout (a zarr group; zarr v2 or v3 as the output):
   with the same hash resumes; another hash is refused unless --overwrite.
 - ``fragments``: pass 1's block-local objects with global ids (uint64, one chunk per block).
 - ``blocks/<linear>.npz``: a finished block's face evidence and object count, written
-  last and atomically: the block's done marker.
+  last and atomically: the block's done marker. With graph seams: its view instead (its
+  segments over its whole read region), and ``graph_affinities`` (C, *shape) float32:
+  the affinities each core voxel owns, which the fragment graph's edges are made of.
 - ``0``, ``1``, ...: the labels and their pyramid; ``relabelled/<linear>``: pass 3's
   done markers, written after the block's chunk.
 - ``embeddings``: with --save-embeddings.
@@ -31,7 +33,7 @@ from ..errors import SpocoInputError
 from ..pipeline import register_label
 from .plan import SegmentPlan, full_offsets
 
-SCRATCH = ("blocks", "fragments", "relabelled", "errors")  # removed when the run is complete
+SCRATCH = ("blocks", "fragments", "relabelled", "errors", "graph_affinities")  # removed when the run is complete
 
 
 class WorkDir:
@@ -80,6 +82,9 @@ class WorkDir:
                 "input_voxels_per_element": list(factors), "delta_v": plan.delta_v, "delta_d": plan.delta_d}
         if plan.save_affinities:
             self._create_affinities(group, plan)
+        if plan.seams == "graph" and not plan.affinities:
+            group.create_array("graph_affinities", shape=(len(plan.offsets), *shape), dtype="float32",
+                               chunks=(len(plan.offsets), *block_shape), fill_value=0)
         # Last: a work directory with this record is one of ours, complete enough to resume.
         group.attrs["spoco_vol_run"] = {"hash": plan.run_hash, "fingerprint": plan.fingerprint()}
 
@@ -120,12 +125,22 @@ class WorkDir:
         """The block's face evidence and count, atomically, after its fragments: its done marker."""
         path = self.side_file(linear)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, n_objects=np.int64(n_objects), result=np.array(json.dumps(result)), **faces)
+        save = np.savez_compressed if "view" in faces else np.savez  # labels of a whole read region
+        save(tmp, n_objects=np.int64(n_objects), result=np.array(json.dumps(result)), **faces)
         os.replace(tmp, path)
 
     def read_faces(self, linear: int) -> dict:
         with np.load(self.side_file(linear)) as f:
             return {k: f[k] for k in f.files}
+
+    def read_view(self, linear: int) -> np.ndarray | None:
+        """A finished block's view (graph seams); None for a block with nothing in it, or
+        one outside the run's ROI."""
+        try:
+            with np.load(self.side_file(linear)) as f:
+                return f["view"] if "view" in f.files else None
+        except FileNotFoundError:
+            return None
 
     def finished_blocks(self) -> set[int]:
         """Blocks whose done marker exists (one directory listing)."""
