@@ -421,7 +421,8 @@ def _cluster(cluster, cluster_set):
 @click.option("--block-shape", type=INTS, default=None,
               help="Block (write ROI) shape in voxels [default: 8,768,768 for offsets within sections, "
                    "64,256,256 for 3D offsets].")
-@click.option("--halo", type=INTS, default=None, help="Context per side in voxels [default: the longest offset].")
+@click.option("--halo", type=INTS, default=None,
+              help="Context per side in voxels [default: the longest offset; twice that with graph seams].")
 @click.option("--roi", default=None, help="Segment only this region, z0:z1,y0:y1,x0:x1 (as for segment).")
 @click.option("--stitch/--no-stitch", default=True, show_default=True, help="Merge objects across block faces.")
 @click.option("--seams", type=click.Choice(["auto", "faces", "graph"]), default="auto", show_default=True,

@@ -15,6 +15,7 @@ from spoco_vol.blockwise import segment_affinities_blockwise, segment_blockwise
 from spoco_vol.errors import SpocoInputError, SpocoRunError
 from spoco_vol.evaluation import adapted_rand_error
 from spoco_vol.pipeline import BUNDLED_MODEL
+from spoco_vol.segmentation import segment_affinities
 from test_segmentation import noisy_affinities
 
 OFFSETS_3D = default_offsets(3, distances=(3, 9))
@@ -90,6 +91,34 @@ def test_blockwise_equals_single_block_and_the_objects(tmp_path):
     assert adapted_rand_error(_labels(out), single)["arand"] <= 0.01
 
 
+def test_graph_seams_give_the_whole_volume_where_faces_do_not(tmp_path):
+    """Noisier touching cells, where the Mutex Watershed is far from local: with graph
+    seams (the default for 3D offsets) 8 blocks give the whole volume's watershed
+    exactly; stitching faces does not (a block merges cells that the whole volume keeps
+    apart). A crash in the graph's edge pass loses no block: the same call finishes."""
+    gt = touching_cells()
+    aff = noisy_affinities(gt, OFFSETS_3D, noise=1.35)
+    path = str(tmp_path / "noisy.zarr")
+    io.create_array(path, aff, chunks=(len(OFFSETS_3D), 16, 48, 48), attrs={"offsets": OFFSETS_3D})
+    whole = segment_affinities(aff, OFFSETS_3D)
+    out = str(tmp_path / "graph.zarr")
+    report = segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], workers=0)
+    assert report["blocks"] == 8 and report["seams"] == "graph" and report["halo"] == [16, 18, 18]  # twice the longest offset, within a block
+    labels = _labels(out)
+    pairs = np.unique(np.stack([labels.reshape(-1), whole.reshape(-1)]), axis=1)
+    assert len(pairs[0]) == len(np.unique(whole)) == len(np.unique(labels)) > 100  # the same partition
+    faces = str(tmp_path / "faces.zarr")
+    segment_affinities_blockwise(path, faces, block_shape=[16, 48, 48], halo=[16, 18, 18], seams="faces", workers=0)
+    assert adapted_rand_error(_labels(faces), whole)["arand"] > 0.01
+    crashed = str(tmp_path / "crashed.zarr")
+    args = ["segment-affinities", "--affinities", path, "--block-shape", "16,48,48", "--workers", "0", "--quiet",
+            "--output", crashed]
+    assert _cli(*args, crash_at="edges").returncode == -9
+    assert len(os.listdir(crashed + ".partial/blocks")) == 8
+    assert _cli(*args).returncode == 0
+    np.testing.assert_array_equal(_labels(crashed), labels)
+
+
 def test_same_labels_on_a_local_cluster(tmp_path):
     """On a LocalCluster of 2 worker processes, the in-process run's labels, bit for bit."""
     path, _ = _affinity_volume(tmp_path)
@@ -142,6 +171,10 @@ def test_input_errors_are_one_line_and_write_nothing(tmp_path):
         (dict(offsets=OFFSETS_3D, halo=[2, 2, 2]), "halo 2 along axis 0 is shorter"),
         (dict(offsets=OFFSETS_3D, strides=[0, 2, 2]), "--strides"),
         (dict(offsets=OFFSETS_3D, mask=path), "mask"),
+        (dict(offsets=OFFSETS_3D, seams="graph", stitch=False), "--seams graph .* --no-stitch"),
+        (dict(offsets=[[0, -1, 0], [0, 0, -1]] + [[0, -d, 0] for d in (2, 3, 4, 5)] + [[0, 0, -d] for d in (3, 6, 9)],
+              seams="graph"), "--seams graph needs"),  # per-section offsets
+        (dict(offsets=OFFSETS_3D, seams="both"), "--seams takes"),
     ]
     for kwargs, match in cases:
         with pytest.raises(SpocoInputError, match=match):
