@@ -39,6 +39,7 @@ import fastremap
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from skimage import measure
 
 from .affinities import is_direct
 
@@ -210,8 +211,9 @@ def intersect_views(own: np.ndarray, views: Sequence[tuple[tuple[slice, ...], np
     count of each, (n,) int64). ``own``: the block's own segments over its core (0 =
     background: its embeddings are exact there, so it alone decides the background);
     ``views``: (region of the core, another block's segments there). Two core voxels
-    share a fragment when every view that covers both puts them in one segment.
-    Fragments are numbered in order of their first voxel (C order): deterministic."""
+    share a fragment when every view puts them in one segment (or leaves both out) and
+    they are connected through such voxels (direct neighbours). Fragments are numbered
+    in order of their first voxel (C order): deterministic."""
     key = np.asarray(own, np.int64)
     for region, labels in views:
         full = np.zeros(own.shape, np.int64)  # 0: the view does not reach here
@@ -219,8 +221,13 @@ def intersect_views(own: np.ndarray, views: Sequence[tuple[tuple[slice, ...], np
         # pair (key, view label) -> one compact integer; renumbering keeps values small
         key, _ = fastremap.renumber(key * (int(full.max()) + 1) + full, preserve_zero=False)
         key = key.astype(np.int64, copy=False)
+    # The watershed's segments are connected (it merges along direct neighbours only), so
+    # a fragment's pieces that do not touch are cut too: a few voxels of one cell can be
+    # left in another's fragment where all views err alike, and one such voxel would
+    # join the two cells in the graph.
+    key = measure.label(np.where(np.asarray(own) != 0, key + 1, 0), background=0, connectivity=1)
     flat = key.reshape(-1)
-    inside = np.flatnonzero(np.asarray(own).reshape(-1) != 0)
+    inside = np.flatnonzero(flat != 0)
     out = np.zeros(flat.shape, np.uint64)
     if not len(inside):
         return out.reshape(own.shape), np.zeros(0, np.int64)

@@ -96,6 +96,9 @@ def test_intersect_views_cuts_what_any_view_cuts():
     # a view's edge cuts: which views cover a voxel is part of what its fragment is
     half, _ = intersect_views(own, [((slice(0, 1), slice(None)), np.zeros((1, 4), int))])
     assert half.tolist() == [[1, 1, 1, 1], [2, 2, 0, 3]]
+    # pieces of one label pair that do not touch are fragments of their own
+    apart, _ = intersect_views(np.ones((1, 5), int), [((slice(None), slice(None)), np.array([[5, 6, 6, 6, 5]]))])
+    assert apart.tolist() == [[1, 2, 2, 2, 3]]
     empty, sizes = intersect_views(np.zeros((2, 2), int), [])
     assert not empty.any() and len(sizes) == 0
 
