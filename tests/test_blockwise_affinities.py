@@ -191,14 +191,14 @@ def test_bad_values_in_a_block_stop_the_run_and_keep_the_rest(tmp_path):
     partial run keeps the finished blocks."""
     path, _ = _affinity_volume(tmp_path)
     arr = zarr.open_array(path, mode="r+")
-    arr[0, 30, 60, 60] = 3.0  # read by the last block of the 2 x 2 x 2 grid only
+    arr[0, 30, 60, 60] = 3.0  # read by the last block of the 2 x 2 x 2 grid only (halo 9)
     out = str(tmp_path / "o.zarr")
     with pytest.raises(SpocoRunError, match=r"block \(1, 1, 1\).*outside \[0, 1\]"):
-        segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], workers=0)
+        segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], halo=[9, 9, 9], workers=0)
     assert len(os.listdir(out + ".partial/blocks")) == 7
     arr[0, 30, 60, 60] = np.nan
     with pytest.raises(SpocoRunError, match=r"block \(1, 1, 1\).*NaN"):
-        segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], workers=0)
+        segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], halo=[9, 9, 9], workers=0)
     arr[0, 30, 60, 60] = 0.5  # repaired: the same call finishes the run, redoing one block
-    report = segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], workers=0)
+    report = segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], halo=[9, 9, 9], workers=0)
     assert report["blocks_done_before"] == 7 and not os.path.exists(out + ".partial")
