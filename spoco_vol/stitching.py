@@ -206,7 +206,8 @@ def relabel_block(fragments: np.ndarray, linear: int, block_shape: Sequence[int]
 
 # ----------------------------------------------------------------------------- graph seams
 
-def intersect_views(own: np.ndarray, views: Sequence[tuple[tuple[slice, ...], np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def intersect_views(own: np.ndarray,
+                    views: Sequence[tuple[tuple[slice, ...], np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """A block's fragments: (labels 1..n over its core, uint64, 0 = background; voxel
     count of each, (n,) int64). ``own``: the block's own segments over its core (0 =
     background: its embeddings are exact there, so it alone decides the background);

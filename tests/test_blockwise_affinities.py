@@ -103,7 +103,8 @@ def test_graph_seams_give_the_whole_volume_where_faces_do_not(tmp_path):
     whole = segment_affinities(aff, OFFSETS_3D)
     out = str(tmp_path / "graph.zarr")
     report = segment_affinities_blockwise(path, out, block_shape=[16, 48, 48], workers=0)
-    assert report["blocks"] == 8 and report["seams"] == "graph" and report["halo"] == [16, 18, 18]  # twice the longest offset, within a block
+    # the halo: twice the longest offset, within a block
+    assert report["blocks"] == 8 and report["seams"] == "graph" and report["halo"] == [16, 18, 18]
     labels = _labels(out)
     pairs = np.unique(np.stack([labels.reshape(-1), whole.reshape(-1)]), axis=1)
     assert len(pairs[0]) == len(np.unique(whole)) == len(np.unique(labels)) > 100  # the same partition

@@ -133,10 +133,11 @@ def _finish_graph_block(pred: tasks.Prediction, block, plan: SegmentPlan, model,
     view = None if empty else tasks.block_view(pred, block, plan, model)
     t = time.perf_counter()
     if pred.networks is not None:
-        work.array("graph_affinities", "r+")[(slice(None), *block.core)] = tasks.core_graph_affinities(
-            pred.networks, block, model)
+        work.array("graph_affinities", "r+")[(slice(None), *plan.model_region(block.core))] = \
+            tasks.core_graph_affinities(pred.networks, block, plan, model)
     timings["write"] += time.perf_counter() - t
-    n = 0 if view is None else int(len(np.unique(view[block.core_in_read]))) - 1
+    core = tasks.relative(plan.model_region(block.core), plan.model_region(block.read))
+    n = 0 if view is None else int(len(np.unique(view[core]))) - 1
     result = {"block": block.linear, "objects": n, "timings": timings, "peak_rss_mib": peak_rss_mib()}
     work.write_block_record(block.linear, n, {} if view is None else {"view": view}, result)
     _crash_point(f"segment:{block.linear}")
@@ -216,22 +217,23 @@ def graph_fragments(linear: int, plan: SegmentPlan) -> dict:
     work, grid = WorkDir(plan.work), plan.grid
     block = grid.block_at(linear)
     own = work.read_view(linear)
+    core = plan.model_region(block.core)  # all of it on the model grid
     sizes = np.zeros(0, np.int64)
-    local = np.zeros(block.core_shape, np.uint64)
+    local = np.zeros(tuple(c.stop - c.start for c in core), np.uint64)
     if own is not None:
         views = []
         for other in grid.reading(block.core, plan.roi):
             if other.linear == linear:
                 continue
-            view = work.read_view(other.linear)
-            inside = intersect(other.read, block.core)
+            view, read = work.read_view(other.linear), plan.model_region(other.read)
+            inside = intersect(read, core)
             if view is not None and inside is not None:
-                views.append((tasks.relative(inside, block.core), view[tasks.relative(inside, other.read)]))
-        local, sizes = stitching.intersect_views(own[block.core_in_read], views)
+                views.append((tasks.relative(inside, core), view[tasks.relative(inside, read)]))
+        local, sizes = stitching.intersect_views(own[tasks.relative(core, plan.model_region(block.read))], views)
     out = local
     if len(sizes):
         out = np.where(local != 0, local + np.uint64(block_id_offset(linear, plan.block_shape)), np.uint64(0))
-    work.array("fragments", "r+")[block.core] = out
+    work.array("fragments", "r+")[core] = out
     return {"objects": len(sizes), "sizes": sizes, "seconds": time.perf_counter() - t}
 
 
@@ -242,17 +244,18 @@ def graph_edges(linear: int, plan: SegmentPlan) -> dict:
     t = time.perf_counter()
     work, block = WorkDir(plan.work), plan.grid.block_at(linear)
     offsets, strides = plan.offsets, plan.strides
+    core = plan.model_region(block.core)
     if plan.affinities:
-        aff = np.asarray(io.open_volume(plan.affinities)[(slice(None), *block.core)])
+        aff = np.asarray(io.open_volume(plan.affinities)[(slice(None), *core)])
         aff = aff.astype(np.float32) / np.float32(255) if aff.dtype == np.uint8 else aff.astype(np.float32)
     else:
         inf = _load_model(plan.model_path)[0].inference
         offsets, strides = inf.offsets, inf.strides
-        aff = np.asarray(work.array("graph_affinities")[(slice(None), *block.core)])
+        aff = np.asarray(work.array("graph_affinities")[(slice(None), *core)])
     reach = [max(abs(o[a]) for o in offsets) for a in range(len(plan.shape))]
-    region = tuple(slice(max(c.start - r, 0), min(c.stop + r, n)) for c, r, n in zip(block.core, reach, plan.shape))
+    region = tuple(slice(max(c.start - r, 0), min(c.stop + r, n)) for c, r, n in zip(core, reach, plan.model_shape))
     frag = np.asarray(work.array("fragments")[region])
-    edges = stitching.fragment_edges(frag, tasks.relative(block.core, region), aff, offsets,
+    edges = stitching.fragment_edges(frag, tasks.relative(core, region), aff, offsets,
                                      origin=[r.start for r in region], bias=plan.bias, strides=strides)
     _crash_point("edges")
     return {**edges, "seconds": time.perf_counter() - t}
@@ -293,8 +296,16 @@ def relabel_one_block(job: tuple, plan: SegmentPlan) -> dict:
     t = time.perf_counter()
     work = WorkDir(plan.work)
     block = plan.grid.block_at(linear)
-    frag = np.asarray(work.array("fragments")[block.core])
-    out = relabel_block(frag, linear, plan.block_shape, table, dtype=np.dtype(plan.out_dtype))
+    if plan.seams == "graph":  # fragments on the model grid: each model voxel's block of input voxels
+        frag = np.asarray(work.array("fragments")[plan.model_region(block.core)])
+        out = relabel_block(frag, linear, plan.block_shape, table, dtype=np.dtype(plan.out_dtype))
+        for a, f in enumerate(plan.grid_factors):
+            if f > 1:
+                out = np.repeat(out, f, axis=a)
+        out = tasks.zero_outside(out[tuple(slice(0, n) for n in block.core_shape)], block.core, plan.roi)
+    else:
+        frag = np.asarray(work.array("fragments")[block.core])
+        out = relabel_block(frag, linear, plan.block_shape, table, dtype=np.dtype(plan.out_dtype))
     work.array("0", "r+")[block.core] = out
     work.mark_relabelled(linear)  # after the chunk is complete
     _crash_point(f"relabel:{linear}")

@@ -127,6 +127,25 @@ class SegmentPlan:
     seams: str = "faces"                   # "faces" (stitch_faces) or "graph" (stitching.graph_merge_table)
 
     @property
+    def grid_factors(self) -> tuple[int, ...]:
+        """Input voxels per model voxel along each axis (integer downsampling; 1 for a run
+        on given affinities): graph seams work on the model grid."""
+        return self.embedding_factors or (1,) * len(self.shape)
+
+    def model_region(self, region: Sequence[slice]) -> tuple[slice, ...]:
+        """An input-grid region (starting on whole model voxels) on the model grid: the
+        model voxels it covers."""
+        return tuple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, self.grid_factors))
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        return tuple(-(-n // f) for n, f in zip(self.shape, self.grid_factors))
+
+    @property
+    def model_block(self) -> tuple[int, ...]:
+        return tuple(-(-b // f) for b, f in zip(self.block_shape, self.grid_factors))
+
+    @property
     def work(self) -> str:
         """The work directory: everything of an unfinished run lives here."""
         return self.output.rstrip(os.sep) + ".partial"
@@ -268,9 +287,13 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
             raise SpocoInputError(f"{flag}: the block shape {tuple(block_shape)} must be a multiple "
                                   f"of the model's downsampling {tuple(factors)}")
     stitch_axes = spatial_axes if stitch else []
-    seams = resolve_seams(seams, stitch, dims == ndim and all(s == 1 for s in scale) and clustering == "mws"
-                          and not link_sections,
-                          "a model of the input's dimensions at the input's voxel size (no resampling), "
+    grid_factors = embedding_factors(scale)
+    # graph seams work on the model grid: every core must start on a whole model voxel
+    seams = resolve_seams(seams, stitch, dims == ndim and grid_factors is not None and clustering == "mws"
+                          and not link_sections and all(b % f == 0 or b >= n for b, f, n in
+                                                        zip(block_shape, grid_factors, shape)),
+                          "a model of the input's dimensions, an input that is the model's voxel size or an "
+                          "integer multiple of it, a block shape that is a multiple of that factor, "
                           "--clustering mws and no --link-sections")
     # Planes of the neighbour's core whose segmentation is compared: the ones next to the
     # face, where both blocks see enough context (the far halo is least reliable).

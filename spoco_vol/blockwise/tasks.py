@@ -176,9 +176,10 @@ def block_fragments(pred: Prediction, block: Block, plan: SegmentPlan, model: Ch
 
 
 def block_view(pred: Prediction, block: Block, plan: SegmentPlan, model: Checkpoint | None) -> np.ndarray:
-    """Graph seams, pass 1: the block's segments over its whole read region (uint32, 0 =
-    background), the view that stitching.intersect_views cuts fragments from. No size
-    floor: it applies to whole objects, after the graph's watershed."""
+    """Graph seams, pass 1: the block's segments over its whole read region on the model
+    grid (uint32, 0 = background), the view that stitching.intersect_views cuts
+    fragments from. No size floor: it applies to whole objects, after the graph's
+    watershed."""
     timings = pred.timings
     if pred.affinities is not None:
         labels = segment_affinities(pred.affinities, plan.offsets, bias=plan.bias, strides=plan.strides,
@@ -190,18 +191,19 @@ def block_view(pred: Prediction, block: Block, plan: SegmentPlan, model: Checkpo
                                     background_radius=inf.background_radius, min_size=0,
                                     foreground=pred.networks.foreground,
                                     foreground_threshold=inf.foreground_threshold, timings=timings)
-    return zero_outside(labels, block.read, plan.roi).astype(np.uint32)
+    roi = plan.model_region(plan.roi) if plan.roi is not None else None
+    return zero_outside(labels, plan.model_region(block.read), roi).astype(np.uint32)
 
 
-def core_graph_affinities(pred: ArrayPrediction, block: Block, model: Checkpoint) -> np.ndarray:
-    """Graph seams, pass 1 of a model run: the affinities (C, *core shape) float32 of
-    every edge a core voxel owns (channel c at voxel i pairs i with i + offsets[c]), from
+def core_graph_affinities(pred: ArrayPrediction, block: Block, plan: SegmentPlan, model: Checkpoint) -> np.ndarray:
+    """Graph seams, pass 1 of a model run: the affinities (C, *core on the model grid)
+    float32 of every edge a core voxel owns (channel c at voxel i pairs i with i + offsets[c]), from
     the block's embeddings, exact over the core and the longest offset around it. Computed
     as the whole volume's watershed computes them (the same mask), so that the values,
     and with them the order of the edges, are the same."""
     emb, inf = pred.embeddings, model.inference
     reach = [max(abs(o[a]) for o in inf.offsets) for a in range(emb.ndim - 1)]
-    core = block.core_in_read
+    core = relative(plan.model_region(block.core), plan.model_region(block.read))
     region = tuple(slice(max(c.start - r, 0), min(c.stop + r, n)) for c, r, n in zip(core, reach, emb.shape[1:]))
     fg = pred.foreground[region] if pred.foreground is not None else None
     e = emb[(slice(None), *region)]

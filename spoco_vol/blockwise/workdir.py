@@ -7,8 +7,9 @@ Layout (a zarr group; zarr v2 or v3 as the output):
 - ``fragments``: pass 1's block-local objects with global ids (uint64, one chunk per block).
 - ``blocks/<linear>.npz``: a finished block's face evidence and object count, written
   last and atomically: the block's done marker. With graph seams: its view instead (its
-  segments over its whole read region), and ``graph_affinities`` (C, *shape) float32:
-  the affinities each core voxel owns, which the fragment graph's edges are made of.
+  segments over its whole read region), and ``graph_affinities`` (C, *model grid)
+  float32: the affinities each core voxel owns, which the fragment graph's edges are made
+  of; ``fragments`` is then on the model grid.
 - ``0``, ``1``, ...: the labels and their pyramid; ``relabelled/<linear>``: pass 3's
   done markers, written after the block's chunk.
 - ``embeddings``: with --save-embeddings.
@@ -63,7 +64,11 @@ class WorkDir:
     def create(self, plan: SegmentPlan) -> None:
         group = zarr.open_group(self.path, mode="w", zarr_format=plan.zarr_format)
         shape, block_shape = plan.shape, plan.block_shape
-        group.create_array("fragments", shape=shape, dtype="uint64", chunks=block_shape, fill_value=0)
+        if plan.seams == "graph":  # on the model grid, where the graph is built
+            group.create_array("fragments", shape=plan.model_shape, dtype="uint64", chunks=plan.model_block,
+                               fill_value=0)
+        else:
+            group.create_array("fragments", shape=shape, dtype="uint64", chunks=block_shape, fill_value=0)
         group.create_array("0", shape=shape, dtype=plan.out_dtype, chunks=block_shape, fill_value=0)
         for k, f in enumerate(plan.pyramid[1:], start=1):  # the labels' pyramid (pipeline.label_pyramid)
             level_shape = [-(-n // x) for n, x in zip(shape, f)]
@@ -83,8 +88,8 @@ class WorkDir:
         if plan.save_affinities:
             self._create_affinities(group, plan)
         if plan.seams == "graph" and not plan.affinities:
-            group.create_array("graph_affinities", shape=(len(plan.offsets), *shape), dtype="float32",
-                               chunks=(len(plan.offsets), *block_shape), fill_value=0)
+            group.create_array("graph_affinities", shape=(len(plan.offsets), *plan.model_shape), dtype="float32",
+                               chunks=(len(plan.offsets), *plan.model_block), fill_value=0)
         # Last: a work directory with this record is one of ours, complete enough to resume.
         group.attrs["spoco_vol_run"] = {"hash": plan.run_hash, "fingerprint": plan.fingerprint()}
 
