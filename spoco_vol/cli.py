@@ -334,8 +334,8 @@ def models():
                    "are kept apart by background, e.g. mitochondria, nuclei), graph (one Mutex Watershed over all "
                    "blocks' fragments: the whole volume's result also for touching cells; keeps the core "
                    "affinities, 4 bytes per voxel and offset, until the run ends), auto: graph for a model with "
-                   "the input's axes (at its voxel size or an integer downsampling of it), faces for a 2D model's "
-                   "sections.")
+                   "the input's axes (at its voxel size or an integer downsampling of it) on up to 1e9 voxels, "
+                   "faces for a 2D model's sections and larger volumes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--roi", default=None,
               help="Segment only this region, z0:z1,y0:y1,x0:x1 in input voxels (stop exclusive; an empty "
@@ -432,7 +432,7 @@ def _cluster(cluster, cluster_set):
                    "are kept apart by background, e.g. mitochondria, nuclei), graph (one Mutex Watershed over all "
                    "blocks' fragments: the whole volume's result also for touching cells; keeps the core "
                    "affinities, 4 bytes per voxel and offset, until the run ends), auto: graph for offsets along "
-                   "every axis, faces for offsets within sections.")
+                   "every axis on up to 1e9 voxels, faces for offsets within sections and larger volumes.")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="Dask workers (as for segment) [default: one per core].")
 @click.option("--cluster", "cluster", default=None, help="Cluster config (as for segment).")

@@ -120,6 +120,19 @@ def test_graph_seams_give_the_whole_volume_where_faces_do_not(tmp_path):
     np.testing.assert_array_equal(_labels(crashed), labels)
 
 
+def test_auto_seams_stitch_faces_on_terabyte_volumes(tmp_path):
+    """Graph seams keep affinities and the whole fragment graph: "auto" gives them up to
+    1e9 voxels, faces beyond (a dry run reads metadata only)."""
+    small, _ = _affinity_volume(tmp_path)
+    assert segment_affinities_blockwise(small, dry_run=True)["fingerprint"]["seams"] == "graph"
+    large = str(tmp_path / "large.zarr")
+    arr = zarr.create_array(large, shape=(len(OFFSETS_3D), 1024, 1024, 1024), chunks=(9, 64, 256, 256),
+                            dtype="float32", fill_value=0)
+    arr.attrs["offsets"] = OFFSETS_3D
+    assert "seams" not in segment_affinities_blockwise(large, dry_run=True)["fingerprint"]  # faces
+    assert segment_affinities_blockwise(large, dry_run=True, seams="graph")["fingerprint"]["seams"] == "graph"
+
+
 def test_same_labels_on_a_local_cluster(tmp_path):
     """On a LocalCluster of 2 worker processes, the in-process run's labels, bit for bit."""
     path, _ = _affinity_volume(tmp_path)

@@ -188,7 +188,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     all blocks' fragments: the whole volume's result also for touching cells; keeps the
     core affinities, 4 bytes per voxel and offset, in the work directory until the run
     ends), or "auto" [default]: graph for a model with the volume's own axes (at its voxel
-    size or an integer downsampling of it), faces otherwise (a 2D model's sections).
+    size or an integer downsampling of it) on up to 1e9 voxels (plan.GRAPH_AUTO_VOXELS),
+    faces otherwise (a 2D model's sections, larger volumes).
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     Failures (module docstring): SpocoInputError before anything is written,

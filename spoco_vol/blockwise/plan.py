@@ -294,7 +294,8 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
                                                         zip(block_shape, grid_factors, shape)),
                           "a model of the input's dimensions, an input that is the model's voxel size or an "
                           "integer multiple of it, a block shape that is a multiple of that factor, "
-                          "--clustering mws and no --link-sections")
+                          "--clustering mws and no --link-sections",
+                          int(np.prod([-(-n // f) for n, f in zip(shape, grid_factors or [1] * ndim)])))
     # Planes of the neighbour's core whose segmentation is compared: the ones next to the
     # face, where both blocks see enough context (the far halo is least reliable).
     depth = max(1, min([halo[a] for a in stitch_axes] + [block_shape[a] for a in stitch_axes] + [STITCH_DEPTH]))
@@ -323,14 +324,20 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
 
 
 SEAMS = ("auto", "faces", "graph")
+# Largest volume (model-grid voxels) that "auto" gives graph seams: they keep 4 bytes per
+# voxel and offset of affinities in the work directory (36 GB per 1e9 voxels with 9
+# offsets) and hold the graph of all fragments on the client. Larger runs stitch faces
+# unless --seams graph is asked for.
+GRAPH_AUTO_VOXELS = 10 ** 9
 
 
-def resolve_seams(seams: str, stitch: bool, graph_fits: bool, needs: str) -> str:
+def resolve_seams(seams: str, stitch: bool, graph_fits: bool, needs: str, voxels: int = 0) -> str:
     """--seams: "faces" (each face decided by its two blocks; exact where objects are kept
     apart by background), "graph" (one Mutex Watershed over every block's fragments, the
     whole volume's result; module docstring of spoco_vol.stitching), or "auto": graph
     where it fits (a model or affinities with the volume's own axes: 3D cells touch
-    across faces), faces otherwise (a 2D model's sections on a 3D volume)."""
+    across faces) and the volume has at most GRAPH_AUTO_VOXELS, faces otherwise (a 2D
+    model's sections on a 3D volume, terabytes)."""
     if seams not in SEAMS:
         raise SpocoInputError(f"--seams takes {', '.join(SEAMS)}, got {seams!r}")
     if not stitch:
@@ -340,7 +347,7 @@ def resolve_seams(seams: str, stitch: bool, graph_fits: bool, needs: str) -> str
     if seams == "graph" and not graph_fits:
         raise SpocoInputError(f"--seams graph needs {needs}; use --seams faces")
     if seams == "auto":
-        return "graph" if graph_fits else "faces"
+        return "graph" if graph_fits and voxels <= GRAPH_AUTO_VOXELS else "faces"
     return seams
 
 
@@ -422,7 +429,8 @@ def build_affinity_plan(affinities: str, output: str | None = None, *, offsets: 
     reach = [max(abs(o[a]) for o in offsets) for a in range(ndim)]
     moved = [a for a in range(ndim) if reach[a] > 0]
     block_shape = list(block_shape) if block_shape is not None else default_block_shape(shape, ndim - moved[0])
-    seams = resolve_seams(seams, stitch, moved[0] == 0, "offsets along every axis of the affinities")
+    seams = resolve_seams(seams, stitch, moved[0] == 0, "offsets along every axis of the affinities",
+                          int(np.prod(shape)))
     if halo is None and seams == "graph":
         # A view must see beyond the longest offset to cut the right fragments: on noisy
         # touching cells, views of the longest offset left them merged (adapted Rand
