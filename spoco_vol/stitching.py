@@ -169,6 +169,18 @@ class MergeTable:
         return int(self.final.max()) if len(self.final) else 0
 
 
+def _fragment_index(objects_per_block: Sequence[int], block_shape: Sequence[int]):
+    """(each block's first row in the table, the number of fragments, a function from
+    global fragment ids to table rows 0..n-1)."""
+    start = np.concatenate([[0], np.cumsum(np.asarray(objects_per_block, dtype=np.int64))])
+    size = np.uint64(int(np.prod(block_shape)))
+
+    def index(ids: np.ndarray) -> np.ndarray:
+        # global id -> block = (id - 1) // size, local = (id - 1) % size + 1
+        return start[((ids - 1) // size).astype(np.int64)] + ((ids - 1) % size).astype(np.int64)
+    return start, int(start[-1]), index
+
+
 def merge_table(objects_per_block: Sequence[int], block_shape: Sequence[int],
                 edges: np.ndarray) -> MergeTable:
     """Final consecutive ids per block (MergeTable).
@@ -176,17 +188,10 @@ def merge_table(objects_per_block: Sequence[int], block_shape: Sequence[int],
     Size: one entry per object, never per voxel. Components of the merge graph are
     numbered by their first fragment in (block, local id) order.
     """
-    counts = np.asarray(objects_per_block, dtype=np.int64)
-    start = np.concatenate([[0], np.cumsum(counts)])
-    n = int(start[-1])
+    start, n, index = _fragment_index(objects_per_block, block_shape)
     if n == 0:
         return MergeTable(np.zeros(0, np.uint64), start)
-    size = int(np.prod(block_shape))
-    edges = np.asarray(edges, dtype=np.uint64).reshape(-1, 2)
-    # global id -> compact index: block = (id - 1) // size, local = (id - 1) % size + 1
-    blk = ((edges - 1) // np.uint64(size)).astype(np.int64)
-    loc = ((edges - 1) % np.uint64(size)).astype(np.int64)
-    compact = start[blk] + loc
+    compact = index(np.asarray(edges, dtype=np.uint64).reshape(-1, 2))
     graph = coo_matrix((np.ones(len(compact), np.int8), (compact[:, 0], compact[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     # scipy numbers components in order of their lowest node: consecutive and deterministic
@@ -318,17 +323,12 @@ def graph_merge_table(objects_per_block: Sequence[int], block_shape: Sequence[in
     from bioimage_cpp.graph import UndirectedGraph
     from bioimage_cpp.graph.mutex_watershed import mutex_watershed_clustering
 
-    counts = np.asarray(objects_per_block, dtype=np.int64)
-    start = np.concatenate([[0], np.cumsum(counts)])
-    n = int(start[-1])
+    start, n, index = _fragment_index(objects_per_block, block_shape)
     if n == 0:
         return MergeTable(np.zeros(0, np.uint64), start)
-    size = int(np.prod(block_shape))
 
     def compact(uv):
-        uv = np.asarray(uv, np.uint64).reshape(-1, 2)
-        blk = ((uv - 1) // np.uint64(size)).astype(np.int64)
-        return (start[blk] + ((uv - 1) % np.uint64(size)).astype(np.int64)).astype(np.uint64)
+        return index(np.asarray(uv, np.uint64).reshape(-1, 2)).astype(np.uint64)
 
     a_uv, a_w = _max_per_pair(compact(attractive[0]), np.asarray(attractive[1], np.float64))
     r_uv, r_w = _max_per_pair(compact(repulsive[0]), np.asarray(repulsive[1], np.float64))
