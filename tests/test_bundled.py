@@ -50,12 +50,17 @@ def test_the_3d_nuclei_model_scores_near_its_card_on_the_held_out_crop(held_out_
 
 
 def test_the_3d_nuclei_model_blockwise_equals_whole(held_out_nuclei, whole_nuclei, tmp_path):
+    """Graph seams (the default for a 3D model), on the model grid (the crop is read at
+    half resolution in y and x), with the affinities kept on request as well."""
     path, _, _ = held_out_nuclei
     out = str(tmp_path / "blockwise.zarr")
-    segment_blockwise(path, out, bundled.model_path("lm-nuclei-3d"), device="cpu", workers=0,
-                      block_shape=(64, 80, 80))  # smaller than the volume in every axis
+    report = segment_blockwise(path, out, bundled.model_path("lm-nuclei-3d"), device="cpu", workers=0,
+                               block_shape=(64, 80, 80), save_affinities="float16")  # smaller in every axis
+    assert report["seams"] == "graph" and report["fragments"] >= report["objects"]
     blockwise = np.asarray(io.open_volume(out + "/0")[...])
     assert adapted_rand_error(blockwise, whole_nuclei)["arand"] <= 0.001
+    saved = np.asarray(io.open_volume(out + "/affinities")[...])
+    assert saved.shape[1:] == (100, 50, 50) and (saved[:, :, -1] > 0).any()  # the last block's too
 
 
 def test_calibrate_takes_a_bundled_model_by_name_and_chooses_its_size_floor(tmp_path):

@@ -110,6 +110,17 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
     frag = tasks.block_fragments(pred, block, plan, model)
     timings = frag.timings
     t = time.perf_counter()
+    _save_requested(pred, block, plan, model, work)
+    work.array("fragments", "r+")[block.core] = frag.core
+    timings["write"] += time.perf_counter() - t
+    result = {"block": linear, "objects": frag.n_objects, "timings": timings, "peak_rss_mib": peak_rss_mib()}
+    work.write_block_record(linear, frag.n_objects, frag.faces, result)  # the block's done marker
+    _crash_point(f"segment:{linear}")
+    return result
+
+
+def _save_requested(pred: tasks.Prediction, block, plan: SegmentPlan, model, work: WorkDir) -> None:
+    """--save-embeddings, --save-affinities: the core's share, written."""
     if plan.save_embeddings and pred.networks is not None:
         where, values = tasks.core_embeddings(pred.networks.embeddings, block, plan.embedding_factors)
         work.array("embeddings", "r+")[where] = values
@@ -117,12 +128,6 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
         where, values, foreground = tasks.core_affinities(pred.networks, block, plan, model)
         work.array("affinities", "r+")[where] = values
         work.array("foreground", "r+")[where[1:]] = foreground
-    work.array("fragments", "r+")[block.core] = frag.core
-    timings["write"] += time.perf_counter() - t
-    result = {"block": linear, "objects": frag.n_objects, "timings": timings, "peak_rss_mib": peak_rss_mib()}
-    work.write_block_record(linear, frag.n_objects, frag.faces, result)  # the block's done marker
-    _crash_point(f"segment:{linear}")
-    return result
 
 
 def _finish_graph_block(pred: tasks.Prediction, block, plan: SegmentPlan, model, work: WorkDir) -> dict:
@@ -132,6 +137,7 @@ def _finish_graph_block(pred: tasks.Prediction, block, plan: SegmentPlan, model,
     empty = pred.networks is None and pred.affinities is None
     view = None if empty else tasks.block_view(pred, block, plan, model)
     t = time.perf_counter()
+    _save_requested(pred, block, plan, model, work)
     if pred.networks is not None:
         work.array("graph_affinities", "r+")[(slice(None), *plan.model_region(block.core))] = \
             tasks.core_graph_affinities(pred.networks, block, plan, model)

@@ -197,10 +197,10 @@ def block_view(pred: Prediction, block: Block, plan: SegmentPlan, model: Checkpo
 
 def core_graph_affinities(pred: ArrayPrediction, block: Block, plan: SegmentPlan, model: Checkpoint) -> np.ndarray:
     """Graph seams, pass 1 of a model run: the affinities (C, *core on the model grid)
-    float32 of every edge a core voxel owns (channel c at voxel i pairs i with i + offsets[c]), from
-    the block's embeddings, exact over the core and the longest offset around it. Computed
-    as the whole volume's watershed computes them (the same mask), so that the values,
-    and with them the order of the edges, are the same."""
+    float32 of every edge a core voxel owns (channel c at voxel i pairs i with
+    i + offsets[c]), from the block's embeddings, exact over the core and the longest
+    offset around it. Computed as the whole volume's watershed computes them (the same
+    mask), so that the values, and with them the order of the edges, are the same."""
     emb, inf = pred.embeddings, model.inference
     reach = [max(abs(o[a]) for o in inf.offsets) for a in range(emb.ndim - 1)]
     core = relative(plan.model_region(block.core), plan.model_region(block.read))
