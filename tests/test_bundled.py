@@ -86,3 +86,17 @@ def test_calibrate_takes_a_bundled_model_by_name_and_chooses_its_size_floor(tmp_
     assert inf["min_size_base"] == shipped["min_size"] == 25
     assert inf["min_size"] in [25 * m for m in FLOOR_MULTIPLES]
     assert checkpoint.load(bundled.model_path("vnc-mito-2d")).inference_record == shipped
+
+
+def test_graph_seams_on_the_input_grid_equal_the_whole_crop(held_out_nuclei, tmp_path):
+    """The crop taken at the model's own voxel size (no resampling), so that graph seams
+    work on the input grid: 8 blocks give the whole crop's labels."""
+    path, raw, _ = held_out_nuclei
+    model = bundled.model_path("lm-nuclei-3d")
+    vs = checkpoint.load(model).voxel_size
+    whole = segment_array(raw, checkpoint.load(model), input_voxel_size=vs, device="cpu")
+    out = str(tmp_path / "graph.zarr")
+    report = segment_blockwise(path, out, model, voxel_size=vs, device="cpu", workers=0, block_shape=(64, 64, 64))
+    assert report["seams"] == "graph" and report["blocks"] == 8 and report["objects"] > 20
+    blockwise = np.asarray(io.open_volume(out + "/0")[...])
+    assert adapted_rand_error(blockwise, whole)["arand"] <= 0.001
