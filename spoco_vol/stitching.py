@@ -20,9 +20,9 @@ Mutex Watershed is not local: in tissue of touching cells a block can merge two 
 that the whole volume keeps apart, because the repulsive chain that separates them runs
 beyond its halo. The graph seams (``--seams graph``) do not decide locally:
 - fragments: a core voxel's fragment is the set of core voxels that *every* block view
-  covering it (its own, and its neighbours' halos) puts in one segment
-  (``intersect_views``). A merge made for want of context in one view is cut by the view
-  that has the context;
+  covering it (its own, and its neighbours' halos) puts in one segment, cut into pieces
+  that touch (``intersect_views``). A merge made for want of context in one view is cut
+  by the view that has the context;
 - edges: between fragments, the strongest attractive and the strongest repulsive edge of
   the voxel graph (``fragment_edges``), from affinities exact in each core;
 - one Mutex Watershed over the graph of all fragments (``graph_merge_table``).
