@@ -42,6 +42,7 @@ from scipy.sparse.csgraph import connected_components
 from skimage import measure
 
 from .affinities import is_direct
+from .segmentation import clean_up_segments
 
 LINK_OVERLAP = 0.5  # default --link-overlap (share of the smaller object); see benchmarks/RESULTS.md
 
@@ -232,17 +233,8 @@ def intersect_views(own: np.ndarray,
     # left in another's fragment where all views err alike, and one such voxel would
     # join the two cells in the graph.
     key = measure.label(np.where(np.asarray(own) != 0, key + 1, 0), background=0, connectivity=1)
-    flat = key.reshape(-1)
-    inside = np.flatnonzero(flat != 0)
-    out = np.zeros(flat.shape, np.uint64)
-    if not len(inside):
-        return out.reshape(own.shape), np.zeros(0, np.int64)
-    ids, first, inv, counts = np.unique(flat[inside], return_index=True, return_inverse=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(ids), np.uint64)
-    rank[order] = np.arange(1, len(ids) + 1, dtype=np.uint64)
-    out[inside] = rank[inv.reshape(-1)]
-    return out.reshape(own.shape), counts[order].astype(np.int64)
+    out = clean_up_segments(key)  # consecutive, in order of first voxel
+    return out, np.bincount(out.reshape(-1).astype(np.int64))[1:]
 
 
 def _max_per_pair(uv: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

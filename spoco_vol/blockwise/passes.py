@@ -22,6 +22,7 @@ import numpy as np
 from .. import checkpoint, io, stitching
 from ..errors import SpocoInputError
 from ..blocks import intersect
+from ..pipeline import restore_labels
 from ..stitching import block_id_offset, merge_table, relabel_block
 from . import tasks
 from .executor import Executor, TaskFailed
@@ -142,10 +143,9 @@ def _finish_graph_block(pred: tasks.Prediction, block, plan: SegmentPlan, model,
         work.array("graph_affinities", "r+")[(slice(None), *plan.model_region(block.core))] = \
             tasks.core_graph_affinities(pred.networks, block, plan, model)
     timings["write"] += time.perf_counter() - t
-    core = tasks.relative(plan.model_region(block.core), plan.model_region(block.read))
-    n = 0 if view is None else int(len(np.unique(view[core]))) - 1
-    result = {"block": block.linear, "objects": n, "timings": timings, "peak_rss_mib": peak_rss_mib()}
-    work.write_block_record(block.linear, n, {} if view is None else {"view": view}, result)
+    # the block's fragments, and so its count, come from pass 2a
+    result = {"block": block.linear, "objects": 0, "timings": timings, "peak_rss_mib": peak_rss_mib()}
+    work.write_block_record(block.linear, 0, {} if view is None else {"view": view}, result)
     _crash_point(f"segment:{block.linear}")
     return result
 
@@ -284,11 +284,10 @@ def _graph_table(plan: SegmentPlan, run, objects_per_block: np.ndarray, tally: T
             w.append(r[kind][1])
         seconds += r["seconds"]
     t = time.perf_counter()
-    model_min = None if plan.affinities else _load_model(plan.model_path)[0].inference.min_size
+    min_size = plan.min_size if plan.affinities else plan.background_rule["min_size"]
     edges = {k: (np.concatenate(uv), np.concatenate(w)) for k, (uv, w) in kinds.items()}
     table = stitching.graph_merge_table(objects_per_block, plan.block_shape, edges["attractive"],
-                                        edges["repulsive"], np.concatenate(sizes),
-                                        plan.min_size if model_min is None else model_min)
+                                        edges["repulsive"], np.concatenate(sizes), min_size)
     tally.add(stitch=seconds + time.perf_counter() - t)
     return table, int(objects_per_block.sum()), sum(len(uv) for uv, _ in edges.values())
 
@@ -305,10 +304,7 @@ def relabel_one_block(job: tuple, plan: SegmentPlan) -> dict:
     if plan.seams == "graph":  # fragments on the model grid: each model voxel's block of input voxels
         frag = np.asarray(work.array("fragments")[plan.model_region(block.core)])
         out = relabel_block(frag, linear, plan.block_shape, table, dtype=np.dtype(plan.out_dtype))
-        for a, f in enumerate(plan.grid_factors):
-            if f > 1:
-                out = np.repeat(out, f, axis=a)
-        out = tasks.zero_outside(out[tuple(slice(0, n) for n in block.core_shape)], block.core, plan.roi)
+        out = tasks.zero_outside(restore_labels(out, block.core_shape, plan.scale), block.core, plan.roi)
     else:
         frag = np.asarray(work.array("fragments")[block.core])
         out = relabel_block(frag, linear, plan.block_shape, table, dtype=np.dtype(plan.out_dtype))
