@@ -8,7 +8,9 @@ used to choose anything), for
 - SPOCO@0.1, @0.4, @0.8 (seeds 0, 1, 2: other objects annotated), the sparse recipe, with
   its predicted (positive-unlabeled) foreground;
 - the discriminative-loss baseline (pull, push, regulariser), and SPOCO with the
-  adversarial instance term, both with the ground-truth foreground as in the paper.
+  adversarial instance term, both with the ground-truth foreground as in the paper;
+- SPOCO with full labels and the paper's U-Net depth (``deep``: features 16..512, five
+  poolings, so the bottleneck sees the whole patch; the default 16..128 sees 68 pixels).
 
 Every run is `spoco-vol train` on cvppp_train.zarr (the last 10 images validate full-label
 runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol evaluate
@@ -16,7 +18,7 @@ runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol eva
 WORK/cvppp.json and the table to WORK/cvppp.md.
 
     python benchmarks/prepare_cvppp.py /tmp/cvppp
-    python benchmarks/cvppp.py /tmp/cvppp [--only full,dl,adversarial,p0.1,p0.4,p0.8] [--seeds 0,1,2] [--iterations N]
+    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,dl,adversarial,p0.1,p0.4,p0.8] [--seeds 0,1,2] [--iterations N]
 """
 import argparse
 import json
@@ -30,6 +32,7 @@ ITERATIONS = 2000
 COMMON = ["--dims", "2", "--patch-shape", "256,256", "--batch-size", "4", "--quiet"]
 SPARSE = ["--background-weight", "1", "--background-warmup", "300", "--background-select-radius", "3", "--tta",
           "--foreground-iterations", "600"]
+DEEP = "16,32,64,128,256,512"  # the paper's CVPPP U-Net (kreshuklab/spoco README)
 PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "full, no mask": 0.886,
          "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
 
@@ -40,6 +43,9 @@ def runs(only, seeds):
         out.append(("full", 0, ["--val-sections", "10", "--foreground-iterations", "600"],
                     [("full, GT foreground", "gt"), ("full, predicted foreground", "classifier"),
                      ("full, no mask", "none")]))
+    if "deep" in only:
+        out.append(("deep", 0, ["--val-sections", "10", "--foreground-iterations", "600", "--features", DEEP],
+                    [("full, paper's depth, GT foreground", "gt"), ("full, paper's depth, no mask", "none")]))
     if "dl" in only:
         out.append(("dl", 0, ["--val-sections", "10", "--loss", "discriminative"],
                     [("discriminative loss, GT foreground", "gt")]))
