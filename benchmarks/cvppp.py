@@ -10,7 +10,10 @@ used to choose anything), for
 - the discriminative-loss baseline (pull, push, regulariser), and SPOCO with the
   adversarial instance term, both with the ground-truth foreground as in the paper;
 - SPOCO with full labels and the paper's U-Net depth (``deep``: features 16..512, five
-  poolings, so the bottleneck sees the whole patch; the default 16..128 sees 68 pixels).
+  poolings, so the bottleneck sees the whole patch; the default 16..128 sees 68 pixels);
+- SPOCO with full labels without the consistency term (``no-consistency``): with full
+  labels the term covers every pixel and pulls f towards a momentum copy that, after 2000
+  iterations at m = 0.999, still carries 14% of its initial weights.
 
 Every run is `spoco-vol train` on cvppp_train.zarr (the last 10 images validate full-label
 runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol evaluate
@@ -18,7 +21,8 @@ runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol eva
 WORK/cvppp.json and the table to WORK/cvppp.md.
 
     python benchmarks/prepare_cvppp.py /tmp/cvppp
-    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,dl,adversarial,p0.1,p0.4,p0.8] [--seeds 0,1,2] [--iterations N]
+    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,dl,adversarial,p0.1,p0.4,p0.8]
+        [--seeds 0,1,2] [--iterations N]
 """
 import argparse
 import json
@@ -46,6 +50,11 @@ def runs(only, seeds):
     if "deep" in only:
         out.append(("deep", 0, ["--val-sections", "10", "--foreground-iterations", "600", "--features", DEEP],
                     [("full, paper's depth, GT foreground", "gt"), ("full, paper's depth, no mask", "none")]))
+    if "no-consistency" in only:
+        out.append(("no-consistency", 0, ["--val-sections", "10", "--foreground-iterations", "600",
+                                          "--consistency-weight", "0"],
+                    [("full, no consistency term, GT foreground", "gt"),
+                     ("full, no consistency term, no mask", "none")]))
     if "dl" in only:
         out.append(("dl", 0, ["--val-sections", "10", "--loss", "discriminative"],
                     [("discriminative loss, GT foreground", "gt")]))
