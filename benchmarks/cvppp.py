@@ -37,6 +37,7 @@ COMMON = ["--dims", "2", "--patch-shape", "256,256", "--batch-size", "4", "--qui
 SPARSE = ["--background-weight", "1", "--background-warmup", "300", "--background-select-radius", "3", "--tta",
           "--foreground-iterations", "600"]
 DEEP = "16,32,64,128,256,512"  # the paper's CVPPP U-Net (kreshuklab/spoco README)
+FULL = ["--val-sections", "10", "--foreground-iterations", "600"]  # full labels: the last 10 images validate
 PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "full, no mask": 0.886,
          "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
 
@@ -44,15 +45,14 @@ PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "ful
 def runs(only, seeds):
     out = []
     if "full" in only:
-        out.append(("full", 0, ["--val-sections", "10", "--foreground-iterations", "600"],
+        out.append(("full", 0, FULL,
                     [("full, GT foreground", "gt"), ("full, predicted foreground", "classifier"),
                      ("full, no mask", "none")]))
     if "deep" in only:
-        out.append(("deep", 0, ["--val-sections", "10", "--foreground-iterations", "600", "--features", DEEP],
+        out.append(("deep", 0, [*FULL, "--features", DEEP],
                     [("full, paper's depth, GT foreground", "gt"), ("full, paper's depth, no mask", "none")]))
     if "no-consistency" in only:
-        out.append(("no-consistency", 0, ["--val-sections", "10", "--foreground-iterations", "600",
-                                          "--consistency-weight", "0"],
+        out.append(("no-consistency", 0, [*FULL, "--consistency-weight", "0"],
                     [("full, no consistency term, GT foreground", "gt"),
                      ("full, no consistency term, no mask", "none")]))
     if "dl" in only:

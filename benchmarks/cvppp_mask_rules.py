@@ -24,18 +24,12 @@ import json
 import time
 
 import numpy as np
-from scipy import ndimage
+from skimage.segmentation import expand_labels
 
 
 def fill_from_nearest(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Masked pixels without a segment take the label of the nearest pixel that has one."""
-    missing = mask & (labels == 0)
-    if not missing.any() or not (labels > 0).any():
-        return labels
-    idx = ndimage.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
-    out = labels.copy()
-    out[missing] = labels[tuple(i[missing] for i in idx)]
-    return out
+    return np.where(mask & (labels == 0), expand_labels(labels, distance=np.inf), labels)
 
 
 def segment_rules(emb: np.ndarray, mask: np.ndarray, ckpt, floors):
