@@ -23,6 +23,9 @@ WORK/cvppp.json and the table to WORK/cvppp.md.
     python benchmarks/prepare_cvppp.py /tmp/cvppp
     python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,dl,adversarial,p0.1,p0.4,p0.8]
         [--seeds 0,1,2] [--iterations N]
+
+--seeds applies to every requested setting (default 0 for the full-label ones, whose
+seed changes only the initialisation and the patches; 0,1,2 for SPOCO@p).
 """
 import argparse
 import json
@@ -43,28 +46,25 @@ PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "ful
 
 
 def runs(only, seeds):
-    out = []
-    if "full" in only:
-        out.append(("full", 0, FULL,
-                    [("full, GT foreground", "gt"), ("full, predicted foreground", "classifier"),
-                     ("full, no mask", "none")]))
-    if "deep" in only:
-        out.append(("deep", 0, [*FULL, "--features", DEEP],
-                    [("full, paper's depth, GT foreground", "gt"), ("full, paper's depth, no mask", "none")]))
-    if "no-consistency" in only:
-        out.append(("no-consistency", 0, [*FULL, "--consistency-weight", "0"],
-                    [("full, no consistency term, GT foreground", "gt"),
-                     ("full, no consistency term, no mask", "none")]))
-    if "dl" in only:
-        out.append(("dl", 0, ["--val-sections", "10", "--loss", "discriminative"],
-                    [("discriminative loss, GT foreground", "gt")]))
-    if "adversarial" in only:
-        out.append(("adversarial", 0, ["--val-sections", "10", "--adversarial-weight", "0.1"],
-                    [("full + adversarial term, GT foreground", "gt")]))
+    """(run name, seed, train options, [(setting, mask kind)]) of each requested run. Seed
+    0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>."""
+    full_label = [
+        ("full", FULL, [("full, GT foreground", "gt"), ("full, predicted foreground", "classifier"),
+                        ("full, no mask", "none")]),
+        ("deep", [*FULL, "--features", DEEP],
+         [("full, paper's depth, GT foreground", "gt"), ("full, paper's depth, no mask", "none")]),
+        ("no-consistency", [*FULL, "--consistency-weight", "0"],
+         [("full, no consistency term, GT foreground", "gt"), ("full, no consistency term, no mask", "none")]),
+        ("dl", ["--val-sections", "10", "--loss", "discriminative"], [("discriminative loss, GT foreground", "gt")]),
+        ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"],
+         [("full + adversarial term, GT foreground", "gt")]),
+    ]
+    out = [(name if s == 0 else f"{name}_s{s}", s, options, evaluations)
+           for name, options, evaluations in full_label if name in only for s in seeds or [0]]
     for p in ("0.1", "0.4", "0.8"):
         if f"p{p}" in only:
             out += [(f"p{p}_s{s}", s, ["--object-fraction", p, *SPARSE], [(f"SPOCO@{p}", "classifier")])
-                    for s in seeds]
+                    for s in seeds or [0, 1, 2]]
     return out
 
 
@@ -96,14 +96,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("work")
     p.add_argument("--only", default="full,dl,adversarial,p0.1,p0.4,p0.8")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default=None, help="default: 0 for full-label settings, 0,1,2 for SPOCO@p")
     p.add_argument("--iterations", type=int, default=ITERATIONS)
     a = p.parse_args()
     path = os.path.join(a.work, "cvppp.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
     train = os.path.join(a.work, "cvppp_train.zarr")
-    for name, seed, options, evaluations in runs(a.only.split(","), [int(s) for s in a.seeds.split(",")]):
+    for name, seed, options, evaluations in runs(a.only.split(","), a.seeds and [int(s) for s in a.seeds.split(",")]):
         out = os.path.join(a.work, "runs", name)
         if not os.path.exists(os.path.join(out, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]
