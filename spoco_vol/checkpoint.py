@@ -317,6 +317,21 @@ class Checkpoint:
         """A copy with top-level provenance fields set (training_data, calibration_command, ...)."""
         return self._with(**fields)
 
+    def with_segment_overrides(self, overrides: dict) -> "Checkpoint":
+        """The checkpoint as a segmentation run with these overrides applies it:
+        ``min_size`` replaces the size floor (model voxels); ``mask_is_foreground`` drops
+        the model's own background rules (the classifier and the embeddings' background
+        radius), so that the run's mask alone decides the background."""
+        unknown = set(overrides) - {"min_size", "mask_is_foreground"}
+        if unknown:
+            raise ValueError(f"unknown segmentation overrides {sorted(unknown)}")
+        out = self
+        if overrides.get("mask_is_foreground"):
+            out = out.with_foreground(None).with_inference(background_embedding=None, background_radius=None)
+        if overrides.get("min_size") is not None:
+            out = out.with_inference(min_size=int(overrides["min_size"]))
+        return out
+
     def for_inference(self) -> "Checkpoint":
         """A copy without the optimizer and momentum state (what gets shipped)."""
         data = dict(self.data)

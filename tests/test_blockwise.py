@@ -278,6 +278,45 @@ def test_masked_and_empty_blocks_are_written_zero(tmp_path):
     assert lab[mask == 1].any() and not lab[mask == 0].any()  # inside a block the mask holds per voxel
 
 
+def test_min_size_and_mask_is_foreground_override_the_models_rules(tmp_path):
+    """Real EM with the bundled model (2x downsampling, a background embedding, a floor
+    of 25 model pixels): --min-size replaces the floor; with --mask-is-foreground the
+    ground-truth foreground alone decides the background, where a plain --mask only adds
+    background to the model's own rule. Both are part of the run's identity."""
+    d = np.load(os.path.join(os.path.dirname(BUNDLED_MODEL), "vnc_sample.npz"))
+    inp = _real_crop(tmp_path)
+    # the sample's mitochondria on whole 2x2 input blocks: the model grid sees the same mask
+    fg = d["labels"][2:4, 64:448, 64:448] > 0
+    fg = np.repeat(np.repeat(fg[:, ::2, ::2], 2, axis=1), 2, axis=2).astype(np.uint8)
+    mask = str(tmp_path / "fg.zarr")
+    io.create_array(mask, fg)
+    run = dict(model=BUNDLED_MODEL, block_shape=[1, 192, 192], workers=0, device="cpu")
+
+    def labels(name, **kw):
+        report = segment_blockwise(inp, str(tmp_path / f"{name}.zarr"), **run, **kw)
+        return np.asarray(io.open_volume(str(tmp_path / f"{name}.zarr"))[...]), report
+
+    shipped, _ = labels("shipped")
+    no_floor, report = labels("no_floor", min_size=0)
+    assert report["model_overrides"] == {"min_size": 0}
+    assert ((shipped > 0) <= (no_floor > 0)).all() and report["objects"] > int(shipped.max())
+    assert not labels("huge_floor", min_size=10 ** 6)[0].any()
+    plain, _ = labels("plain", mask=mask, min_size=0)
+    only, report = labels("only", mask=mask, min_size=0, mask_is_foreground=True)
+    assert report["model_overrides"] == {"min_size": 0, "mask_is_foreground": True}
+    np.testing.assert_array_equal(only > 0, fg > 0)  # every masked voxel is in some object
+    assert ((plain > 0) <= (fg > 0)).all() and (plain > 0).sum() < (fg > 0).sum()
+    hashes = {segment_blockwise(inp, str(tmp_path / "x.zarr"), **run, dry_run=True, **kw)["run_hash"]
+              for kw in ({}, {"min_size": 0}, {"min_size": 5}, {"mask": mask},
+                         {"mask": mask, "mask_is_foreground": True})}
+    assert len(hashes) == 5
+    with pytest.raises(SpocoInputError, match="give a --mask"):
+        segment_blockwise(inp, str(tmp_path / "x.zarr"), **run, mask_is_foreground=True)
+    with pytest.raises(SpocoInputError, match="non-negative"):
+        segment_blockwise(inp, str(tmp_path / "x.zarr"), **run, min_size=-1)
+    assert not os.path.exists(tmp_path / "x.zarr")
+
+
 def test_roi_gives_the_whole_runs_objects_inside_and_zero_outside(tmp_path):
     """Real EM sample: a run restricted to an unaligned ROI touches only the blocks
     overlapping it, writes nothing outside it, and inside it finds the whole run's objects."""

@@ -107,6 +107,7 @@ def test_segment_bad_inputs(blob_volume, tmp_path, tiny_model):
                                                "--model", str(tmp_path / "rgb.pt")))
     assert "--roi" in one_error_line(seg(raw, "--roi", "0:2,0:999,:"))
     assert "--roi" in one_error_line(seg(raw, "--roi", "0:2,0:8"))
+    assert "give a --mask" in one_error_line(seg(raw, "--mask-is-foreground"))
     assert not os.path.exists(out), "no output may be left behind by bad input"
     assert "inside the input" in one_error_line(
         invoke("segment", "--input", raw, "--output", root + "/labels_out", "--model", tiny_model))

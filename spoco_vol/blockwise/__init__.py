@@ -111,7 +111,8 @@ def run_plan(plan: SegmentPlan, *, client=None, cluster_config: dict | None = No
         report = {**figures, "shape": list(plan.shape), "voxel_size": list(plan.voxel_size) if plan.voxel_size
                   else None, **({"affinities": plan.affinities, "offsets": [list(o) for o in plan.offsets],
                                   "bias": list(plan.bias) if plan.bias else None} if plan.affinities else
-                                 {"model": plan.model_path, "model_sha256": plan.model_sha256}),
+                                 {"model": plan.model_path, "model_sha256": plan.model_sha256,
+                                  **({"model_overrides": dict(plan.overrides)} if plan.overrides else {})}),
                   "command": plan.command, "saved_affinities": plan.save_affinities,
                   "version": __version__, "block_shape": list(plan.block_shape), "halo": list(plan.halo),
                   "roi": plan.fingerprint()["roi"], "tta": plan.tta, "intensity": plan.intensity,
@@ -152,7 +153,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       client=None, cluster: str | dict | None = None, command: str = "",
                       progress: bool = False, dry_run: bool = False, tta: bool | None = None,
                       intensity_range: Sequence[float] | None = None, clustering: str = "mws",
-                      save_affinities: str | None = None, seams: str = "auto") -> dict:
+                      save_affinities: str | None = None, seams: str = "auto", min_size: int | None = None,
+                      mask_is_foreground: bool = False) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -190,6 +192,12 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     ends), or "auto" [default]: graph for a model with the volume's own axes (at its voxel
     size or an integer downsampling of it) on up to 1e9 voxels (plan.GRAPH_AUTO_VOXELS),
     faces otherwise (a 2D model's sections, larger volumes).
+    ``min_size``: objects smaller than this many model voxels become background
+    [default: the checkpoint's floor, chosen on its validation data].
+    ``mask_is_foreground``: every voxel inside ``mask`` belongs to some object (e.g. a
+    ground-truth or semantic foreground): the mask alone decides the background, the
+    model's own background rules (its classifier, its background embedding) are not
+    applied [default: the mask only adds background, e.g. a tissue mask].
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     Failures (module docstring): SpocoInputError before anything is written,
@@ -199,7 +207,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       voxel_size=voxel_size, device=device, overwrite=overwrite, stitch=stitch, roi=roi,
                       save_embeddings=save_embeddings, link_sections=link_sections, link_overlap=link_overlap,
                       tta=tta, intensity_range=intensity_range, clustering=clustering,
-                      save_affinities=save_affinities, seams=seams, command=command)
+                      save_affinities=save_affinities, seams=seams, min_size=min_size,
+                      mask_is_foreground=mask_is_foreground, command=command)
     return _run_with(plan, dry_run=dry_run, client=client, cluster=cluster, workers=workers,
                      threads_per_worker=threads_per_worker, overwrite=overwrite, progress=progress)
 

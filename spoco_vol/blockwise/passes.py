@@ -33,12 +33,17 @@ from .workdir import WorkDir
 RESUME_BATCH = 1024  # finished blocks whose object counts one task of the resume pass reads
 
 
+def _plan_model(plan: SegmentPlan, with_momentum: bool = False):
+    """The plan's checkpoint (with its overrides) and networks, loaded once per worker."""
+    return _load_model(plan.model_path, with_momentum, plan.overrides)
+
+
 @functools.lru_cache(maxsize=4)
-def _load_model(path: str, with_momentum: bool = False):
+def _load_model(path: str, with_momentum: bool = False, overrides: tuple = ()):
     """One model load per worker process, not per block: the checkpoint and its networks
     (embeddings, foreground classifier, and for consistency clustering the momentum one)."""
     from ..inference import for_inference
-    model = checkpoint.load(path)
+    model = checkpoint.load(path).with_segment_overrides(dict(overrides))
     nets = (model.network(), model.foreground_network(), model.momentum_network() if with_momentum else None)
     return model, tuple(for_inference(n) if n is not None else None for n in nets)
 
@@ -87,7 +92,7 @@ def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Predict
         torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
     block = plan.grid.block_at(linear)
     t = time.perf_counter()
-    model, networks = _load_model(plan.model_path, plan.clustering == "consistency")
+    model, networks = _plan_model(plan, plan.clustering == "consistency")
     raw = np.asarray(io.open_volume(plan.input_path)[(slice(None),) * (plan.channels > 1) + block.read])
     io.check_finite(raw, "input", f"block {block.index} (voxels {tasks.region_text(block.read)})")
     skip = not raw.any()
@@ -105,7 +110,7 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
     """Pass 1, the CPU part: fragments and face evidence, written; the side file last."""
     block = plan.grid.block_at(linear)
     work = WorkDir(plan.work)
-    model = None if plan.affinities else _load_model(plan.model_path, plan.clustering == "consistency")[0]
+    model = None if plan.affinities else _plan_model(plan, plan.clustering == "consistency")[0]
     if plan.seams == "graph":
         return _finish_graph_block(pred, block, plan, model, work)
     frag = tasks.block_fragments(pred, block, plan, model)
@@ -255,7 +260,7 @@ def graph_edges(linear: int, plan: SegmentPlan) -> dict:
         aff = np.asarray(io.open_volume(plan.affinities)[(slice(None), *core)])
         aff = aff.astype(np.float32) / np.float32(255) if aff.dtype == np.uint8 else aff.astype(np.float32)
     else:
-        inf = _load_model(plan.model_path)[0].inference
+        inf = _plan_model(plan)[0].inference
         offsets, strides = inf.offsets, inf.strides
         aff = np.asarray(work.array("graph_affinities")[(slice(None), *core)])
     reach = [max(abs(o[a]) for o in offsets) for a in range(len(plan.shape))]

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -125,6 +125,8 @@ class SegmentPlan:
     min_size: int = 0                      # an affinity run's smallest object, voxels
     save_affinities: str | None = None     # keep the watershed's affinities: "float16" or "uint8"
     seams: str = "faces"                   # "faces" (stitch_faces) or "graph" (stitching.graph_merge_table)
+    # --min-size / --mask-is-foreground on top of the checkpoint (Checkpoint.with_segment_overrides)
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def grid_factors(self) -> tuple[int, ...]:
@@ -177,7 +179,8 @@ class SegmentPlan:
                 "strides": list(self.strides) if self.strides else None, "min_size": self.min_size}
                if self.affinities else {}),
             **({"save_affinities": self.save_affinities} if self.save_affinities else {}),
-            **({"seams": self.seams} if self.seams != "faces" else {})}
+            **({"seams": self.seams} if self.seams != "faces" else {}),
+            **({"overrides": dict(self.overrides)} if self.overrides else {})}
 
     @functools.cached_property
     def run_hash(self) -> str:
@@ -196,6 +199,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
                save_embeddings: bool = False, link_sections: bool = False, link_overlap: float = LINK_OVERLAP,
                tta: bool | None = None, intensity_range: Sequence[float] | None = None,
                clustering: str = "mws", save_affinities: str | None = None, seams: str = "auto",
+               min_size: int | None = None, mask_is_foreground: bool = False,
                command: str = "") -> SegmentPlan:
     """Check every input and setting of a run (one SpocoInputError otherwise) and decide
     what it does; reads metadata only (and, for inputs that need it, the intensity range
@@ -203,6 +207,15 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
     arr = io.open_volume(input_path)
     model_path = os.path.abspath(bundled.model_path(model))
     ckpt = checkpoint.load(model_path)
+    model_sha256 = ckpt.sha256  # the file's; the overrides are recorded beside it
+    if min_size is not None and min_size < 0:
+        raise SpocoInputError(f"--min-size must be non-negative, got {min_size}")
+    if mask_is_foreground and not mask:
+        raise SpocoInputError("--mask-is-foreground says what the --mask is: give a --mask")
+    overrides = tuple((k, v) for k, v in (("min_size", None if min_size is None else int(min_size)),
+                                          ("mask_is_foreground", True if mask_is_foreground else None))
+                      if v is not None)
+    ckpt = ckpt.with_segment_overrides(dict(overrides))
     channels = ckpt.in_channels
     if channels > 1 and (arr.ndim < 3 or arr.shape[0] != channels):
         raise SpocoInputError(f"the model expects {channels} channels on the input's first axis, (C, Y, X) or "
@@ -308,7 +321,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
     resolve_device(device)  # "cuda" without a GPU fails here, not in every block
     return SegmentPlan(
         input_path=os.path.abspath(input_path), output=output, image=image, shape=tuple(shape),
-        dtype=str(arr.dtype), chunks=chunks, channels=channels, model_path=model_path, model_sha256=ckpt.sha256,
+        dtype=str(arr.dtype), chunks=chunks, channels=channels, model_path=model_path, model_sha256=model_sha256,
         model_dims=dims, embedding_dim=ckpt.embedding_dim, delta_v=ckpt.delta_v, delta_d=ckpt.delta_d,
         voxel_size=tuple(vs) if vs else None, scale=tuple(scale), block_shape=tuple(block_shape),
         halo=tuple(halo), align=tuple(read_alignment(ckpt, ndim, scale)),
@@ -320,7 +333,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         out_dtype="uint32" if n_vox < 2 ** 32 else "uint64", zarr_format=io.zarr_format(arr),
         pyramid=tuple(tuple(int(x) for x in f) for f in levels), device=device, clustering=clustering,
         momentum_sha256=_momentum_sha256(ckpt) if clustering == "consistency" else None, command=command,
-        save_affinities=save_affinities, seams=seams)
+        save_affinities=save_affinities, seams=seams, overrides=overrides)
 
 
 SEAMS = ("auto", "faces", "graph")
