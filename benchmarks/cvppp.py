@@ -2,9 +2,11 @@
 and |DiC| on the 25 test images of benchmarks/prepare_cvppp.py (never trained on, never
 used to choose anything), for
 
-- SPOCO with full labels, segmented with the ground-truth foreground (``--mask``), with a
-  predicted foreground (the foreground classifier trained supervised on the same
-  labels) and without a mask;
+- SPOCO with full labels, segmented with the ground-truth foreground (``--mask``: the
+  model's own background rule still applies inside it; and with ``--mask-is-foreground``,
+  the paper's protocol, where the mask alone decides the background), with a predicted
+  foreground (the foreground classifier trained supervised on the same labels) and
+  without a mask;
 - SPOCO@0.1, @0.4, @0.8 (seeds 0, 1, 2: other objects annotated), the sparse recipe, with
   its predicted (positive-unlabeled) foreground;
 - the discriminative-loss baseline (pull, push, regulariser), and SPOCO with the
@@ -49,12 +51,14 @@ def runs(only, seeds):
     """(run name, seed, train options, [(setting, mask kind)]) of each requested run. Seed
     0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>."""
     full_label = [
-        ("full", FULL, [("full, GT foreground", "gt"), ("full, predicted foreground", "classifier"),
-                        ("full, no mask", "none")]),
+        ("full", FULL, [("full, GT foreground", "gt"), ("full, GT foreground as the only background rule", "gt-only"),
+                        ("full, predicted foreground", "classifier"), ("full, no mask", "none")]),
         ("deep", [*FULL, "--features", DEEP],
          [("full, paper's depth, GT foreground", "gt"), ("full, paper's depth, no mask", "none")]),
         ("no-consistency", [*FULL, "--consistency-weight", "0"],
-         [("full, no consistency term, GT foreground", "gt"), ("full, no consistency term, no mask", "none")]),
+         [("full, no consistency term, GT foreground", "gt"),
+          ("full, no consistency term, GT foreground as the only background rule", "gt-only"),
+          ("full, no consistency term, no mask", "none")]),
         ("dl", ["--val-sections", "10", "--loss", "discriminative"], [("discriminative loss, GT foreground", "gt")]),
         ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"],
          [("full + adversarial term, GT foreground", "gt")]),
@@ -79,12 +83,12 @@ def segment_and_score(exe, work, model, name, mask_kind):
             checkpoint.save(checkpoint.load(model).with_foreground(None), without)
         model = without
     cmd = [exe, "segment", "--input", f"{test}/raw", "--output", out, "--model", model, "--quiet", "--overwrite"]
-    if mask_kind == "gt":
+    if mask_kind in ("gt", "gt-only"):
         mask = os.path.join(work, "cvppp_test_fg.zarr")
         if not os.path.exists(mask):
             from spoco_vol import io
             io.create_array(mask, (np.asarray(io.open_volume(f"{test}/labels")[...]) > 0).astype(np.uint8))
-        cmd += ["--mask", mask]
+        cmd += ["--mask", mask] + (["--mask-is-foreground"] if mask_kind == "gt-only" else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     res = subprocess.run([exe, "evaluate", "--pred", out, "--gt", f"{test}/labels", "--per-section", "--json"],
                          check=True, capture_output=True, text=True)
