@@ -15,7 +15,9 @@ used to choose anything), for
   poolings, so the bottleneck sees the whole patch; the default 16..128 sees 68 pixels);
 - SPOCO with full labels without the consistency term (``no-consistency``): with full
   labels the term covers every pixel and pulls f towards a momentum copy that, after 2000
-  iterations at m = 0.999, still carries 14% of its initial weights.
+  iterations at m = 0.999, still carries 14% of its initial weights;
+- SPOCO with full labels and the momentum ramp (``ramp``: ``--momentum-ramp``, g is the
+  mean of f's iterates until m takes over, so none of f's initial weights stay in it).
 
 Every run is `spoco-vol train` on cvppp_train.zarr (the last 10 images validate full-label
 runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol evaluate
@@ -23,7 +25,7 @@ runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol eva
 WORK/cvppp.json and the table to WORK/cvppp.md.
 
     python benchmarks/prepare_cvppp.py /tmp/cvppp
-    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,dl,adversarial,p0.1,p0.4,p0.8]
+    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,dl,adversarial,p0.1,p0.4,p0.8]
         [--seeds 0,1,2] [--iterations N]
 
 --seeds applies to every requested setting (default 0 for the full-label ones, whose
@@ -59,6 +61,10 @@ def runs(only, seeds):
          [("full, no consistency term, GT foreground", "gt"),
           ("full, no consistency term, GT foreground as the only background rule", "gt-only"),
           ("full, no consistency term, no mask", "none")]),
+        ("ramp", [*FULL, "--momentum-ramp"],
+         [("full, momentum ramp, GT foreground", "gt"),
+          ("full, momentum ramp, GT foreground as the only background rule", "gt-only"),
+          ("full, momentum ramp, no mask", "none")]),
         ("dl", ["--val-sections", "10", "--loss", "discriminative"], [("discriminative loss, GT foreground", "gt")]),
         ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"],
          [("full + adversarial term, GT foreground", "gt")]),

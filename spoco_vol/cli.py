@@ -191,6 +191,10 @@ def cli():
 @click.option("--background-warmup", type=click.IntRange(0), default=_D["background_warmup"], show_default=True,
               help="Iterations before the pseudo-background term starts.")
 @click.option("--momentum", type=float, default=_D["momentum"], show_default=True, help="EMA momentum m of network g.")
+@click.option("--momentum-ramp", is_flag=True,
+              help="Ramp g's momentum up as min(m, 1 - 1/(t + 1)) at step t (the mean teacher's ramp): g is the "
+                   "running mean of f's iterates until m takes over, so f's initial weights leave g; with the "
+                   "constant m, 0.999^t of them stay (14% after 2000 steps).")
 @click.option("--adversarial-weight", type=float, default=_D["adversarial_weight"], show_default=True,
               help="beta of the adversarial instance term: a WGAN-GP critic tells ground-truth instance masks from "
                    "the embeddings' soft masks (paper, appendix A.1); 0: off.")

@@ -50,6 +50,7 @@ class TrainConfig:
     background_warmup: int = 0             # iterations before it starts (g must mean something)
     background_select_radius: float | None = None  # pseudo-background: g within this of its mode (default delta_d)
     momentum: float = 0.999
+    momentum_ramp: bool = False            # g starts as the running mean of f's iterates (mean-teacher ramp)
     offset_distances: Sequence[int] | None = None  # long-range affinity offsets [default: 3, 9, 27 per axis]
     downsample: Sequence[float] | None = None  # input voxels per model pixel, (z, y, x) [default: to --init's
                                                # voxel size when fine-tuning, else 1, 1, 1]
@@ -149,6 +150,9 @@ class TrainConfig:
         if self.consistency_network not in ("momentum", "shared", "dropout", "separate"):
             raise SpocoInputError("--consistency-network must be momentum, shared, dropout or separate, "
                                   f"got {self.consistency_network!r}")
+        if self.momentum_ramp and self.consistency_network != "momentum":
+            raise SpocoInputError("--momentum-ramp ramps the momentum network's m: it needs --consistency-network "
+                                  f"momentum, got {self.consistency_network}")
         if self.adversarial_weight < 0:
             raise SpocoInputError(f"--adversarial-weight must be >= 0, got {self.adversarial_weight}")
         if self.dropout is not None and not 0 <= self.dropout < 1:

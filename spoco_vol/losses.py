@@ -513,10 +513,10 @@ class ConsistencyTeacher:
     """
 
     def __init__(self, variant: str, f: nn.Module, momentum: float = 0.999, build=None, optimizer=None,
-                 loss: Optional[nn.Module] = None):
+                 loss: Optional[nn.Module] = None, ramp: bool = False):
         if variant not in TEACHERS:
             raise SpocoInputError(f"--consistency-network must be one of {', '.join(TEACHERS)}, got {variant!r}")
-        self.variant, self.f, self.momentum = variant, f, momentum
+        self.variant, self.f, self.momentum, self.ramp = variant, f, momentum, ramp
         self.g = None
         if variant == "momentum":
             self.g = make_momentum_network(f)
@@ -540,12 +540,19 @@ class ConsistencyTeacher:
         with torch.no_grad():
             return forward(self.network(), x).float()
 
+    def momentum_at(self, step: int) -> float:
+        """g's momentum after f's ``step``-th update (1-based): m, or with the ramp
+        min(m, 1 - 1/(step + 1)), which makes g the plain mean of f's iterates
+        f_0..f_step until m takes over (Tarvainen & Valpola, mean teacher): a constant m
+        leaves m^step of f's initial weights in g."""
+        return min(self.momentum, 1.0 - 1.0 / (step + 1)) if self.ramp else self.momentum
+
     def after_step(self, forward=None, x: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                   generator: Optional[torch.Generator] = None) -> Optional[float]:
-        """Update g after f's step: the moving average, or (separate) one step of g's own
-        training on the batch ``x``/``labels``; returns that step's loss."""
+                   generator: Optional[torch.Generator] = None, step: int = 0) -> Optional[float]:
+        """Update g after f's ``step``-th update: the moving average, or (separate) one
+        step of g's own training on the batch ``x``/``labels``; returns that step's loss."""
         if self.variant == "momentum":
-            update_momentum_network(self.f, self.g, self.momentum)
+            update_momentum_network(self.f, self.g, self.momentum_at(step))
         elif self.variant == "separate":
             total, _ = self.loss(forward(self.g, x).float(), labels, generator=generator)
             self.optimizer.step(total)

@@ -182,7 +182,8 @@ def train(cfg: TrainConfig) -> dict:
             torch.manual_seed(cfg.seed + 1)
             return model_mod.UNet(**net.config).to(device).train()
     teacher = None if not use_g else losses.ConsistencyTeacher(
-        cfg.consistency_network, net, cfg.momentum, build=build_g, optimizer=optimization, loss=val_loss_fn)
+        cfg.consistency_network, net, cfg.momentum, build=build_g, optimizer=optimization, loss=val_loss_fn,
+        ramp=cfg.momentum_ramp)
     adversary = None
     if cfg.adversarial_weight > 0 and cfg.loss == "spoco":
         from .adversarial import AdversarialTerm
@@ -226,6 +227,7 @@ def train(cfg: TrainConfig) -> dict:
     def make(it: int, with_state: bool, background=None, val=None) -> checkpoint.Checkpoint:
         training = {"iterations": it, "mode": mode, "loss": cfg.loss, "object_fraction": cfg.object_fraction,
                     **({"consistency_network": cfg.consistency_network} if use_g else {}),
+                    **({"momentum_ramp": True} if use_g and cfg.momentum_ramp else {}),
                     "objects_used": info["objects_used"], "objects_total": info["objects_total"],
                     "objects_annotated": info["objects_annotated"], "objects_held_out": info["objects_held_out"],
                     "validation": score_kind, "seconds": round(state["elapsed"], 1), "downsample": ds,
@@ -290,7 +292,7 @@ def train(cfg: TrainConfig) -> dict:
             terms["adversarial"] = terms["adversarial"].detach()
         optim.step(total)
         if teacher is not None:
-            teacher.after_step(forward, x, y, gen)
+            teacher.after_step(forward, x, y, gen, step=it)
         now = time.perf_counter()
         state["elapsed"] += now - last["t"]
         last["t"] = now

@@ -299,6 +299,32 @@ def test_ema_moves_g_toward_f():
         update_momentum_network(f, nn.Conv2d(1, 4, 3), m)
 
 
+def test_momentum_ramp_makes_g_the_mean_of_fs_iterates():
+    """With the ramp, g after step t is the plain mean of f_0..f_t until m takes over, so
+    f's initial weights fade as 1/(t+1) and then as m^t; without it they keep m^t."""
+    from spoco_vol.losses import ConsistencyTeacher
+    torch.manual_seed(0)
+    f = nn.Linear(3, 2)
+    ramped, constant = ConsistencyTeacher("momentum", f, 0.9, ramp=True), ConsistencyTeacher("momentum", f, 0.9)
+    iterates = [f.weight.detach().clone()]
+    for t in range(1, 21):
+        with torch.no_grad():  # a training step of f
+            f.weight.add_(torch.randn_like(f.weight))
+        iterates.append(f.weight.detach().clone())
+        ramped.after_step(step=t)
+        constant.after_step(step=t)
+        if t <= 9:  # 1 - 1/(t + 1) <= m = 0.9
+            torch.testing.assert_close(ramped.g.weight, torch.stack(iterates).mean(0))
+    assert [ramped.momentum_at(t) for t in (1, 3, 9, 10, 100)] == pytest.approx([0.5, 0.75, 0.9, 0.9, 0.9])
+    assert constant.momentum_at(1) == 0.9
+    # from step 10 on both are EMAs with m: the ramped g is then that EMA started from the mean
+    expected = torch.stack(iterates[:10]).mean(0)
+    for w in iterates[10:]:
+        expected = 0.9 * expected + 0.1 * w
+    torch.testing.assert_close(ramped.g.weight, expected)
+    assert not torch.allclose(constant.g.weight, expected)
+
+
 def test_g_gets_no_gradient():
     f, lab = random_batch(dtype=torch.float32)
     g = (f + 0.3 * torch.randn_like(f)).requires_grad_(True)

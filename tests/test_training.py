@@ -120,10 +120,11 @@ def test_threads_option_sets_the_torch_thread_count(blob_volume, tmp_path):
         torch.set_num_threads(before)
 
 
-def test_resume_continues_exactly(blob_volume, tmp_path):
+@pytest.mark.parametrize("ramp", [[], ["--momentum-ramp"]])
+def test_resume_continues_exactly(blob_volume, tmp_path, ramp):
     raw, labels = blob_volume
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-    args = ("--iterations", "6", "--object-fraction", "0.5")
+    args = ("--iterations", "6", "--object-fraction", "0.5", *ramp)
     assert run(train_args(raw, labels, straight, *args)).exit_code == 0
     r = run(train_args(raw, labels, split, *args, "--stop-after", "4"))
     assert r.exit_code == 0 and '"stopped_at": 4' in r.output
@@ -134,6 +135,7 @@ def test_resume_continues_exactly(blob_volume, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     for k in a["training_state"]["momentum_state"]:
         assert torch.equal(a["training_state"]["momentum_state"][k], b["training_state"]["momentum_state"][k])
+    assert a["training"].get("momentum_ramp", False) == bool(ramp)
     la = list(csv.DictReader(open(os.path.join(straight, "log.csv"))))
     lb = list(csv.DictReader(open(os.path.join(split, "log.csv"))))
     assert [r["total"] for r in la] == [r["total"] for r in lb]
@@ -184,7 +186,8 @@ def test_bad_parameters_write_nothing(blob_volume, tmp_path):
     for extra, word in ((["--threshold", "1.5"], "threshold"), (["--downsample", "1,0,1"], "downsample"),
                         (["--downsample", "2,1,1"], "z factor"), (["--voxel-size", "0,1,1"], "voxel-size"),
                         (["--delta-v", "0"], "delta-v"), (["--loss-margin", "16"], "loss-margin"),
-                        (["--loss-margin", "1,2,3"], "loss-margin")):
+                        (["--loss-margin", "1,2,3"], "loss-margin"),
+                        (["--momentum-ramp", "--consistency-network", "shared"], "momentum-ramp")):
         r = CliRunner().invoke(cli, train_args(raw, labels, out, *extra))
         assert r.exit_code == 2 and word in r.output and not os.path.exists(out), (extra, r.output)
     (tmp_path / "afile").write_text("x")
