@@ -207,9 +207,11 @@ def train(cfg: TrainConfig) -> dict:
                 or list(saved.get("patch_shape", [])) != list(cfg.patch_shape) \
                 or saved.get("batch_size") != cfg.batch_size \
                 or list(saved.get("loss_margin", [0] * cfg.dims)) != margins \
-                or bool(saved.get("no_background")) != cfg.no_background:
+                or bool(saved.get("no_background")) != cfg.no_background \
+                or bool(saved.get("momentum_ramp")) != bool(use_g and cfg.momentum_ramp):
             raise SpocoInputError(f"--resume: {cfg.out}/latest.pt was written by a different configuration "
-                                  "(architecture, mode, patch shape, loss margin, --no-background or batch size); "
+                                  "(architecture, mode, patch shape, loss margin, --no-background, --momentum-ramp "
+                                  "or batch size); "
                                   "rerun with those options")
         net.load_state_dict(st.state_dict)
         if teacher is not None and teacher.keeps_a_network:

@@ -203,6 +203,8 @@ def test_resume_refuses_a_different_configuration(blob_volume, tmp_path):
     assert r.exit_code == 2 and "different configuration" in r.output
     r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "4", "--resume", "--loss-margin", "2"))
     assert r.exit_code == 2 and "different configuration" in r.output
+    r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "4", "--resume", "--momentum-ramp"))
+    assert r.exit_code == 2 and "different configuration" in r.output
     # a margin is recorded, so resuming without it is refused too
     out2 = str(tmp_path / "run_margin")
     margin_run = train_args(raw, labels, out2, "--iterations", "4", "--stop-after", "2", "--loss-margin", "2")
