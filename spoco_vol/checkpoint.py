@@ -317,11 +317,13 @@ class Checkpoint:
         """A copy with top-level provenance fields set (training_data, calibration_command, ...)."""
         return self._with(**fields)
 
-    def with_segment_overrides(self, overrides: dict) -> "Checkpoint":
-        """The checkpoint as a segmentation run with these overrides applies it:
-        ``min_size`` replaces the size floor (model voxels); ``mask_is_foreground`` drops
-        the model's own background rules (the classifier and the embeddings' background
-        radius), so that the run's mask alone decides the background."""
+    def with_segment_overrides(self, overrides) -> "Checkpoint":
+        """The checkpoint as a segmentation run with these overrides (a dict or its items)
+        applies it: ``min_size`` replaces the size floor (model voxels);
+        ``mask_is_foreground`` drops the model's own background rules (the classifier and
+        the embeddings' background radius), so that the run's mask alone decides the
+        background."""
+        overrides = dict(overrides)
         unknown = set(overrides) - {"min_size", "mask_is_foreground"}
         if unknown:
             raise ValueError(f"unknown segmentation overrides {sorted(unknown)}")

@@ -43,7 +43,7 @@ def _load_model(path: str, with_momentum: bool = False, overrides: tuple = ()):
     """One model load per worker process, not per block: the checkpoint and its networks
     (embeddings, foreground classifier, and for consistency clustering the momentum one)."""
     from ..inference import for_inference
-    model = checkpoint.load(path).with_segment_overrides(dict(overrides))
+    model = checkpoint.load(path).with_segment_overrides(overrides)
     nets = (model.network(), model.foreground_network(), model.momentum_network() if with_momentum else None)
     return model, tuple(for_inference(n) if n is not None else None for n in nets)
 

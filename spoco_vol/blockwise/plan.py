@@ -212,10 +212,10 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         raise SpocoInputError(f"--min-size must be non-negative, got {min_size}")
     if mask_is_foreground and not mask:
         raise SpocoInputError("--mask-is-foreground says what the --mask is: give a --mask")
-    overrides = tuple((k, v) for k, v in (("min_size", None if min_size is None else int(min_size)),
-                                          ("mask_is_foreground", True if mask_is_foreground else None))
-                      if v is not None)
-    ckpt = ckpt.with_segment_overrides(dict(overrides))
+    # hashable (the workers' model cache is keyed by it), only what was asked for
+    overrides = tuple((k, v) for k, v in (("min_size", min_size if min_size is None else int(min_size)),
+                                          ("mask_is_foreground", mask_is_foreground or None)) if v is not None)
+    ckpt = ckpt.with_segment_overrides(overrides)
     channels = ckpt.in_channels
     if channels > 1 and (arr.ndim < 3 or arr.shape[0] != channels):
         raise SpocoInputError(f"the model expects {channels} channels on the input's first axis, (C, Y, X) or "

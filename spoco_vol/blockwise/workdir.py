@@ -99,7 +99,7 @@ class WorkDir:
         `segment-affinities` needs to redo the watershed in their attributes; and the
         pixels that took part in it (``foreground``, its --mask)."""
         factors, ndim = plan.embedding_factors, len(plan.shape)
-        ckpt = checkpoint.load(plan.model_path).with_segment_overrides(dict(plan.overrides))
+        ckpt = checkpoint.load(plan.model_path).with_segment_overrides(plan.overrides)
         offsets = full_offsets(ckpt.inference.offsets, ndim)
         grid = [-(-n // f) for n, f in zip(plan.shape, factors)]
         chunks = [b // f for b, f in zip(plan.block_shape, factors)]
