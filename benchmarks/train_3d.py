@@ -42,8 +42,8 @@ SPARSE = ["--object-fraction", "0.1", "--background-weight", "1", "--background-
 # The ovule's cells fill the tissue (its labels have no 0): with 10% of them annotated the
 # unlabeled voxels are other cells, not background, so its sparse run models none.
 SPARSE_DENSE = ["--object-fraction", "0.1", "--no-background"]
-# Full labels without the consistency term: under full labels the term covers every voxel and pulls the
-# network towards its momentum copy (on CVPPP it cost SBD over three seeds; RESULTS.md, "CVPPP").
+# Full labels without the consistency term, an ablation: on CVPPP the term cost SBD under full labels, on
+# VNC it is worth 0.05 AP@0.5; here one rotation gains and the other loses (RESULTS.md, 3D section).
 NO_CONSISTENCY = ["--consistency-weight", "0"]
 BLOCK = [64, 80, 80]
 

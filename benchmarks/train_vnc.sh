@@ -93,4 +93,5 @@ $py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/p10_bg_r3_t
 spoco-vol train "${common[@]}" --iterations 2400 --out "$work/runs/full_nocons" --consistency-weight 0
 spoco-vol calibrate --model "$work/runs/full_nocons/best.pt" --raw "$work/vnc_train.zarr/raw" \
     --labels "$work/vnc_train.zarr/labels" --z-range 12,13 --out "$work/runs/full_nocons/calibrated.pt" --overwrite
-$py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work/runs/full_nocons/calibrated.pt" spoco_vol/data/vnc_mito_2d.pt
+$py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work/runs/full_nocons/calibrated.pt" \
+    spoco_vol/data/vnc_mito_2d.pt
