@@ -111,9 +111,9 @@ def main():
             if key in results:
                 continue
             out = os.path.join(a.work, "runs", key)
-            extra = (["--val-sections", str(val_sections)] if setting == "full" else
-                     ["--val-sections", str(val_sections), *NO_CONSISTENCY] if setting == "no-consistency" else
-                     SPARSE_DENSE if name == "ovule" else SPARSE)
+            held_out = ["--val-sections", str(val_sections)]
+            extra = (held_out if setting == "full" else [*held_out, *NO_CONSISTENCY] if setting == "no-consistency"
+                     else SPARSE_DENSE if name == "ovule" else SPARSE)
             cmd = [exe, "train", *data, "--dims", "3", *options, *extra, "--out", out, "--quiet"]
             threads = ["--threads", str(a.threads)] if a.threads else []
             if not os.path.exists(os.path.join(out, "summary.json")):

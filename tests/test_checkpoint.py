@@ -222,3 +222,28 @@ def test_checkpoint_changes_make_copies():
     assert calibrated.inference.min_size == 3
     assert ckpt.training_state == {"iteration": 5} and calibrated.for_inference().training_state is None
     assert "state_dict" not in ckpt.summary() and ckpt.summary()["sha256"] == ckpt.sha256
+
+
+def test_segment_overrides_replace_the_floor_and_drop_the_background_rules():
+    """`segment --min-size` replaces the size floor; `--mask-is-foreground` drops the
+    classifier and the embeddings' background radius (the mask alone decides the
+    background); a dict and its items (as a segment plan holds them) give the same
+    checkpoint; an unknown key is refused; the original is left as it was."""
+    from spoco_vol.checkpoint import foreground_entry
+    net = UNet(dims=2, features=(4, 8), embedding_dim=2)
+    ckpt = _ckpt(net, inference={"background_embedding": [1.0, 2.0], "background_radius": 1.5, "min_size": 9})
+    ckpt = ckpt.with_foreground(foreground_entry(UNet(dims=2, features=(4, 8), embedding_dim=1),
+                                                 background_radius=0.25))
+    floor = ckpt.with_segment_overrides({"min_size": 40})
+    assert floor.inference.min_size == 40 and floor.has_foreground and floor.inference.background_radius == 0.25
+    only_mask = ckpt.with_segment_overrides((("mask_is_foreground", True),))
+    assert not only_mask.has_foreground and only_mask.inference.min_size == 9
+    assert only_mask.inference.background_embedding is None and only_mask.inference.background_radius is None
+    both = ckpt.with_segment_overrides((("min_size", 0), ("mask_is_foreground", True)))
+    assert both.inference.background_rule() == ckpt.with_segment_overrides(
+        {"mask_is_foreground": True, "min_size": 0}).inference.background_rule()
+    assert both.inference.min_size == 0 and not both.has_foreground
+    assert ckpt.with_segment_overrides(()).inference.background_rule() == ckpt.inference.background_rule()
+    assert ckpt.has_foreground and ckpt.inference.min_size == 9 and ckpt.inference.background_radius == 0.25
+    with pytest.raises(ValueError, match="unknown segmentation overrides"):
+        ckpt.with_segment_overrides({"tta": True})

@@ -213,8 +213,8 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
     if mask_is_foreground and not mask:
         raise SpocoInputError("--mask-is-foreground says what the --mask is: give a --mask")
     # hashable (the workers' model cache is keyed by it), only what was asked for
-    overrides = tuple((k, v) for k, v in (("min_size", min_size if min_size is None else int(min_size)),
-                                          ("mask_is_foreground", mask_is_foreground or None)) if v is not None)
+    overrides = ((("min_size", int(min_size)),) if min_size is not None else ()) + \
+        ((("mask_is_foreground", True),) if mask_is_foreground else ())
     ckpt = ckpt.with_segment_overrides(overrides)
     channels = ckpt.in_channels
     if channels > 1 and (arr.ndim < 3 or arr.shape[0] != channels):
