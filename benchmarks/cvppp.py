@@ -70,7 +70,7 @@ def runs(only, seeds):
         ("lr", [*FULL, "--lr", "1e-3"],
          [("full, lr 1e-3, GT foreground", "gt"),
           ("full, lr 1e-3, GT foreground as the only background rule", "gt-only"),
-          ("full, lr 1e-3, no mask", "none")]),
+          ("full, lr 1e-3, predicted foreground", "classifier"), ("full, lr 1e-3, no mask", "none")]),
         ("dl", ["--val-sections", "10", "--loss", "discriminative"], [("discriminative loss, GT foreground", "gt")]),
         ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"],
          [("full + adversarial term, GT foreground", "gt")]),
