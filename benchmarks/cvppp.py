@@ -47,6 +47,8 @@ SPARSE = ["--background-weight", "1", "--background-warmup", "300", "--backgroun
           "--foreground-iterations", "600"]
 DEEP = "16,32,64,128,256,512"  # the paper's CVPPP U-Net (kreshuklab/spoco README)
 FULL = ["--val-sections", "10", "--foreground-iterations", "600"]  # full labels: the last 10 images validate
+MASKS = {"gt": "GT foreground", "gt-only": "GT foreground as the only background rule",
+         "classifier": "predicted foreground", "none": "no mask"}  # how segment_and_score masks the test images
 PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "full, no mask": 0.886,
          "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
 
@@ -54,26 +56,17 @@ PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "ful
 def runs(only, seeds):
     """(run name, seed, train options, [(setting, mask kind)]) of each requested run. Seed
     0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>."""
+    def rows(label, *mask_kinds):  # the settings' names are the keys of WORK/cvppp.json
+        return [(f"{label}, {MASKS[kind]}", kind) for kind in mask_kinds]
     full_label = [
-        ("full", FULL, [("full, GT foreground", "gt"), ("full, GT foreground as the only background rule", "gt-only"),
-                        ("full, predicted foreground", "classifier"), ("full, no mask", "none")]),
-        ("deep", [*FULL, "--features", DEEP],
-         [("full, paper's depth, GT foreground", "gt"), ("full, paper's depth, no mask", "none")]),
+        ("full", FULL, rows("full", "gt", "gt-only", "classifier", "none")),
+        ("deep", [*FULL, "--features", DEEP], rows("full, paper's depth", "gt", "none")),
         ("no-consistency", [*FULL, "--consistency-weight", "0"],
-         [("full, no consistency term, GT foreground", "gt"),
-          ("full, no consistency term, GT foreground as the only background rule", "gt-only"),
-          ("full, no consistency term, no mask", "none")]),
-        ("ramp", [*FULL, "--momentum-ramp"],
-         [("full, momentum ramp, GT foreground", "gt"),
-          ("full, momentum ramp, GT foreground as the only background rule", "gt-only"),
-          ("full, momentum ramp, no mask", "none")]),
-        ("lr", [*FULL, "--lr", "1e-3"],
-         [("full, lr 1e-3, GT foreground", "gt"),
-          ("full, lr 1e-3, GT foreground as the only background rule", "gt-only"),
-          ("full, lr 1e-3, predicted foreground", "classifier"), ("full, lr 1e-3, no mask", "none")]),
-        ("dl", ["--val-sections", "10", "--loss", "discriminative"], [("discriminative loss, GT foreground", "gt")]),
-        ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"],
-         [("full + adversarial term, GT foreground", "gt")]),
+         rows("full, no consistency term", "gt", "gt-only", "none")),
+        ("ramp", [*FULL, "--momentum-ramp"], rows("full, momentum ramp", "gt", "gt-only", "none")),
+        ("lr", [*FULL, "--lr", "1e-3"], rows("full, lr 1e-3", "gt", "gt-only", "classifier", "none")),
+        ("dl", ["--val-sections", "10", "--loss", "discriminative"], rows("discriminative loss", "gt")),
+        ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"], rows("full + adversarial term", "gt")),
     ]
     out = [(name if s == 0 else f"{name}_s{s}", s, options, evaluations)
            for name, options, evaluations in full_label if name in only for s in seeds or [0]]

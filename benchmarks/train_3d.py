@@ -112,8 +112,12 @@ def main():
                 continue
             out = os.path.join(a.work, "runs", key)
             held_out = ["--val-sections", str(val_sections)]
-            extra = (held_out if setting == "full" else [*held_out, *NO_CONSISTENCY] if setting == "no-consistency"
-                     else SPARSE_DENSE if name == "ovule" else SPARSE)
+            if setting == "full":
+                extra = held_out
+            elif setting == "no-consistency":
+                extra = [*held_out, *NO_CONSISTENCY]
+            else:
+                extra = SPARSE_DENSE if name == "ovule" else SPARSE
             cmd = [exe, "train", *data, "--dims", "3", *options, *extra, "--out", out, "--quiet"]
             threads = ["--threads", str(a.threads)] if a.threads else []
             if not os.path.exists(os.path.join(out, "summary.json")):
