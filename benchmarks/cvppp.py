@@ -18,8 +18,10 @@ used to choose anything), for
   iterations at m = 0.999, still carries 14% of its initial weights;
 - SPOCO with full labels and the momentum ramp (``ramp``: ``--momentum-ramp``, g is the
   mean of f's iterates until m takes over, so none of f's initial weights stay in it);
-- SPOCO with full labels at learning rate 1e-3 (``lr``) instead of 2e-4: the embeddings
-  are under-trained at 2000 iterations, and on the 3D nuclei 1e-3 did better.
+
+``--lr`` trains every requested setting at another learning rate (``--only full --lr 1e-3``:
+the embeddings are under-trained at 2000 iterations at 2e-4, and on the 3D nuclei 1e-3 did
+better); its runs and rows are named apart (``full_lr1e-3``, "full, lr 1e-3, ...").
 
 Every run is `spoco-vol train` on cvppp_train.zarr (the last 10 images validate full-label
 runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol evaluate
@@ -27,8 +29,8 @@ runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol eva
 WORK/cvppp.json and the table to WORK/cvppp.md.
 
     python benchmarks/prepare_cvppp.py /tmp/cvppp
-    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,lr,dl,adversarial,p0.1,p0.4,p0.8]
-        [--seeds 0,1,2] [--iterations N]
+    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,dl,adversarial,p0.1,p0.4,p0.8]
+        [--seeds 0,1,2] [--iterations N] [--lr LR]
 
 --seeds applies to every requested setting (default 0 for the full-label ones, whose
 seed changes only the initialisation and the patches; 0,1,2 for SPOCO@p).
@@ -53,27 +55,29 @@ PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "ful
          "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
 
 
-def runs(only, seeds):
+def runs(only, seeds, lr=None):
     """(run name, seed, train options, [(setting, mask kind)]) of each requested run. Seed
-    0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>."""
+    0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>. With
+    lr (a string as given to train's --lr) every run trains at it, named apart."""
+    tag, at_lr, lr_option = (f"_lr{lr}", f", lr {lr}", ["--lr", lr]) if lr else ("", "", [])
+
     def rows(label, *mask_kinds):  # the settings' names are the keys of WORK/cvppp.json
-        return [(f"{label}, {MASKS[kind]}", kind) for kind in mask_kinds]
+        return [(f"{label}{at_lr}, {MASKS[kind]}", kind) for kind in mask_kinds]
     full_label = [
         ("full", FULL, rows("full", "gt", "gt-only", "classifier", "none")),
         ("deep", [*FULL, "--features", DEEP], rows("full, paper's depth", "gt", "none")),
         ("no-consistency", [*FULL, "--consistency-weight", "0"],
          rows("full, no consistency term", "gt", "gt-only", "none")),
         ("ramp", [*FULL, "--momentum-ramp"], rows("full, momentum ramp", "gt", "gt-only", "none")),
-        ("lr", [*FULL, "--lr", "1e-3"], rows("full, lr 1e-3", "gt", "gt-only", "classifier", "none")),
         ("dl", ["--val-sections", "10", "--loss", "discriminative"], rows("discriminative loss", "gt")),
         ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"], rows("full + adversarial term", "gt")),
     ]
-    out = [(name if s == 0 else f"{name}_s{s}", s, options, evaluations)
+    out = [(name + tag if s == 0 else f"{name}{tag}_s{s}", s, [*options, *lr_option], evaluations)
            for name, options, evaluations in full_label if name in only for s in seeds or [0]]
     for p in ("0.1", "0.4", "0.8"):
         if f"p{p}" in only:
-            out += [(f"p{p}_s{s}", s, ["--object-fraction", p, *SPARSE], [(f"SPOCO@{p}", "classifier")])
-                    for s in seeds or [0, 1, 2]]
+            out += [(f"p{p}{tag}_s{s}", s, ["--object-fraction", p, *SPARSE, *lr_option],
+                     [(f"SPOCO@{p}{at_lr}", "classifier")]) for s in seeds or [0, 1, 2]]
     return out
 
 
@@ -107,12 +111,15 @@ def main():
     p.add_argument("--only", default="full,dl,adversarial,p0.1,p0.4,p0.8")
     p.add_argument("--seeds", default=None, help="default: 0 for full-label settings, 0,1,2 for SPOCO@p")
     p.add_argument("--iterations", type=int, default=ITERATIONS)
+    p.add_argument("--lr", default=None, help="train every requested setting at this learning rate "
+                   "[default: spoco-vol train's]")
     a = p.parse_args()
     path = os.path.join(a.work, "cvppp.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
     train = os.path.join(a.work, "cvppp_train.zarr")
-    for name, seed, options, evaluations in runs(a.only.split(","), a.seeds and [int(s) for s in a.seeds.split(",")]):
+    for name, seed, options, evaluations in runs(a.only.split(","), a.seeds and [int(s) for s in a.seeds.split(",")],
+                                                a.lr):
         out = os.path.join(a.work, "runs", name)
         if not os.path.exists(os.path.join(out, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]
