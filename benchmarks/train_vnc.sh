@@ -95,3 +95,16 @@ spoco-vol calibrate --model "$work/runs/full_nocons/best.pt" --raw "$work/vnc_tr
     --labels "$work/vnc_train.zarr/labels" --z-range 12,13 --out "$work/runs/full_nocons/calibrated.pt" --overwrite
 $py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work/runs/full_nocons/calibrated.pt" \
     spoco_vol/data/vnc_mito_2d.pt
+# Full labels at learning rate 1e-3 (RESULTS.md, "Full labels at learning rate 1e-3"): the full
+# run's command with --lr 1e-3, calibrated on section 12 like the full run, and both models at
+# the size floors 25 and 200 (model pixels).
+spoco-vol train "${common[@]}" --iterations 2400 --out "$work/runs/full_lr1e-3" --lr 1e-3
+spoco-vol calibrate --model "$work/runs/full_lr1e-3/best.pt" --raw "$work/vnc_train.zarr/raw" \
+    --labels "$work/vnc_train.zarr/labels" --z-range 12,13 --out "$work/runs/full_lr1e-3/calibrated.pt" --overwrite
+floors="import sys; from spoco_vol import checkpoint
+ck = checkpoint.load(sys.argv[1])
+for floor in (25, 200):
+    checkpoint.save(ck.with_segment_overrides({'min_size': floor}), f'{sys.argv[2]}_floor{floor}.pt')"
+$py -c "$floors" "$work/runs/full_lr1e-3/calibrated.pt" "$work/runs/full_lr1e-3/lr1e-3"
+$py -c "$floors" spoco_vol/data/vnc_mito_2d.pt "$work/runs/full_lr1e-3/bundled"
+$py benchmarks/eval_vnc.py --test "$work/vnc_test.zarr" "$work"/runs/full_lr1e-3/{lr1e-3,bundled}_floor{25,200}.pt
