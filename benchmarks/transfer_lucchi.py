@@ -10,12 +10,16 @@ Every run is the shipped command with its defaults, each seed annotating other o
                     --mode sparse --downsample 1,1.84,1.84 --iterations 2000 (+ the recipe's terms:
                     FINE_TUNE_RECIPE without the model)
   all labels:   spoco-vol train --raw TRAIN/raw --labels TRAIN/labels --out RUN --seed S
-                    --downsample 1,1.84,1.84 --iterations 2000
+                    --downsample 1,1.84,1.84 --iterations 2000 --lr 2e-4
+The from-scratch runs train at --lr (default 2e-4, the learning rate of the table's rows;
+`spoco-vol train` has defaulted to 1e-3 with full labels since); another rate names its
+runs and rows apart (``full_s0_lr1e-3``, "from scratch, all labels, lr 1e-3").
 Runs already finished are not redone; results go to WORK/transfer.json, one entry per
 run, and the table is printed (and written to WORK/transfer.md).
 
     python benchmarks/prepare_lucchi.py /tmp/lucchi
     python benchmarks/transfer_lucchi.py /tmp/lucchi [--only fine-tune] [--seeds 0,1,2] [--fractions 1,5,10]
+        [--lr 2e-4]
 """
 import argparse
 import json
@@ -27,6 +31,7 @@ import time
 import numpy as np
 
 SCRATCH_ITERATIONS = 2000
+SCRATCH_LR = "2e-4"
 DOWNSAMPLE = "1,1.84,1.84"   # 5 nm -> the bundled model's 9.2 nm: the same resolution as fine-tuning
 
 
@@ -38,19 +43,27 @@ def _recipe_flags():
             "--foreground-iterations", str(r["foreground_iterations"])]
 
 
-def commands(work, kind, pct, seed):
+def run_key(kind, pct, seed, lr):
+    """The run's key in WORK/transfer.json; a from-scratch run at another rate than SCRATCH_LR is named apart."""
+    return f"{kind}_p{pct}_s{seed}" + (f"_lr{lr}" if kind in ("scratch", "full") and lr != SCRATCH_LR else "")
+
+
+def commands(work, kind, pct, seed, lr=SCRATCH_LR):
     train = os.path.join(work, "lucchi_train.zarr")
-    out = os.path.join(work, "runs", f"{kind}_p{pct}_s{seed}" if pct else f"{kind}_s{seed}")
+    name = f"{kind}_p{pct}_s{seed}" if pct else f"{kind}_s{seed}"
+    out = os.path.join(work, "runs", name + run_key(kind, pct, seed, lr)[len(f"{kind}_p{pct}_s{seed}"):])
     labels = f"{train}/sparse_p{pct}_s{seed}"
     if kind == "fine-tune":
         cmd = ["spoco-vol", "fine-tune", "--raw", f"{train}/raw", "--labels", labels, "--out", out,
                "--seed", str(seed), "--quiet"]
     elif kind == "scratch":
         cmd = ["spoco-vol", "train", "--raw", f"{train}/raw", "--labels", labels, "--out", out, "--seed", str(seed),
-               "--downsample", DOWNSAMPLE, "--iterations", str(SCRATCH_ITERATIONS), "--quiet", *_recipe_flags()]
+               "--downsample", DOWNSAMPLE, "--iterations", str(SCRATCH_ITERATIONS), "--lr", lr, "--quiet",
+               *_recipe_flags()]
     else:  # all labels, full supervision
         cmd = ["spoco-vol", "train", "--raw", f"{train}/raw", "--labels", f"{train}/labels", "--out", out,
-               "--seed", str(seed), "--downsample", DOWNSAMPLE, "--iterations", str(SCRATCH_ITERATIONS), "--quiet"]
+               "--seed", str(seed), "--downsample", DOWNSAMPLE, "--iterations", str(SCRATCH_ITERATIONS), "--lr", lr,
+               "--quiet"]
     return out, cmd
 
 
@@ -78,20 +91,20 @@ def table(results):
             "|---|---|---|---|---|---|---|"]
     groups = {}
     for r in results.values():
-        groups.setdefault((r["kind"], r["pct"]), []).append(r)
+        groups.setdefault((r["kind"], r["pct"], r.get("lr", SCRATCH_LR)), []).append(r)
     # "fine-tune-capped", "fine-tune-first", "scratch-first": runs kept from the earlier rules for the
     # background radius, when held-out objects chose it (capped at delta_d; the first rule,
     # uncapped), before it became delta_d (benchmarks/RESULTS.md, transfer)
     order = {"bundled": 0, "fine-tune": 1, "fine-tune-capped": 2, "fine-tune-first": 3, "scratch": 4,
              "scratch-first": 5, "full": 6}
-    for (kind, pct), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0)):
+    for (kind, pct, lr), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
         name = {"bundled": "bundled VNC model as is", "fine-tune": f"fine-tuned, {pct}% of the objects",
                 "fine-tune-capped": f"fine-tuned, {pct}%, radius chosen by held-out objects, capped at delta_d",
                 "fine-tune-first": f"fine-tuned, {pct}%, radius chosen by held-out objects (first rule)",
                 "scratch": f"from scratch, {pct}% of the objects",
                 "scratch-first": f"from scratch, {pct}%, radius chosen by held-out objects (first rule)",
-                "full": "from scratch, all labels"}[kind]
+                "full": "from scratch, all labels"}[kind] + (f", lr {lr}" if lr != SCRATCH_LR else "")
         aps = [r["test"]["ap@0.5"] for r in rs]
         # rows kept from RESULTS.md may lack mAP
         maps = [r["test"]["map"] for r in rs if r["test"].get("map") is not None]
@@ -108,6 +121,7 @@ def main():
     p.add_argument("--only", choices=["bundled", "fine-tune", "scratch", "full"], action="append")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fractions", default="1,5,10")
+    p.add_argument("--lr", default=SCRATCH_LR, help="learning rate of the from-scratch runs")
     a = p.parse_args()
     test = os.path.join(a.work, "lucchi_test.zarr")
     path = os.path.join(a.work, "transfer.json")
@@ -125,15 +139,17 @@ def main():
             plan += [(kind, pct, s) for pct in fractions for s in seeds]
     bin_dir = os.path.dirname(sys.executable)
     for kind, pct, seed in plan:
-        key = f"{kind}_p{pct}_s{seed}"
+        key = run_key(kind, pct, seed, a.lr)
         if key in results:
             continue
         entry = {"kind": kind, "pct": pct, "seed": seed}
+        if key != f"{kind}_p{pct}_s{seed}":
+            entry["lr"] = a.lr
         if kind == "bundled":
             from spoco_vol.pipeline import BUNDLED_MODEL
             entry["checkpoint"] = BUNDLED_MODEL
         else:
-            out, cmd = commands(a.work, kind, pct, seed)
+            out, cmd = commands(a.work, kind, pct, seed, a.lr)
             cmd[0] = os.path.join(bin_dir, cmd[0])
             if not os.path.exists(os.path.join(out, "summary.json")):
                 extra = ["--overwrite"] if os.path.exists(out) and not os.path.exists(out + "/latest.pt") else []

@@ -146,9 +146,10 @@ def cli():
 @click.option("--mode", type=click.Choice(["auto", "sparse", "full"]), default=_D["mode"], show_default=True,
               help="full: background (0) is an object; sparse: 0 is unlabeled. auto: full iff P = 1.")
 @click.option("--init", default=None,
-              help="Fine-tune from this checkpoint, a path or a bundled model's name (`spoco-vol models`); lr/10 by "
+              help="Fine-tune from this checkpoint, a path or a bundled model's name (`spoco-vol models`); lr 2e-5 by "
                    "default, and the data are resampled to its voxel size unless --downsample is given.")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4, or 2e-5 with --init].")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate [default: 1e-3 with full labels, 2e-4 with sparse ones, 2e-5 with --init].")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default=_D["schedule"], show_default=True)
 @click.option("--features", type=INTS, default=_csv(_D["features"]), show_default=True,
               help="U-Net features per level.")
