@@ -43,15 +43,15 @@ def _recipe_flags():
             "--foreground-iterations", str(r["foreground_iterations"])]
 
 
-def run_key(kind, pct, seed, lr):
-    """The run's key in WORK/transfer.json; a from-scratch run at another rate than SCRATCH_LR is named apart."""
-    return f"{kind}_p{pct}_s{seed}" + (f"_lr{lr}" if kind in ("scratch", "full") and lr != SCRATCH_LR else "")
+def lr_tag(kind, lr):
+    """What names a from-scratch run at another rate than SCRATCH_LR apart (its key and folder)."""
+    return f"_lr{lr}" if kind in ("scratch", "full") and lr != SCRATCH_LR else ""
 
 
 def commands(work, kind, pct, seed, lr=SCRATCH_LR):
     train = os.path.join(work, "lucchi_train.zarr")
     name = f"{kind}_p{pct}_s{seed}" if pct else f"{kind}_s{seed}"
-    out = os.path.join(work, "runs", name + run_key(kind, pct, seed, lr)[len(f"{kind}_p{pct}_s{seed}"):])
+    out = os.path.join(work, "runs", name + lr_tag(kind, lr))
     labels = f"{train}/sparse_p{pct}_s{seed}"
     if kind == "fine-tune":
         cmd = ["spoco-vol", "fine-tune", "--raw", f"{train}/raw", "--labels", labels, "--out", out,
@@ -139,12 +139,10 @@ def main():
             plan += [(kind, pct, s) for pct in fractions for s in seeds]
     bin_dir = os.path.dirname(sys.executable)
     for kind, pct, seed in plan:
-        key = run_key(kind, pct, seed, a.lr)
+        key = f"{kind}_p{pct}_s{seed}" + lr_tag(kind, a.lr)
         if key in results:
             continue
-        entry = {"kind": kind, "pct": pct, "seed": seed}
-        if key != f"{kind}_p{pct}_s{seed}":
-            entry["lr"] = a.lr
+        entry = {"kind": kind, "pct": pct, "seed": seed, **({"lr": a.lr} if lr_tag(kind, a.lr) else {})}
         if kind == "bundled":
             from spoco_vol.pipeline import BUNDLED_MODEL
             entry["checkpoint"] = BUNDLED_MODEL
