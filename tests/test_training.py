@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from spoco_vol import checkpoint, io
 from spoco_vol.cli import cli
+from spoco_vol.config import TrainConfig
 from spoco_vol.validation import FLOOR_MULTIPLES
 
 
@@ -250,6 +251,10 @@ def test_default_learning_rate_by_labels_and_init(blob_volume, tmp_path):
         first_lr[name] = float(next(csv.DictReader(open(out + "/log.csv")))["lr"])
     assert first_lr["full"] / first_lr["sparse"] == pytest.approx(5, rel=0.01)
     assert first_lr["full"] / first_lr["tuned"] == pytest.approx(50, rel=0.01)
+    # the values themselves, where the optimiser takes them from; --lr wins over every default
+    def rate(**settings):
+        return TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "cfg"), **settings).learning_rate
+    assert (rate(), rate(object_fraction=0.5), rate(init="x.pt"), rate(init="x.pt", lr=0.01)) == (1e-3, 2e-4, 2e-5, 0.01)
 
 
 def _bad(tmp_path, name, raw, labels, *extra):
@@ -359,7 +364,6 @@ def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
     annotated objects is held out: never in a training patch, and the score that
     chooses best.pt and calibrates the background is how well they are recovered."""
     from spoco_vol import data
-    from spoco_vol.config import TrainConfig
     from spoco_vol.training_data import prepare_volumes
     raw, labels, sparse = _sparse_volume(tmp_path)
     n = int(np.unique(sparse).size - 1)
