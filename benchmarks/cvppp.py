@@ -21,7 +21,8 @@ used to choose anything), for
 
 Every run trains at ``--lr`` (default 2e-4, the rate of the table's rows; `spoco-vol train`
 has defaulted to 1e-3 with full labels since). Another rate names its runs and rows apart
-(``--only full --lr 1e-3``: ``full_lr1e-3``, "full, lr 1e-3, ...").
+(``--only full --lr 1e-3``: ``full_lr1e-3``, "full, lr 1e-3, ..."), and so does another
+length than 2000 iterations (``--iterations 4000``: ``full_it4000``, "full, 4000 iterations, ...").
 
 Every run is `spoco-vol train` on cvppp_train.zarr (the last 10 images validate full-label
 runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol evaluate
@@ -56,11 +57,15 @@ PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "ful
          "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
 
 
-def runs(only, seeds, lr=LR):
+def runs(only, seeds, lr=LR, iterations=ITERATIONS):
     """(run name, seed, train options, [(setting, mask kind)]) of each requested run. Seed
     0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>. Every
-    run trains at lr (a string as given to train's --lr); another rate than LR is named apart."""
+    run trains at lr (a string as given to train's --lr) for iterations; another rate than
+    LR or another length than ITERATIONS is named apart (``_lr1e-3_it4000``, ", lr 1e-3,
+    4000 iterations")."""
     tag, at_lr = (f"_lr{lr}", f", lr {lr}") if lr != LR else ("", "")
+    if iterations != ITERATIONS:
+        tag, at_lr = f"{tag}_it{iterations}", f"{at_lr}, {iterations} iterations"
     lr_option = ["--lr", lr]
 
     def rows(label, *mask_kinds):  # the settings' names are the keys of WORK/cvppp.json
@@ -120,7 +125,7 @@ def main():
     exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
     train = os.path.join(a.work, "cvppp_train.zarr")
     for name, seed, options, evaluations in runs(a.only.split(","), a.seeds and [int(s) for s in a.seeds.split(",")],
-                                                a.lr):
+                                                a.lr, a.iterations):
         out = os.path.join(a.work, "runs", name)
         if not os.path.exists(os.path.join(out, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]
