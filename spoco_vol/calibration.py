@@ -166,9 +166,21 @@ def calibrate_size_floor(model: Checkpoint, images, device, amp: bool, embedding
     ``min_size_base`` so that a recalibration starts from it again) removes specks; the
     slivers a watershed cuts along object borders are larger, and only held-out labels
     tell how large before true objects go too."""
+    found = segment_at_base_floor(model, images, device, amp, embeddings, probabilities)
+    if found is None:
+        return model
+    segmentations, labels, base = found
+    floor, f1 = choose_size_floor(segmentations, labels, base)
+    return model.with_inference(min_size=floor, min_size_base=base, min_size_val_f1=round(f1, 4))
+
+
+def segment_at_base_floor(model: Checkpoint, images, device, amp: bool, embeddings=None, probabilities=None):
+    """(segmentations, labels, base floor) of the images of ``images`` that have objects,
+    segmented as ``calibrate_size_floor`` scores them (at the training's base floor, which
+    the floors tried are multiples of); None when no image has an object."""
     scored = [k for k, (_, lab) in enumerate(images) if lab.any()]
     if not scored:
-        return model
+        return None
     tta = model.inference.tta
     if embeddings is None:
         embeddings = embed(model.network().to(device), [images[k] for k in scored], device, amp, tta)
@@ -185,8 +197,7 @@ def calibrate_size_floor(model: Checkpoint, images, device, amp: bool, embedding
     base = max(1, int(model.inference_record.get("min_size_base", model.inference.min_size)))
     settings = dataclasses.replace(model.inference, min_size=base)
     segmentations = [held_out_segmentation(e, model.delta_d, settings, p) for e, p in zip(embeddings, probabilities)]
-    floor, f1 = choose_size_floor(segmentations, [images[k][1] for k in scored], base)
-    return model.with_inference(min_size=floor, min_size_base=base, min_size_val_f1=round(f1, 4))
+    return segmentations, [images[k][1] for k in scored], base
 
 
 def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, out: str = ""):

@@ -105,6 +105,26 @@ def choose_radius(radii: Sequence[float], scores: Sequence[float], objects_held_
     return (None if radii[i] is None else float(radii[i])), float(scores[i])
 
 
+def size_floor_counts(segmentations: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                      floors: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(true, false, missed) objects at IoU 0.5, pooled over held-out images with dense
+    labels, after each size floor of ``floors`` cleans up ``segmentations``."""
+    from .evaluation import average_precision
+    from .segmentation import clean_up_segments
+    counts = []
+    for floor in floors:
+        tp = fp = fn = 0
+        for seg, lab in zip(segmentations, labels):
+            m = average_precision(clean_up_segments(np.asarray(seg), floor), lab)
+            tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+        counts.append((tp, fp, fn))
+    return counts
+
+
+def f1_of_counts(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
 def choose_size_floor(segmentations: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                       base: int) -> tuple[int, float]:
     """(floor, F1) for segmentations of held-out images with dense labels (segmented with
@@ -119,17 +139,9 @@ def choose_size_floor(segmentations: Sequence[np.ndarray], labels: Sequence[np.n
     true ones. Only for dense labels: with held-out objects, a small object far from the
     annotations may be an unannotated true one.
     """
-    from .evaluation import average_precision
-    from .segmentation import clean_up_segments
     if base < 1:
         raise ValueError(f"the base size floor must be at least 1, got {base}")
     floors = [int(base) * m for m in FLOOR_MULTIPLES]
-    scores = []
-    for floor in floors:
-        tp = fp = fn = 0
-        for seg, lab in zip(segmentations, labels):
-            m = average_precision(clean_up_segments(np.asarray(seg), floor), lab)
-            tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    scores = [f1_of_counts(*c) for c in size_floor_counts(segmentations, labels, floors)]
     i = int(np.argmax(scores))  # the first maximum: the smallest floor among ties
     return floors[i], float(scores[i])

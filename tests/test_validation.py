@@ -4,7 +4,7 @@ import pytest
 
 from spoco_vol.evaluation import average_precision
 from spoco_vol.validation import (RADIUS_TOLERANCE, choose_radius, choose_size_floor, held_out_score,
-                                  object_recovery, panoptic_quality)
+                                  object_recovery, panoptic_quality, size_floor_counts)
 
 
 def _disc(shape, cy, cx, r):
@@ -100,3 +100,6 @@ def test_the_size_floor_rises_while_it_removes_more_false_objects_than_true_ones
     assert choose_size_floor([gt], [gt], base=10) == (10, 1.0)
     with pytest.raises(ValueError):
         choose_size_floor([gt], [gt], base=0)
+    # the counts behind the choice (benchmarks/size_floors.py prints them): the four slivers
+    # are false objects up to floor 20, the small object is lost (missed) at 160
+    assert size_floor_counts([seg], [gt], [10, 20, 40, 160]) == [(2, 4, 0), (2, 4, 0), (2, 0, 0), (1, 0, 1)]
