@@ -31,10 +31,12 @@ WORK/cvppp.json and the table to WORK/cvppp.md.
 
     python benchmarks/prepare_cvppp.py /tmp/cvppp
     python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,dl,adversarial,p0.1,p0.4,p0.8]
-        [--seeds 0,1,2] [--iterations N] [--lr LR]
+        [--seeds 0,1,2] [--iterations N] [--lr LR] [--extra-masks gt,gt-only]
 
 --seeds applies to every requested setting (default 0 for the full-label ones, whose
-seed changes only the initialisation and the patches; 0,1,2 for SPOCO@p).
+seed changes only the initialisation and the patches; 0,1,2 for SPOCO@p). --extra-masks
+segments every requested run with these masks too (a sparse run with the ground-truth
+foreground in place of its classifier: "SPOCO@0.8, GT foreground").
 """
 import argparse
 import json
@@ -57,34 +59,38 @@ PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "ful
          "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
 
 
-def runs(only, seeds, lr=LR, iterations=ITERATIONS):
+def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=()):
     """(run name, seed, train options, [(setting, mask kind)]) of each requested run. Seed
     0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>. Every
     run trains at lr (a string as given to train's --lr) for iterations; another rate than
     LR or another length than ITERATIONS is named apart (``_lr1e-3_it4000``, ", lr 1e-3,
-    4000 iterations")."""
-    tag, at_lr = (f"_lr{lr}", f", lr {lr}") if lr != LR else ("", "")
+    4000 iterations"). extra_masks: mask kinds to segment every run with besides its own
+    (``gt``: a sparse run with the ground-truth foreground in place of its classifier)."""
+    tag, at = (f"_lr{lr}", f", lr {lr}") if lr != LR else ("", "")
     if iterations != ITERATIONS:
-        tag, at_lr = f"{tag}_it{iterations}", f"{at_lr}, {iterations} iterations"
+        tag, at = f"{tag}_it{iterations}", f"{at}, {iterations} iterations"
     lr_option = ["--lr", lr]
-
-    def rows(label, *mask_kinds):  # the settings' names are the keys of WORK/cvppp.json
-        return [(f"{label}{at_lr}, {MASKS[kind]}", kind) for kind in mask_kinds]
-    full_label = [
-        ("full", FULL, rows("full", "gt", "gt-only", "classifier", "none")),
-        ("deep", [*FULL, "--features", DEEP], rows("full, paper's depth", "gt", "none")),
-        ("no-consistency", [*FULL, "--consistency-weight", "0"],
-         rows("full, no consistency term", "gt", "gt-only", "none")),
-        ("ramp", [*FULL, "--momentum-ramp"], rows("full, momentum ramp", "gt", "gt-only", "none")),
-        ("dl", ["--val-sections", "10", "--loss", "discriminative"], rows("discriminative loss", "gt")),
-        ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"], rows("full + adversarial term", "gt")),
+    full_label = [  # (name, train options, the rows' label, mask kinds)
+        ("full", FULL, "full", ("gt", "gt-only", "classifier", "none")),
+        ("deep", [*FULL, "--features", DEEP], "full, paper's depth", ("gt", "none")),
+        ("no-consistency", [*FULL, "--consistency-weight", "0"], "full, no consistency term", ("gt", "gt-only", "none")),
+        ("ramp", [*FULL, "--momentum-ramp"], "full, momentum ramp", ("gt", "gt-only", "none")),
+        ("dl", ["--val-sections", "10", "--loss", "discriminative"], "discriminative loss", ("gt",)),
+        ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"], "full + adversarial term", ("gt",)),
     ]
-    out = [(name + tag if s == 0 else f"{name}{tag}_s{s}", s, [*options, *lr_option], evaluations)
-           for name, options, evaluations in full_label if name in only for s in seeds or [0]]
+    out = []  # the settings' names are the keys of WORK/cvppp.json
+    for name, options, label, kinds in full_label:
+        if name in only:
+            rows = [(f"{label}{at}, {MASKS[kind]}", kind) for kind in kinds]
+            rows += [(f"{label}{at}, {MASKS[kind]}", kind) for kind in extra_masks if kind not in kinds]
+            out += [(name + tag if s == 0 else f"{name}{tag}_s{s}", s, [*options, *lr_option], rows)
+                    for s in seeds or [0]]
     for p in ("0.1", "0.4", "0.8"):
-        if f"p{p}" in only:
-            out += [(f"p{p}{tag}_s{s}", s, ["--object-fraction", p, *SPARSE, *lr_option],
-                     [(f"SPOCO@{p}{at_lr}", "classifier")]) for s in seeds or [0, 1, 2]]
+        if f"p{p}" in only:  # its own row, with its (positive-unlabeled) classifier, is named bare
+            rows = [(f"SPOCO@{p}{at}", "classifier")]
+            rows += [(f"SPOCO@{p}{at}, {MASKS[kind]}", kind) for kind in extra_masks if kind != "classifier"]
+            out += [(f"p{p}{tag}_s{s}", s, ["--object-fraction", p, *SPARSE, *lr_option], rows)
+                    for s in seeds or [0, 1, 2]]
     return out
 
 
@@ -119,13 +125,14 @@ def main():
     p.add_argument("--seeds", default=None, help="default: 0 for full-label settings, 0,1,2 for SPOCO@p")
     p.add_argument("--iterations", type=int, default=ITERATIONS)
     p.add_argument("--lr", default=LR, help="train every requested setting at this learning rate")
+    p.add_argument("--extra-masks", default="", help=f"also segment every run with these masks, of {','.join(MASKS)}")
     a = p.parse_args()
     path = os.path.join(a.work, "cvppp.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
     train = os.path.join(a.work, "cvppp_train.zarr")
     for name, seed, options, evaluations in runs(a.only.split(","), a.seeds and [int(s) for s in a.seeds.split(",")],
-                                                a.lr, a.iterations):
+                                                a.lr, a.iterations, [k for k in a.extra_masks.split(",") if k]):
         out = os.path.join(a.work, "runs", name)
         if not os.path.exists(os.path.join(out, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]
