@@ -122,6 +122,7 @@ def size_floor_counts(segmentations: Sequence[np.ndarray], labels: Sequence[np.n
 
 
 def f1_of_counts(tp: int, fp: int, fn: int) -> float:
+    """F1 of objects: a false object weighs as much as a missed one (1 when there are none)."""
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
 
 
