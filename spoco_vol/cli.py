@@ -212,7 +212,8 @@ def cli():
 @click.option("--val-sections", type=click.IntRange(0), default=None,
               help="Without --val-raw: hold out the last N z-sections of each volume, fully labeled "
                    "[default with full labels: 1 for a 2D model, one patch deep for a 3D one; with sparse labels "
-                   "objects are held out, --val-objects].")
+                   "objects are held out, --val-objects]. A 2D model is scored on each section's first 1024 x 1024 "
+                   "model pixels, up to 8 Mpx in all.")
 @click.option("--val-objects", type=float, default=_D["val_objects"], show_default=True,
               help="Sparse labels without --val-raw/--val-sections: the seeded share of the annotated objects "
                    "held out from training to choose the checkpoint and calibrate the background.")

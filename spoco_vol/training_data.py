@@ -228,10 +228,15 @@ def validation_patches(val_vols, cfg: TrainConfig, normalization: dict, seed: in
     return out
 
 
-def validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixels: int = 2 ** 20):
+def validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixels: int = 2 ** 20,
+                      total_pixels: int = 8 * 2 ** 20):
     """Whole held-out sections (2D models) or a central crop of each held-out volume (3D),
-    on the model grid, normalised: for calibrating the background after training."""
-    out = []
+    on the model grid, normalised: what checkpoints are chosen by and the background and
+    the size floor are calibrated on. A 2D section is cut to its first ``max_pixels``
+    (a square), and sections are taken in order until ``total_pixels``: a bound on the
+    cost of each validation that takes every held-out section of a small-image stack
+    (a count of sections would drop small images for nothing)."""
+    out, taken = [], 0
     for v in val_vols:
         z0, z1 = v.z_range or (0, v.shape3d[0])
         ds = cfg.downsample
@@ -242,9 +247,10 @@ def validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixel
                 lab = np.asarray(v.labels[z] if v.labels.ndim == 3 else v.labels[...]).astype(np.int64)[None]
                 raw, lab = data.to_model_grid(raw, lab, ds)
                 side = int(np.sqrt(max_pixels))
-                out.append((transforms.normalize(raw[..., 0, :side, :side], normalization), lab[0, :side, :side]))
-                if len(out) >= 8:
+                if out and taken + lab[0, :side, :side].size > total_pixels:
                     return out
+                out.append((transforms.normalize(raw[..., 0, :side, :side], normalization), lab[0, :side, :side]))
+                taken += out[-1][1].size
         else:
             shape = [min(n, int(np.ceil(c * f))) for n, c, f in zip((z1 - z0, *v.shape3d[1:]), (64, 256, 256), ds)]
             start = [z0 + (z1 - z0 - shape[0]) // 2] + [(n - s) // 2 for n, s in zip(v.shape3d[1:], shape[1:])]

@@ -622,3 +622,27 @@ def test_training_with_another_consistency_network_resumes_exactly(blob_volume, 
         assert torch.equal(a.state_dict[k], b.state_dict[k]), k
     assert (a.momentum_state is not None) == (variant == "separate")
     assert checkpoint.load(os.path.join(straight, "best.pt")).training["consistency_network"] == variant
+
+
+def test_validation_takes_every_held_out_section_up_to_a_pixel_budget(tmp_path):
+    """--val-sections 10 of small images: all 10 choose the checkpoint and calibrate the
+    floor (a cap of 8 sections once dropped two of CVPPP's ten for nothing); large
+    sections are cut to max_pixels each and taken until total_pixels."""
+    from spoco_vol import data
+    from spoco_vol.training_data import validation_images
+    rng = np.random.default_rng(0)
+    raw, labels = str(tmp_path / "raw.zarr"), str(tmp_path / "labels.zarr")
+    io.create_array(raw, rng.integers(0, 255, (12, 40, 50), dtype=np.uint8))
+    io.create_array(labels, np.arange(12 * 40 * 50, dtype=np.int64).reshape(12, 40, 50) % 7)
+    vol = data.open_training_volume(raw, labels)
+    vol.z_range = (2, 12)
+    cfg = TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "x"), dims=2, patch_shape=(32, 32),
+                      downsample=[1, 1, 1])
+    norm = {"mean": 100.0, "std": 50.0}
+    images = validation_images([vol], cfg, norm)
+    assert len(images) == 10 and all(lab.shape == (40, 50) for _, lab in images)
+    assert np.array_equal(images[-1][1], np.asarray(io.open_volume(labels)[11]))
+    # each section cut to 30 x 30 (900 pixels): 2700 pixels hold three of them
+    cut = validation_images([vol], cfg, norm, max_pixels=900, total_pixels=2700)
+    assert len(cut) == 3 and all(lab.shape == (30, 30) for _, lab in cut)
+    assert len(validation_images([vol], cfg, norm, max_pixels=900, total_pixels=100)) == 1  # never none
