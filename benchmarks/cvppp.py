@@ -81,8 +81,8 @@ def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=()):
     out = []  # the settings' names are the keys of WORK/cvppp.json
     for name, options, label, kinds in full_label:
         if name in only:
-            rows = [(f"{label}{at}, {MASKS[kind]}", kind) for kind in kinds]
-            rows += [(f"{label}{at}, {MASKS[kind]}", kind) for kind in extra_masks if kind not in kinds]
+            rows = [(f"{label}{at}, {MASKS[kind]}", kind)
+                    for kind in (*kinds, *(k for k in extra_masks if k not in kinds))]
             out += [(name + tag if s == 0 else f"{name}{tag}_s{s}", s, [*options, *lr_option], rows)
                     for s in seeds or [0]]
     for p in ("0.1", "0.4", "0.8"):

@@ -237,6 +237,7 @@ def validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixel
     cost of each validation that takes every held-out section of a small-image stack
     (a count of sections would drop small images for nothing)."""
     out, taken = [], 0
+    side = int(np.sqrt(max_pixels))
     for v in val_vols:
         z0, z1 = v.z_range or (0, v.shape3d[0])
         ds = cfg.downsample
@@ -246,11 +247,11 @@ def validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixel
                 raw = np.expand_dims(raw, raw.ndim - 2)  # the z axis, after any channel axis
                 lab = np.asarray(v.labels[z] if v.labels.ndim == 3 else v.labels[...]).astype(np.int64)[None]
                 raw, lab = data.to_model_grid(raw, lab, ds)
-                side = int(np.sqrt(max_pixels))
-                if out and taken + lab[0, :side, :side].size > total_pixels:
+                raw, lab = raw[..., 0, :side, :side], lab[0, :side, :side]
+                if out and taken + lab.size > total_pixels:
                     return out
-                out.append((transforms.normalize(raw[..., 0, :side, :side], normalization), lab[0, :side, :side]))
-                taken += out[-1][1].size
+                out.append((transforms.normalize(raw, normalization), lab))
+                taken += lab.size
         else:
             shape = [min(n, int(np.ceil(c * f))) for n, c, f in zip((z1 - z0, *v.shape3d[1:]), (64, 256, 256), ds)]
             start = [z0 + (z1 - z0 - shape[0]) // 2] + [(n - s) // 2 for n, s in zip(v.shape3d[1:], shape[1:])]
