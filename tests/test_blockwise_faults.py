@@ -4,6 +4,7 @@ ends with the labels of an undisturbed run, bit for bit, and nothing finished is
 With SPOCO_VOL_FAULT_TABLE=FILE every test appends its row (fault, what the user saw,
 blocks redone, labels identical) to FILE: the table of benchmarks/RESULTS.md.
 """
+import logging
 import os
 import re
 import shutil
@@ -293,3 +294,25 @@ def test_the_api_from_a_script_without_a_main_guard(tmp_path, references):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-2000:]
     assert np.array_equal(_labels(out), ref)
+
+
+def test_a_closing_worker_drops_its_heartbeat_error_and_only_that():
+    """The heartbeat error a worker logs when its connections close under a heartbeat in
+    flight is dropped while it closes (the flake of the test above), and kept while it runs."""
+    from distributed import LocalCluster
+    from spoco_vol.blockwise.worker import HEARTBEAT_FAILURE, quiet_heartbeat_at_close
+    log = logging.getLogger("distributed.worker")
+
+    def record(message):
+        return log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        worker = next(iter(cluster.workers.values()))
+        found = quiet_heartbeat_at_close(worker)
+        try:
+            assert found.filter(record(HEARTBEAT_FAILURE + "."))
+            cluster.close()
+            assert worker.status.name == "closed"
+            assert not found.filter(record(HEARTBEAT_FAILURE + "."))
+            assert found.filter(record("Unexpected exception during heartbeat. Closing worker."))
+        finally:
+            log.removeFilter(found)
