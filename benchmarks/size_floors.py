@@ -36,7 +36,7 @@ def main():
     model = checkpoint.load(a.checkpoint)
     images = held_out_sections(model, a.raw, a.labels, z_range)
     # fp32 on the CPU, as the tables in RESULTS were measured; training calibrates the same way there
-    segmentations, labels, base = segment_at_base_floor(model, images, torch.device("cpu"), amp=False)
+    segmentations, labels, base, _ = segment_at_base_floor(model, images, torch.device("cpu"), amp=False)
     floors = [base * m for m in FLOOR_MULTIPLES]
     rows = []
     for floor, (tp, fp, fn) in zip(floors, size_floor_counts(segmentations, labels, floors)):

@@ -155,29 +155,32 @@ def best_radius(embeddings, labels, delta_d: float, settings: InferenceSettings,
 
 
 def calibrate_size_floor(model: Checkpoint, images, device, amp: bool, embeddings=None,
-                         probabilities=None) -> Checkpoint:
-    """``model`` with its size floor (``min_size``) chosen on held-out images with dense
-    labels (spoco_vol.validation.choose_size_floor), segmented as inference will: with its
+                         probabilities=None, objects=None) -> Checkpoint:
+    """``model`` with its size floor (``min_size``) chosen on held-out images
+    (spoco_vol.validation.choose_size_floor), segmented as inference will: with its
     background rule, its foreground classifier if it has one, and test-time augmentation
     if calibrated with it. ``embeddings`` and the classifier's ``probabilities``: one per
-    image of ``images``, if already predicted.
+    image of ``images``, if already predicted; ``objects``: with sparse labels, the
+    held-out object of each image (its window), else the images' labels are dense.
 
     The floor training derives from the annotated object sizes (the base, kept as
     ``min_size_base`` so that a recalibration starts from it again) removes specks; the
     slivers a watershed cuts along object borders are larger, and only held-out labels
     tell how large before true objects go too."""
-    found = segment_at_base_floor(model, images, device, amp, embeddings, probabilities)
+    found = segment_at_base_floor(model, images, device, amp, embeddings, probabilities, objects)
     if found is None:
         return model
-    segmentations, labels, base = found
-    floor, f1 = choose_size_floor(segmentations, labels, base)
+    segmentations, labels, base, objects = found
+    floor, f1 = choose_size_floor(segmentations, labels, base, objects)
     return model.with_inference(min_size=floor, min_size_base=base, min_size_val_f1=round(f1, 4))
 
 
-def segment_at_base_floor(model: Checkpoint, images, device, amp: bool, embeddings=None, probabilities=None):
-    """(segmentations, labels, base floor) of the images of ``images`` that have objects,
-    segmented as ``calibrate_size_floor`` scores them (at the training's base floor, which
-    the floors tried are multiples of); None when no image has an object."""
+def segment_at_base_floor(model: Checkpoint, images, device, amp: bool, embeddings=None, probabilities=None,
+                          objects=None):
+    """(segmentations, labels, base floor, objects) of the images of ``images`` that have
+    objects, segmented as ``calibrate_size_floor`` scores them (at the training's base
+    floor, which the floors tried are multiples of), with their held-out ``objects`` if
+    given (else None); None when no image has an object."""
     scored = [k for k, (_, lab) in enumerate(images) if lab.any()]
     if not scored:
         return None
@@ -197,7 +200,8 @@ def segment_at_base_floor(model: Checkpoint, images, device, amp: bool, embeddin
     base = max(1, int(model.inference_record.get("min_size_base", model.inference.min_size)))
     settings = dataclasses.replace(model.inference, min_size=base)
     segmentations = [held_out_segmentation(e, model.delta_d, settings, p) for e, p in zip(embeddings, probabilities)]
-    return segmentations, [images[k][1] for k in scored], base
+    return (segmentations, [images[k][1] for k in scored], base,
+            None if objects is None else [objects[k] for k in scored])
 
 
 def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, out: str = ""):

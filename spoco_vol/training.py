@@ -125,8 +125,8 @@ def train(cfg: TrainConfig) -> dict:
     ds = list(cfg.downsample)
     offsets = None if cfg.offset_distances is None else default_offsets(cfg.dims, cfg.offset_distances)
     # Specks below a quarter of the smallest annotated objects (1st percentile) are noise.
-    # This is the base floor; with dense held-out labels the final one is chosen on them
-    # at the end (calibration.calibrate_size_floor).
+    # This is the base floor; the final one is chosen at the end on the held-out sections
+    # or objects (calibration.calibrate_size_floor).
     min_size = max(1, int(info["object_size_p1"] / float(np.prod(ds)) / 4))
     settings = InferenceSettings.new(cfg.dims, offsets=offsets, min_size=min_size, tta=cfg.tta, downsample=ds)
     rng = np.random.default_rng(cfg.seed)
@@ -348,9 +348,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.foreground_iterations:
         fg_summary = _add_foreground(cfg, best_path, train_vols, val_images, val_objects, info, device)
     floor = None
-    if val_images and val_objects is None and os.path.exists(best_path):
+    if val_images and os.path.exists(best_path):
         # Last, once the segmentation rule (background radius, classifier) is final.
-        best = calibration.calibrate_size_floor(checkpoint.load(best_path), val_images, device, cfg.amp)
+        best = calibration.calibrate_size_floor(checkpoint.load(best_path), val_images, device, cfg.amp,
+                                                objects=val_objects)
         checkpoint.save(best, best_path)
         floor = {k: best.inference_record.get(k) for k in calibration.SIZE_FLOOR_KEYS}
     _plot_log(log_path, os.path.join(cfg.out, "loss.png"))

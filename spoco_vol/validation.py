@@ -14,7 +14,9 @@ Two kinds of held-out data:
   it; so held-out objects do not choose the embeddings' background radius (it is
   delta_d; ``calibration.calibrate_background`` says why), and where they choose a
   foreground classifier's radius they take the largest that still recovers them
-  (``choose_radius``).
+  (``choose_radius``). They do choose the size floor, by their own F1
+  (``choose_size_floor``): a floor loses small held-out objects in proportion to the small
+  true ones, and the slivers it removes are seen where they lie next to them.
 
 The object score is the panoptic quality pooled over the held-out objects:
 PQ = sum of matched IoUs / (TP + FP/2 + FN/2), a match being IoU >= 0.5.
@@ -106,16 +108,19 @@ def choose_radius(radii: Sequence[float], scores: Sequence[float], objects_held_
 
 
 def size_floor_counts(segmentations: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                      floors: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(true, false, missed) objects at IoU 0.5, pooled over held-out images with dense
-    labels, after each size floor of ``floors`` cleans up ``segmentations``."""
+                      floors: Sequence[int], objects: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+    """(true, false, missed) objects at IoU 0.5, pooled over held-out images, after each
+    size floor of ``floors`` cleans up ``segmentations``. Dense labels: every object of the
+    images. With ``objects`` (one held-out object id per image): the held-out objects and
+    the false fragments in their neighbourhoods (``object_recovery``)."""
     from .evaluation import average_precision
     from .segmentation import clean_up_segments
     counts = []
     for floor in floors:
         tp = fp = fn = 0
-        for seg, lab in zip(segmentations, labels):
-            m = average_precision(clean_up_segments(np.asarray(seg), floor), lab)
+        for k, (seg, lab) in enumerate(zip(segmentations, labels)):
+            clean = clean_up_segments(np.asarray(seg), floor)
+            m = average_precision(clean, lab) if objects is None else object_recovery(clean, lab, objects[k])
             tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
         counts.append((tp, fp, fn))
     return counts
@@ -127,22 +132,29 @@ def f1_of_counts(tp: int, fp: int, fn: int) -> float:
 
 
 def choose_size_floor(segmentations: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                      base: int) -> tuple[int, float]:
-    """(floor, F1) for segmentations of held-out images with dense labels (segmented with
-    the floor ``base`` or none): of the floors ``base`` x FLOOR_MULTIPLES, the one whose
-    cleaned-up segmentations have the best F1 of objects matched at IoU 0.5, pooled over
-    the images (the smallest floor among equal scores).
+                      base: int, objects: Sequence[int] | None = None) -> tuple[int, float]:
+    """(floor, F1) for segmentations of held-out images (segmented with the floor ``base``
+    or none): of the floors ``base`` x FLOOR_MULTIPLES, the one whose cleaned-up
+    segmentations have the best F1 of objects matched at IoU 0.5, pooled over the images
+    (the smallest floor among equal scores). ``objects``: one held-out object id per
+    image (sparse labels); without, the labels are dense.
 
     Why F1 and not the checkpoint's AP@0.5: AP ranks predictions by size, so false
     fragments below the smallest true object come last in the ranking and hardly lower it,
     while a user counting objects sees every one of them; F1 weighs a false object as much
     as a missed one, so the floor rises only while it removes more false objects than
-    true ones. Only for dense labels: with held-out objects, a small object far from the
-    annotations may be an unannotated true one.
+    true ones.
+
+    With held-out objects the F1 is theirs: a floor that drops a small held-out object
+    counts it as missed, and the fragments it removes count only in the objects'
+    neighbourhoods, where the annotation tells that they are false. The held-out objects
+    are a random draw of the annotated ones, so the true objects a floor drops are seen in
+    proportion; the false fragments far from every annotation are not seen at all (they
+    may be unannotated true objects), so this choice errs towards the smaller floor.
     """
     if base < 1:
         raise ValueError(f"the base size floor must be at least 1, got {base}")
     floors = [int(base) * m for m in FLOOR_MULTIPLES]
-    scores = [f1_of_counts(*c) for c in size_floor_counts(segmentations, labels, floors)]
+    scores = [f1_of_counts(*c) for c in size_floor_counts(segmentations, labels, floors, objects)]
     i = int(np.argmax(scores))  # the first maximum: the smallest floor among ties
     return floors[i], float(scores[i])

@@ -389,8 +389,10 @@ def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
     scores = [float(r["val_score"]) for r in csv.DictReader(open(out + "/log.csv")) if r["val_score"]]
     assert len(scores) == 2 and ck["training"]["val_score"] == pytest.approx(max(scores), abs=1e-4)
     assert ck["inference"]["background_radius_val_score"] == pytest.approx(max(scores), abs=1e-4)
-    # held-out objects cannot tell a small false object from an unannotated true one
-    assert "min_size_base" not in ck["inference"]
+    # the held-out objects choose the size floor too, by their F1 (validation.choose_size_floor)
+    inf = ck["inference"]
+    assert inf["min_size"] in [inf["min_size_base"] * m for m in FLOOR_MULTIPLES]
+    assert json.load(open(out + "/summary.json"))["size_floor"]["min_size"] == inf["min_size"]
 
 
 def _dense_cells(tmp_path, keep=3):

@@ -103,3 +103,23 @@ def test_the_size_floor_rises_while_it_removes_more_false_objects_than_true_ones
     # the counts behind the choice (benchmarks/size_floors.py prints them): the four slivers
     # are false objects up to floor 20, the small object is lost (missed) at 160
     assert size_floor_counts([seg], [gt], [10, 20, 40, 160]) == [(2, 4, 0), (2, 4, 0), (2, 0, 0), (1, 0, 1)]
+
+
+def test_held_out_objects_choose_the_size_floor_from_their_neighbourhoods():
+    """Sparse labels: the same scene with object 1 held out in one window and object 2 in
+    another, and 0 meaning unlabeled. The slivers cut from object 1 lie in its
+    neighbourhood, so they are false; a 30-pixel segment far from both is not seen (it may
+    be an unannotated object). The floor rises to 40 and no further (160 would lose the
+    small held-out object), as with dense labels."""
+    gt = np.zeros((80, 80), np.int64)
+    gt[_disc(gt.shape, 30, 30, 20)] = 1
+    gt[_disc(gt.shape, 65, 65, 6)] = 2
+    seg = gt.copy()
+    for k, (y, x) in enumerate([(9, 25), (47, 25), (25, 9), (25, 47)]):
+        seg[y:y + 4, x:x + 5] = 10 + k
+    seg[70:76, 2:7] = 20  # 30 pixels, far from both objects
+    assert size_floor_counts([seg, seg], [gt, gt], [10, 40, 160], objects=[1, 2]) == \
+        [(2, 4, 0), (2, 0, 0), (1, 0, 1)]
+    assert choose_size_floor([seg, seg], [gt, gt], base=10, objects=[1, 2]) == (40, 1.0)
+    # with dense labels the far segment is a false object: the floor must remove it too
+    assert size_floor_counts([seg], [gt], [10, 40]) == [(2, 5, 0), (2, 0, 0)]
