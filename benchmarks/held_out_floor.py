@@ -59,7 +59,8 @@ def main():
     print("|---|---|---|---|")
     rows = []
     for fl, (tp, fp, fn) in zip(floors, counts):
-        rows.append({"floor": fl, "matched": tp, "missed": fn, "false_near": fp, "f1": round(f1_of_counts(tp, fp, fn), 4)})
+        rows.append({"floor": fl, "matched": tp, "missed": fn, "false_near": fp,
+                     "f1": round(f1_of_counts(tp, fp, fn), 4)})
         print(f"| {fl} | {tp} / {fn} | {fp} | {rows[-1]['f1']:.4f} |")
     checkpoint.save(model.with_inference(min_size=floor, min_size_base=base, min_size_val_f1=round(f1, 4)), a.out)
     if a.json:

@@ -3,12 +3,13 @@ testing a multi-channel (RGB) model.
 
 A seeded split of the 128 images: 103 for training, 25 for testing (the test images are
 never trained on nor used to choose a setting); the training stack is in a seeded random
-order, so that its last images, which validate, are a random draw like the test images. Each zarr holds ``raw`` (3, N, 530, 500)
-uint8, the RGB channels first and the images as sections, and ``labels`` (N, 530, 500)
-uint16 leaf ids (0 = background), unique over the stack: in a label volume an id is one
-object wherever it occurs, so the images' own numbering (1, 2, ... in every image) would
-make leaf k of all images one object: SPOCO@p and the held-out objects would pick leaf
-numbers, not leaves. Images are photographs: no voxel size.
+order, so that its last images, which validate, are a random draw like the test images.
+Each zarr holds ``raw`` (3, N, 530, 500) uint8, the RGB channels first and the images as
+sections, and ``labels`` (N, 530, 500) uint16 leaf ids (0 = background), unique over the
+stack: in a label volume an id is one object wherever it occurs, so the images' own
+numbering (1, 2, ... in every image) would make leaf k of all images one object: SPOCO@p
+and the held-out objects would pick leaf numbers, not leaves. Images are photographs: no
+voxel size.
 
 Data: Minervini M, Fischbach A, Scharr H, Tsaftaris SA (2016) Pattern Recognition
 Letters 81:80-89; Scharr H et al. (2014), FZJ-2014-03837. Research use under the CVPPP
