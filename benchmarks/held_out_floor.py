@@ -7,7 +7,9 @@ chosen floor as OUT. Only held-out objects choose; no test image is read.
 
     python benchmarks/held_out_floor.py CHECKPOINT OUT [--json ROWS.json]
 
-The training data must be where the command names it.
+The training data must be where the command names it, and the same data: the held-out
+draw follows the object ids (a CVPPP run trained before df9948e needs the stack that
+prepare_cvppp.py wrote before it, in image-number order).
 """
 import argparse
 import dataclasses
@@ -19,20 +21,29 @@ import torch
 from spoco_vol import bundled, checkpoint
 from spoco_vol.calibration import segment_at_base_floor
 from spoco_vol.cli import cli
-from spoco_vol.config import TrainConfig
+from spoco_vol.config import TrainConfig, fine_tune_config
 from spoco_vol.training_data import object_windows, prepare_volumes
 from spoco_vol.validation import FLOOR_MULTIPLES, choose_size_floor, f1_of_counts, size_floor_counts
 
 
 def training_config(model: checkpoint.Checkpoint) -> TrainConfig:
-    """The TrainConfig of the command that trained ``model``, on the model's grid."""
+    """The TrainConfig of the command that trained ``model`` (`spoco-vol train` or
+    `spoco-vol fine-tune`, built as the command line builds it), on the model's grid."""
+    if not model.training_command:
+        raise SystemExit("the checkpoint records no training command")
     words = shlex.split(model.training_command)
-    ctx = cli.commands["train"].make_context("train", words[2:])
-    settings = dict(ctx.params)
-    for k in ("raw", "labels", "val_raw", "val_labels"):
-        settings[k] = list(settings[k])
-    cfg = TrainConfig(**settings).check()
-    return dataclasses.replace(cfg, downsample=list(model.inference.downsample or [1] * cfg.dims))
+    command = words[1]
+    if command not in ("train", "fine-tune"):
+        raise SystemExit(f"the checkpoint was made by `spoco-vol {command}`, not by train or fine-tune")
+    settings = dict(cli.commands[command].make_context(command, words[2:]).params)
+    if command == "fine-tune":
+        cfg = fine_tune_config(list(settings.pop("raw")), list(settings.pop("labels")), settings.pop("out"),
+                               settings.pop("model"), **settings)
+    else:
+        for k in ("raw", "labels", "val_raw", "val_labels"):
+            settings[k] = list(settings[k])
+        cfg = TrainConfig(**settings)
+    return dataclasses.replace(cfg.check(), downsample=list(model.inference.downsample or [1, 1, 1]))
 
 
 def main():
@@ -64,8 +75,8 @@ def main():
         print(f"| {fl} | {tp} / {fn} | {fp} | {rows[-1]['f1']:.4f} |")
     checkpoint.save(model.with_inference(min_size=floor, min_size_base=base, min_size_val_f1=round(f1, 4)), a.out)
     if a.json:
-        json.dump({"checkpoint": a.checkpoint, "base": base, "chosen": floor, "rows": rows}, open(a.json, "w"),
-                  indent=1)
+        with open(a.json, "w") as f:
+            json.dump({"checkpoint": a.checkpoint, "base": base, "chosen": floor, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -299,15 +299,23 @@ def test_the_api_from_a_script_without_a_main_guard(tmp_path, references):
 def test_a_closing_worker_drops_its_heartbeat_error_and_only_that():
     """The heartbeat error a worker logs when its connections close under a heartbeat in
     flight is dropped while it closes (the flake of the test above), and kept while it runs."""
-    from distributed import LocalCluster
-    from spoco_vol.blockwise.worker import HEARTBEAT_FAILURE, quiet_heartbeat_at_close
+    import inspect
+    from distributed import LocalCluster, Worker
+    from spoco_vol.blockwise.worker import HEARTBEAT_FAILURE, dask_setup
     log = logging.getLogger("distributed.worker")
+    assert HEARTBEAT_FAILURE in inspect.getsource(Worker.heartbeat)  # distributed's wording, as filtered
 
     def record(message):
         return log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
     with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
         worker = next(iter(cluster.workers.values()))
-        found = quiet_heartbeat_at_close(worker)
+        before, sigint = list(log.filters), signal.getsignal(signal.SIGINT)
+        state_machine = logging.getLogger("distributed.worker.state_machine")
+        level = state_machine.level
+        dask_setup(worker)  # the preload the worker processes run
+        signal.signal(signal.SIGINT, sigint)
+        state_machine.setLevel(level)
+        found, = [f for f in log.filters if f not in before]
         try:
             assert found.filter(record(HEARTBEAT_FAILURE + "."))
             cluster.close()

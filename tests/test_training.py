@@ -1,5 +1,6 @@
 """Training from zarr volumes: outputs, exact resume, sparse subsets, fine-tuning, bad input."""
 import csv
+import dataclasses
 import json
 import os
 
@@ -389,10 +390,18 @@ def test_sparse_labels_hold_out_objects_and_choose_by_them(tmp_path):
     scores = [float(r["val_score"]) for r in csv.DictReader(open(out + "/log.csv")) if r["val_score"]]
     assert len(scores) == 2 and ck["training"]["val_score"] == pytest.approx(max(scores), abs=1e-4)
     assert ck["inference"]["background_radius_val_score"] == pytest.approx(max(scores), abs=1e-4)
-    # the held-out objects choose the size floor too, by their F1 (validation.choose_size_floor)
+    # the held-out objects choose the size floor too, by their F1 (validation.choose_size_floor):
+    # the same choice, recomputed on their windows, with the base floor as training had it
+    from spoco_vol.calibration import calibrate_size_floor
+    from spoco_vol.training_data import object_windows
     inf = ck["inference"]
     assert inf["min_size"] in [inf["min_size_base"] * m for m in FLOOR_MULTIPLES]
     assert json.load(open(out + "/summary.json"))["size_floor"]["min_size"] == inf["min_size"]
+    model = checkpoint.load(out + "/best.pt")
+    images, objects = object_windows(held, dataclasses.replace(cfg, downsample=[1, 1, 1]), model.normalization)
+    again = calibrate_size_floor(model.with_inference(min_size=inf["min_size_base"]), images, torch.device("cpu"),
+                                 amp=False, objects=objects).inference_record
+    assert (again["min_size"], again["min_size_val_f1"]) == (inf["min_size"], inf["min_size_val_f1"])
 
 
 def _dense_cells(tmp_path, keep=3):
