@@ -23,7 +23,7 @@ from spoco_vol.calibration import segment_at_base_floor
 from spoco_vol.cli import cli
 from spoco_vol.config import TrainConfig, fine_tune_config
 from spoco_vol.training_data import object_windows, prepare_volumes
-from spoco_vol.validation import FLOOR_MULTIPLES, choose_size_floor, f1_of_counts, size_floor_counts
+from spoco_vol.validation import FLOOR_MULTIPLES, f1_of_counts, floor_of_counts, size_floor_counts
 
 
 def training_config(model: checkpoint.Checkpoint) -> TrainConfig:
@@ -64,7 +64,7 @@ def main():
                                                                  objects=objects)
     floors = [base * m for m in FLOOR_MULTIPLES]
     counts = size_floor_counts(segmentations, labels, floors, objects)
-    floor, f1 = choose_size_floor(segmentations, labels, base, objects)
+    floor, f1 = floor_of_counts(floors, counts)  # choose_size_floor's choice, from the counts printed
     print(f"{a.checkpoint}: {len(objects)} held-out objects, base floor {base} px, chosen {floor} px (F1 {f1:.4f})")
     print("| floor (px) | held-out objects matched / missed | false fragments near them | F1 |")
     print("|---|---|---|---|")

@@ -155,6 +155,12 @@ def choose_size_floor(segmentations: Sequence[np.ndarray], labels: Sequence[np.n
     if base < 1:
         raise ValueError(f"the base size floor must be at least 1, got {base}")
     floors = [int(base) * m for m in FLOOR_MULTIPLES]
-    scores = [f1_of_counts(*c) for c in size_floor_counts(segmentations, labels, floors, objects)]
+    return floor_of_counts(floors, size_floor_counts(segmentations, labels, floors, objects))
+
+
+def floor_of_counts(floors: Sequence[int], counts: Sequence[tuple[int, int, int]]) -> tuple[int, float]:
+    """(floor, F1): the floor of ``floors`` whose (true, false, missed) ``counts`` have the
+    best F1, the smallest among equal scores (``choose_size_floor``'s rule)."""
+    scores = [f1_of_counts(*c) for c in counts]
     i = int(np.argmax(scores))  # the first maximum: the smallest floor among ties
     return floors[i], float(scores[i])
