@@ -331,11 +331,16 @@ def resample_patch(raw: np.ndarray, lab: np.ndarray, downsample: Sequence[float]
             ndimage.zoom(lab, zoom, order=0, mode="nearest"))
 
 
+def model_grid_shape(shape: Sequence[int], downsample: Sequence[float]) -> list[int]:
+    """The shape a window of ``shape`` input voxels takes on the model grid (to_model_grid)."""
+    ds = tuple(int(d) if float(d).is_integer() else float(d) for d in downsample)
+    return [n // d if isinstance(d, int) else max(1, int(round(n / d))) for n, d in zip(shape, ds)]
+
+
 def to_model_grid(raw: np.ndarray, lab: np.ndarray, downsample: Sequence[float]):
     """A whole window (3D, input voxels) on the model grid, as ``resample_patch``."""
     ds = tuple(int(d) if float(d).is_integer() else float(d) for d in downsample)
-    shape = [n // d if isinstance(d, int) else max(1, int(round(n / d))) for n, d in zip(lab.shape, ds)]
-    return resample_patch(raw, lab, ds, shape)
+    return resample_patch(raw, lab, ds, model_grid_shape(lab.shape, downsample))
 
 
 def downsample_raw(raw: np.ndarray, factors: Sequence[int]) -> np.ndarray:

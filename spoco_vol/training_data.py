@@ -242,14 +242,16 @@ def validation_images(val_vols, cfg: TrainConfig, normalization: dict, max_pixel
         z0, z1 = v.z_range or (0, v.shape3d[0])
         ds = cfg.downsample
         if cfg.dims == 2:
+            _, gy, gx = data.model_grid_shape((1, *v.shape3d[1:]), ds)
+            size = min(gy, side) * min(gx, side)  # what a section adds, known before reading it
             for z in range(z0, z1):
+                if out and taken + size > total_pixels:
+                    return out
                 raw = v.read_raw(z if v.spatial_ndim == 3 else ...)
                 raw = np.expand_dims(raw, raw.ndim - 2)  # the z axis, after any channel axis
                 lab = np.asarray(v.labels[z] if v.labels.ndim == 3 else v.labels[...]).astype(np.int64)[None]
                 raw, lab = data.to_model_grid(raw, lab, ds)
                 raw, lab = raw[..., 0, :side, :side], lab[0, :side, :side]
-                if out and taken + lab.size > total_pixels:
-                    return out
                 out.append((transforms.normalize(raw, normalization), lab))
                 taken += lab.size
         else:

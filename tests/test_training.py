@@ -654,6 +654,11 @@ def test_validation_takes_every_held_out_section_up_to_a_pixel_budget(tmp_path):
     assert len(images) == 10 and all(lab.shape == (40, 50) for _, lab in images)
     assert np.array_equal(images[-1][1], np.asarray(io.open_volume(labels)[11]))
     # each section cut to 30 x 30 (900 pixels): 2700 pixels hold three of them
+    reads = []
+    read_raw = vol.read_raw
+    vol.read_raw = lambda where: reads.append(where) or read_raw(where)
     cut = validation_images([vol], cfg, norm, max_pixels=900, total_pixels=2700)
     assert len(cut) == 3 and all(lab.shape == (30, 30) for _, lab in cut)
+    assert reads == [2, 3, 4]  # no section is read past the budget
+    vol.read_raw = read_raw
     assert len(validation_images([vol], cfg, norm, max_pixels=900, total_pixels=100)) == 1  # never none
