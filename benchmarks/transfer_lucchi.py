@@ -94,12 +94,14 @@ def table(results):
         groups.setdefault((r["kind"], r["pct"], r.get("lr", SCRATCH_LR)), []).append(r)
     # "fine-tune-capped", "fine-tune-first", "scratch-first": runs kept from the earlier rules for the
     # background radius, when held-out objects chose it (capped at delta_d; the first rule,
-    # uncapped), before it became delta_d (benchmarks/RESULTS.md, transfer)
-    order = {"bundled": 0, "fine-tune": 1, "fine-tune-capped": 2, "fine-tune-first": 3, "scratch": 4,
-             "scratch-first": 5, "full": 6}
+    # uncapped), before it became delta_d; "fine-tune-basefloor": runs from before held-out
+    # objects chose the size floor (b319c76) (benchmarks/RESULTS.md, transfer)
+    order = {"bundled": 0, "fine-tune": 1, "fine-tune-basefloor": 2, "fine-tune-capped": 3, "fine-tune-first": 4,
+             "scratch": 5, "scratch-first": 6, "full": 7}
     for (kind, pct, lr), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
         name = {"bundled": "bundled VNC model as is", "fine-tune": f"fine-tuned, {pct}% of the objects",
+                "fine-tune-basefloor": f"fine-tuned, {pct}%, size floor at the base (before b319c76)",
                 "fine-tune-capped": f"fine-tuned, {pct}%, radius chosen by held-out objects, capped at delta_d",
                 "fine-tune-first": f"fine-tuned, {pct}%, radius chosen by held-out objects (first rule)",
                 "scratch": f"from scratch, {pct}% of the objects",
