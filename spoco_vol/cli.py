@@ -221,6 +221,9 @@ def cli():
               help="Iterations between validations/checkpoints.")
 @click.option("--elastic/--no-elastic", default=_D["elastic"], show_default=True,
               help="Elastic deformation augmentation.")
+@click.option("--intensity-jitter", type=float, default=_D["intensity_jitter"], show_default=True,
+              help="Intensity augmentation per patch: contrast times 1 +- J and brightness +- J (in units of the "
+                   "data's std), uniform; larger for data whose brightness varies between specimens.")
 @click.option("--seed", type=int, default=_D["seed"], show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D["device"], show_default=True)
 @click.option("--amp/--no-amp", default=_D["amp"], show_default=True,

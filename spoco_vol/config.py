@@ -64,6 +64,7 @@ class TrainConfig:
     val_every: int = 250
     val_patches: int = 8
     elastic: bool = False
+    intensity_jitter: float = 0.1          # per patch: contrast x (1 +- J), brightness +- J (normalised units)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -165,6 +166,8 @@ class TrainConfig:
             raise SpocoInputError(f"--adversarial-weight must be >= 0, got {self.adversarial_weight}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise SpocoInputError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.intensity_jitter < 1:
+            raise SpocoInputError(f"--intensity-jitter must be in [0, 1), got {self.intensity_jitter}")
         if self.consistency_network == "dropout" and self.dropout == 0 and self.uses_teacher:
             raise SpocoInputError("--consistency-network dropout needs --dropout above 0")
         if len(self.patch_shape) != self.dims:

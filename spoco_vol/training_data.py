@@ -202,7 +202,7 @@ def augmented_batch(sampler: data.PatchSampler, cfg: TrainConfig, normalization:
         raw, lab = sampler.sample()
         raw = transforms.normalize(raw, normalization)
         raw, lab = transforms.augment_geometry(raw, lab, rng, elastic=cfg.elastic)
-        raw = transforms.augment_intensity(raw, rng)
+        raw = transforms.augment_intensity(raw, rng, scale=cfg.intensity_jitter, shift=cfg.intensity_jitter)
         raws.append(raw)
         labs.append(lab)
         if with_g:

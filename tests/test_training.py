@@ -662,3 +662,30 @@ def test_validation_takes_every_held_out_section_up_to_a_pixel_budget(tmp_path):
     assert reads == [2, 3, 4]  # no section is read past the budget
     vol.read_raw = read_raw
     assert len(validation_images([vol], cfg, norm, max_pixels=900, total_pixels=100)) == 1  # never none
+
+
+def test_intensity_jitter_sets_the_contrast_and_brightness_range_of_the_patches(tmp_path):
+    """--intensity-jitter J: each patch is a*x + b of its normalised self (then flipped or
+    rotated), a in [1-J, 1+J], b in [-J, J]; J=0 leaves the intensities as they are."""
+    from spoco_vol.training_data import augmented_batch
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 255, (16, 16)).astype(np.float32)
+
+    class OnePatch:
+        def sample(self):
+            return raw.copy(), np.ones((16, 16), np.int64)
+
+    norm = {"mean": 100.0, "std": 50.0}
+    x = np.sort((raw - 100.0) / 50.0, axis=None)
+    found = []
+    for jitter in (0.0, 0.5):
+        cfg = TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, patch_shape=(16, 16),
+                          batch_size=8, intensity_jitter=jitter)
+        batch, _, _ = augmented_batch(OnePatch(), cfg, norm, np.random.default_rng(1), with_g=False)
+        for patch in batch:
+            a, b = np.polyfit(x, np.sort(patch, axis=None), 1)  # geometry keeps the values, only moves them
+            assert abs(a - 1) <= jitter + 1e-4 and abs(b) <= jitter + 1e-4
+            found.append((a, b))
+    assert max(abs(a - 1) for a, _ in found[8:]) > 0.2 and max(abs(b) for _, b in found[8:]) > 0.2
+    with pytest.raises(Exception, match="intensity-jitter"):
+        TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, intensity_jitter=1.5).check()
