@@ -101,7 +101,7 @@ def table(results):
     for (kind, pct, lr), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
         name = {"bundled": "bundled VNC model as is", "fine-tune": f"fine-tuned, {pct}% of the objects",
-                "fine-tune-basefloor": f"fine-tuned, {pct}%, size floor at the base (before b319c76)",
+                "fine-tune-basefloor": f"fine-tuned, {pct}%, at b8e9896 (size floor at the base)",
                 "fine-tune-capped": f"fine-tuned, {pct}%, radius chosen by held-out objects, capped at delta_d",
                 "fine-tune-first": f"fine-tuned, {pct}%, radius chosen by held-out objects (first rule)",
                 "scratch": f"from scratch, {pct}% of the objects",
