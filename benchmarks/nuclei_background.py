@@ -18,7 +18,7 @@ import numpy as np
 
 from spoco_vol import checkpoint, io
 from spoco_vol.evaluation import evaluate_segmentation
-from spoco_vol.pipeline import predict_array, restore_labels
+from spoco_vol.pipeline import mask_on_model_grid, predict_array, restore_labels
 from spoco_vol.segmentation import segment_embeddings, watershed_mask
 
 RADII = (1.0, 1.5, 2.0, 2.5, 3.0)
@@ -49,7 +49,9 @@ def main():
     print(f"{'volume border':>15} {'background rule':>24} {'AP@0.5':>7} {'objects':>9}")
     for border, borders in (("reflected", None), ("zero padding", [(False, False)] * ck.dims)):
         own = predict_array(raw, ck, input_voxel_size=vs, device="cpu", volume_borders=borders)
-        masked = predict_array(raw, ck, input_voxel_size=vs, device="cpu", volume_borders=borders, mask=gt > 0)
+        # the same embeddings, the ground truth's foreground as predict_array(mask=) would apply it
+        inside = mask_on_model_grid(gt > 0, own.embeddings.shape[1:], own.scale).astype(np.float32)
+        masked = own._replace(foreground=inside if own.foreground is None else own.foreground * inside)
         for rule, pred, flag in (("the model's", own, True), ("ground-truth foreground", masked, False)):
             r = ap_of(pred, ck, raw, gt, flag)
             print(f"{border:>15} {rule:>24} {r['ap@0.5']:7.3f} {r['n_pred']:>4} / {r['n_gt']:<3}")

@@ -55,6 +55,8 @@ FOREGROUND = ["--foreground-iterations", "600"]
 # Full labels and five times the default intensity augmentation: the two crops differ in the
 # brightness of their background structures and dimmest nuclei.
 JITTER = ["--intensity-jitter", "0.5"]
+# settings with full labels and the held-out sections: what each adds to the full-label command
+FULL_LABEL_SETTINGS = {"full": [], "no-consistency": NO_CONSISTENCY, "foreground": FOREGROUND, "jitter": JITTER}
 BLOCK = [64, 80, 80]
 
 
@@ -123,14 +125,8 @@ def main():
                 continue
             out = os.path.join(a.work, "runs", key)
             held_out = ["--val-sections", str(val_sections)]
-            if setting == "full":
-                extra = held_out
-            elif setting == "no-consistency":
-                extra = [*held_out, *NO_CONSISTENCY]
-            elif setting == "foreground":
-                extra = [*held_out, *FOREGROUND]
-            elif setting == "jitter":
-                extra = [*held_out, *JITTER]
+            if setting in FULL_LABEL_SETTINGS:
+                extra = [*held_out, *FULL_LABEL_SETTINGS[setting]]
             else:
                 extra = SPARSE_DENSE if name == "ovule" else SPARSE
             cmd = [exe, "train", *data, "--dims", "3", *options, *extra, "--out", out, "--quiet"]

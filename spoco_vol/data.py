@@ -340,7 +340,7 @@ def model_grid_shape(shape: Sequence[int], downsample: Sequence[float]) -> list[
 def to_model_grid(raw: np.ndarray, lab: np.ndarray, downsample: Sequence[float]):
     """A whole window (3D, input voxels) on the model grid, as ``resample_patch``."""
     ds = tuple(int(d) if float(d).is_integer() else float(d) for d in downsample)
-    return resample_patch(raw, lab, ds, model_grid_shape(lab.shape, downsample))
+    return resample_patch(raw, lab, ds, model_grid_shape(lab.shape, ds))
 
 
 def downsample_raw(raw: np.ndarray, factors: Sequence[int]) -> np.ndarray:

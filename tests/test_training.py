@@ -687,5 +687,6 @@ def test_intensity_jitter_sets_the_contrast_and_brightness_range_of_the_patches(
             assert abs(a - 1) <= jitter + 1e-4 and abs(b) <= jitter + 1e-4
             found.append((a, b))
     assert max(abs(a - 1) for a, _ in found[8:]) > 0.2 and max(abs(b) for _, b in found[8:]) > 0.2
-    with pytest.raises(Exception, match="intensity-jitter"):
+    from spoco_vol.errors import SpocoInputError
+    with pytest.raises(SpocoInputError, match="intensity-jitter"):
         TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, intensity_jitter=1.5).check()
