@@ -193,10 +193,17 @@ def test_full_labels_train_a_supervised_classifier(blob_volume, tmp_path):
     assert ((probability >= 0.5) == (held_out > 0)).mean() > 0.9
 
 
-def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, tmp_path):
+def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, tmp_path, monkeypatch):
     """The constant model again, with half of the bright discs annotated: the classifier,
     trained positive-unlabeled, masks the dark background, so objects appear: it is kept,
-    at its best iteration."""
+    at its best iteration, as the moving average of its weights that was judged there."""
+    averages = {}
+    update = losses.update_momentum_network
+
+    def recording(f, g, m):
+        update(f, g, m)
+        averages[len(averages) + 1] = {k: v.detach().clone() for k, v in g.state_dict().items()}
+    monkeypatch.setattr(losses, "update_momentum_network", recording)
     raw, labels = blob_volume
     model, ckpt, data = _constant_model(tmp_path, raw, "sparse")
     added = str(tmp_path / "added.pt")
@@ -212,6 +219,9 @@ def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, t
     ck = checkpoint.load(added)
     assert ck.foreground_record["iterations"] == result["iteration"] and ck.foreground_record["threshold"] == 0.5
     assert ck.foreground_network() is not None
+    kept, judged = ck.data["foreground"]["state_dict"], averages[result["iteration"]]
+    assert len(averages) == 100 and all(torch.equal(kept[k].cpu(), judged[k].cpu()) for k in judged)
+    assert not all(torch.equal(kept[k].cpu(), v.cpu()) for k, v in averages[100].items())
     section = data[3].astype(np.uint8)
     assert (segment_array(section, ck, device="cpu") > 0).sum() < \
         (segment_array(section, ckpt, device="cpu") > 0).sum()
@@ -330,3 +340,18 @@ def test_best_radius_keeps_the_objects_the_embeddings_radius_deletes():
     assert held_out_score([embeddings], [labels], 2.0, inference) == 0.0
     probabilities = [disc.astype(np.float32)]
     assert best_radius([embeddings], [labels], 2.0, inference, probabilities) == (1.0, 1.0)
+
+
+def test_the_classifier_is_judged_as_a_moving_average_that_spans_a_tenth_of_its_iterations():
+    """average_decay: after step t the average weighs the last ~t/10 iterates (not the
+    random initialisation early on), at most 1 / (1 - AVERAGE_DECAY) of them."""
+    from spoco_vol.foreground import AVERAGE_DECAY, average_decay
+    assert average_decay(1) == pytest.approx(2 / 11)
+    assert average_decay(100) == pytest.approx(101 / 110)
+    assert average_decay(10_000) == AVERAGE_DECAY
+    decays = [average_decay(t) for t in range(1, 2000)]
+    assert all(a <= b for a, b in zip(decays, decays[1:]))
+    # the initial weights' share of the average after t updates: the product of the decays
+    share = np.cumprod(decays)
+    assert share[9] < 1e-3 and share[99] < 1e-9
+
