@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 def ap_plot(results, path):
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for kind, colour, label in (("fine-tune", "tab:blue", "fine-tuned from the VNC model"),
+                                ("fine-tune-iterate", "tab:green", "fine-tuned, classifier not averaged"),
                                 ("fine-tune-basefloor", "tab:purple", "fine-tuned, size floor at the base"),
                                 ("fine-tune-capped", "tab:cyan", "fine-tuned, radius capped at delta_d"),
                                 ("fine-tune-first", "tab:gray", "fine-tuned, first radius rule"),

@@ -555,14 +555,19 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
 @click.option("--raw", "raw", multiple=True, required=True, help="The raw zarr array(s) it was trained on.")
 @click.option("--labels", "labels", multiple=True, required=True, help="Their labels, one per --raw (0 = unlabeled).")
 @click.option("--out", required=True, type=click.Path(), help="Where to write the checkpoint with the classifier.")
-@click.option("--object-fraction", type=float, default=_D["object_fraction"], show_default=True,
-              help="As given to train: the same SPOCO@p subset of the objects (with --seed).")
-@click.option("--seed", type=int, default=_D["seed"], show_default=True, help="As given to train.")
+@click.option("--object-fraction", type=float, default=None,
+              help="As given to train: the same SPOCO@p subset of the objects (with --seed) [default: as the "
+                   "checkpoint records].")
+@click.option("--seed", type=int, default=None, help="As given to train [default: as the checkpoint records].")
 @click.option("--foreground-prior", type=float, default=None,
               help="Share of the unlabeled pixels that belong to objects [default: from --object-fraction].")
 @click.option("--iterations", type=click.IntRange(1), default=FOREGROUND_ITERATIONS, show_default=True)
-@click.option("--val-sections", type=click.IntRange(1), default=1, show_default=True,
-              help="Last sections of each volume held out to choose the iteration (as in train).")
+@click.option("--val-sections", type=click.IntRange(1), default=None,
+              help="Last sections of each volume held out to choose the iteration [default: the objects the "
+                   "checkpoint's training held out, else the last section].")
+@click.option("--val-objects", type=float, default=None,
+              help="Share of the annotated objects held out, as given to train [default: as the checkpoint "
+                   "records].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")

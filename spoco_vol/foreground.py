@@ -41,7 +41,7 @@ from .checkpoint import Checkpoint
 from .config import FOREGROUND_ITERATIONS, TrainConfig
 from .errors import SpocoInputError
 from .inference import predict_embeddings, predict_foreground, resolve_device
-from .training_data import augmented_batch, prepare_volumes, validation_images
+from .training_data import augmented_batch, object_windows, prepare_volumes, validation_images
 from .validation import RADIUS_TOLERANCE
 
 LEARNING_RATE = 1e-3  # higher than the embeddings': one output channel, and few iterations before
@@ -188,13 +188,36 @@ def train_classifier(ckpt: Checkpoint, cfg: TrainConfig, train_vols, val_images,
             "background_radius": best["radius"], **out}
 
 
-def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object_fraction: float = 1.0,
-                   seed: int = 0, foreground_prior: float | None = None, iterations: int = FOREGROUND_ITERATIONS,
-                   val_sections: int = 1, device: str = "auto", threads: int | None = None,
+def classifier_prior(ckpt: Checkpoint, cfg: TrainConfig, train_vols, info: dict,
+                     device: torch.device) -> tuple[float | None, str]:
+    """(prior, where it came from) for the classifier of ``ckpt`` trained on ``train_vols``
+    (prepare_volumes' volumes and ``info``): None with full labels (supervised);
+    --foreground-prior; the annotated area and --object-fraction; else the embeddings'
+    view (a volume that came sparsely annotated: ``estimate_prior``)."""
+    if cfg.training_mode == "full":  # the background is annotated: supervised, no prior
+        return None, "full labels"
+    if cfg.foreground_prior is not None:
+        return cfg.foreground_prior, "--foreground-prior"
+    if cfg.object_fraction < 1:
+        # the held-out objects are unlabeled in training: the annotated fraction shrinks with them
+        fraction = cfg.object_fraction * info["objects_used"] / info["objects_annotated"]
+        return unlabeled_object_share(info["annotated_voxels"], info["voxels"], fraction), "--object-fraction"
+    return estimate_prior(ckpt, train_vols, cfg, device), "the embeddings"
+
+
+def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object_fraction: float | None = None,
+                   seed: int | None = None, foreground_prior: float | None = None,
+                   iterations: int = FOREGROUND_ITERATIONS, val_sections: int | None = None,
+                   val_objects: float | None = None, device: str = "auto", threads: int | None = None,
                    progress: bool = True) -> dict:
     """`spoco-vol train-foreground`: train a classifier for a trained checkpoint on its
-    training data (the same SPOCO@p subset: same ``object_fraction`` and ``seed``) and
-    write the checkpoint with it to ``out``."""
+    training data and write the checkpoint with it to ``out``.
+
+    The classifier is trained and judged as training would have: on the same SPOCO@p
+    subset (``object_fraction`` and ``seed``, by default as the checkpoint records them)
+    and, for a run that held out annotated objects, on the same held-out objects (the
+    checkpoint's seed and ``val_objects``), which the embeddings never saw. Without
+    held-out objects (or with ``val_sections``), the last sections judge it."""
     ckpt = checkpoint.load(model_path)
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
@@ -202,27 +225,36 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     if iterations < 1:
         raise SpocoInputError("--iterations must be at least 1")
     tr, dims = ckpt.training, ckpt.dims
+    object_fraction = object_fraction if object_fraction is not None else tr.get("object_fraction", 1.0)
+    sparse = tr.get("mode", "sparse" if object_fraction < 1 else "full") == "sparse"
+    held_out = sparse and val_sections is None and tr.get("objects_held_out", 0) > 0
+    if held_out and seed is None and "seed" not in tr:
+        raise SpocoInputError("the checkpoint held out annotated objects but does not record the seed that drew "
+                              "them: give --seed as given to train (or --val-sections N to judge by sections)")
     cfg = TrainConfig(raw=list(raw), labels=list(labels), out=out, dims=dims,
-                      patch_shape=tr.get("patch_shape", [256] * dims),
-                      batch_size=tr.get("batch_size", 4), object_fraction=object_fraction, seed=seed,
+                      patch_shape=tr.get("patch_shape", [256] * dims), batch_size=tr.get("batch_size", 4),
+                      object_fraction=object_fraction, seed=seed if seed is not None else tr.get("seed", 0),
+                      mode="sparse" if sparse else "full", foreground_prior=foreground_prior,
                       downsample=list(ckpt.inference.downsample or (1, 1, 1)),
-                      val_sections=val_sections, device=device)
-    prior = foreground_prior
-    sparse = ckpt.training.get("mode", "sparse" if object_fraction < 1 else "full") == "sparse"
-    if sparse and prior is None and object_fraction >= 1:
-        raise SpocoInputError("give --object-fraction (< 1) or --foreground-prior: the classifier needs the "
-                              "share of objects among the unlabeled pixels")
-    train_vols, val_vols, _, _, info = prepare_volumes(cfg, ckpt.normalization)
-    if not sparse:  # full labels: supervised
-        prior = None
-    elif prior is None:
-        prior = unlabeled_object_share(info["annotated_voxels"], info["voxels"], object_fraction)
+                      val_sections=None if held_out else (val_sections or 1),
+                      val_objects=val_objects if val_objects is not None else tr.get("val_objects",
+                                                                                      TrainConfig.val_objects),
+                      device=device)
+    if foreground_prior is not None and not sparse:
+        raise SpocoInputError("--foreground-prior is for sparse labels: this checkpoint was trained on full labels")
+    train_vols, val_vols, held, _, info = prepare_volumes(cfg, ckpt.normalization)
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
-    val = validation_images(val_vols, cfg, ckpt.normalization)
+    prior, prior_from = classifier_prior(ckpt, cfg, train_vols, info, dev)
+    if held:
+        val, objects = object_windows(held, cfg, ckpt.normalization)
+    else:
+        val, objects = validation_images(val_vols, cfg, ckpt.normalization), None
     result = train_classifier(ckpt, cfg, train_vols, val, prior, iterations=iterations, device=dev,
-                              progress=progress)
+                              progress=progress, val_objects=objects)
     entry = result.pop("foreground")
     checkpoint.save(ckpt.with_foreground(entry).for_inference(), out)
-    return {"foreground_kept": entry is not None, **result}
+    return {"foreground_kept": entry is not None, "prior_from": prior_from,
+            "validation": "PQ of held-out objects" if held else "AP@0.5 of held-out sections",
+            "objects_held_out": len(held), **result}

@@ -232,7 +232,9 @@ def train(cfg: TrainConfig) -> dict:
                     **({"momentum_ramp": True} if use_g and cfg.momentum_ramp else {}),
                     "objects_used": info["objects_used"], "objects_total": info["objects_total"],
                     "objects_annotated": info["objects_annotated"], "objects_held_out": info["objects_held_out"],
-                    "validation": score_kind, "seconds": round(state["elapsed"], 1), "downsample": ds,
+                    "validation": score_kind, "seed": cfg.seed,  # train-foreground draws the same objects
+                    **({"val_objects": cfg.val_objects} if info["objects_held_out"] else {}),
+                    "seconds": round(state["elapsed"], 1), "downsample": ds,
                     "patch_shape": list(cfg.patch_shape), "batch_size": cfg.batch_size,
                     **({"no_background": True} if cfg.no_background else {}),
                     **({"loss_margin": margins} if any(margins) else {}), "fine_tuned_from": fine_tuned_from,
@@ -380,16 +382,7 @@ def _add_foreground(cfg: TrainConfig, best_path: str, train_vols, val_images, va
     there. (latest.pt stays as it is: nothing measured that the classifier helps it.)"""
     from . import foreground
     best = checkpoint.load(best_path)
-    prior, prior_from = cfg.foreground_prior, "--foreground-prior"
-    if cfg.training_mode == "full":  # the background is annotated: supervised, no prior
-        prior, prior_from = None, "full labels"
-    elif prior is None and cfg.object_fraction < 1:
-        # the held-out objects are unlabeled in training: the annotated fraction shrinks with them
-        fraction = cfg.object_fraction * info["objects_used"] / info["objects_annotated"]
-        prior, prior_from = foreground.unlabeled_object_share(info["annotated_voxels"], info["voxels"], fraction), \
-            "--object-fraction"
-    elif prior is None:
-        prior, prior_from = foreground.estimate_prior(best, train_vols, cfg, device), "the embeddings"
+    prior, prior_from = foreground.classifier_prior(best, cfg, train_vols, info, device)
     result = foreground.train_classifier(best, cfg, train_vols, val_images, prior,
                                          iterations=cfg.foreground_iterations, device=device,
                                          progress=cfg.progress, val_objects=val_objects)

@@ -240,11 +240,50 @@ def test_foreground_options_are_checked_before_anything_is_written(blob_volume, 
         assert r.exit_code == 2 and message in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
         assert not os.path.exists(out)
-    model, _, _ = _constant_model(tmp_path, raw, "sparse")  # a sparse model: its classifier needs a prior
+    model, _, _ = _constant_model(tmp_path, raw, "full")  # full labels: supervised, no prior to give
     r = CliRunner().invoke(cli, ["train-foreground", "--model", model, "--raw", raw, "--labels", labels,
-                                 "--out", str(tmp_path / "x.pt")])
-    assert r.exit_code == 2 and "--object-fraction" in r.output
+                                 "--foreground-prior", "0.1", "--out", str(tmp_path / "x.pt")])
+    assert r.exit_code == 2 and "is for sparse labels" in r.output
+    assert len(r.output.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "x.pt")
+
+
+def test_train_foreground_judges_by_the_objects_training_held_out(blob_volume, tmp_path, monkeypatch):
+    """A sparse run that held out annotated objects: train-foreground, given only the model
+    and the data, trains on the same SPOCO@p subset and is judged on the same held-out
+    objects (the seed and share the checkpoint records), never on objects the embeddings
+    were trained on; with the seed lost (a checkpoint from before it was recorded) it asks
+    for it rather than drawing other objects."""
+    from spoco_vol import training_data
+    drawn = []
+    hold_out = training_data.hold_out_objects
+
+    def recording(*args, **kwargs):
+        drawn.append(hold_out(*args, **kwargs))
+        return drawn[-1]
+    monkeypatch.setattr(training_data, "hold_out_objects", recording)
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    r = run(["train", "--raw", raw, "--labels", labels, "--out", out, *TINY, "--iterations", "2",
+             "--object-fraction", "0.5", "--seed", "3", "--val-objects", "0.4"])
+    assert r.exit_code == 0, r.output
+    model = os.path.join(out, "best.pt")
+    assert checkpoint.load(model).training["seed"] == 3
+    added = str(tmp_path / "added.pt")
+    r = run(["train-foreground", "--model", model, "--raw", raw, "--labels", labels, "--iterations", "2",
+             "--quiet", "--out", added])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["validation"] == "PQ of held-out objects" and result["prior_from"] == "--object-fraction"
+    assert len(drawn) == 2 and result["objects_held_out"] == len(drawn[0]) > 1
+    assert [(o.id, tuple(o.anchor)) for o in drawn[1]] == [(o.id, tuple(o.anchor)) for o in drawn[0]]
+    ck = checkpoint.load(model)
+    training = {k: v for k, v in ck.training.items() if k != "seed"}
+    lost = str(tmp_path / "lost_seed.pt")
+    checkpoint.save(variant(ck, training=training), lost)
+    r = CliRunner().invoke(cli, ["train-foreground", "--model", lost, "--raw", raw, "--labels", labels,
+                                 "--out", str(tmp_path / "y.pt")])
+    assert r.exit_code == 2 and "--seed" in r.output and not os.path.exists(tmp_path / "y.pt")
 
 
 def test_info_shows_the_classifier_without_its_weights(tmp_path):
