@@ -246,15 +246,23 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
-    prior, prior_from = classifier_prior(ckpt, cfg, train_vols, info, dev)
+    # As training's tail: the embeddings' own rule at the base size floor (any classifier
+    # and the floor chosen with it set aside), the classifier, then the floor again.
+    base = ckpt.inference_record.get("min_size_base")
+    embeddings_only = ckpt.with_foreground(None)
+    if base is not None:
+        embeddings_only = embeddings_only.with_inference(min_size=base)
+    prior, prior_from = classifier_prior(embeddings_only, cfg, train_vols, info, dev)
     if held:
         val, objects = object_windows(held, cfg, ckpt.normalization)
     else:
         val, objects = validation_images(val_vols, cfg, ckpt.normalization), None
-    result = train_classifier(ckpt, cfg, train_vols, val, prior, iterations=iterations, device=dev,
+    result = train_classifier(embeddings_only, cfg, train_vols, val, prior, iterations=iterations, device=dev,
                               progress=progress, val_objects=objects)
     entry = result.pop("foreground")
-    checkpoint.save(ckpt.with_foreground(entry).for_inference(), out)
+    model = calibration.calibrate_size_floor(embeddings_only.with_foreground(entry), val, dev, cfg.amp,
+                                             objects=objects)
+    checkpoint.save(model.for_inference(), out)
     return {"foreground_kept": entry is not None, "prior_from": prior_from,
             "validation": "PQ of held-out objects" if held else "AP@0.5 of held-out sections",
-            "objects_held_out": len(held), **result}
+            "objects_held_out": len(held), "size_floor": model.inference_record.get("min_size"), **result}

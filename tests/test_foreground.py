@@ -277,6 +277,23 @@ def test_train_foreground_judges_by_the_objects_training_held_out(blob_volume, t
     assert result["validation"] == "PQ of held-out objects" and result["prior_from"] == "--object-fraction"
     assert len(drawn) == 2 and result["objects_held_out"] == len(drawn[0]) > 1
     assert [(o.id, tuple(o.anchor)) for o in drawn[1]] == [(o.id, tuple(o.anchor)) for o in drawn[0]]
+    assert result["size_floor"] == checkpoint.load(added).inference_record["min_size"]
+    # retraining a model that has a classifier (and the floor chosen with it) starts from
+    # its embeddings' own rule at the base floor: the same as without them, down to the
+    # prior the embeddings estimate (labels taken as they come: --object-fraction 1)
+    first = checkpoint.load(model)
+    other = with_classifier(first, -30.0).with_foreground_radius(0.0).with_inference(
+        min_size=first.inference_record["min_size"] * 8 + 1)
+    checkpoint.save(other, str(tmp_path / "other.pt"))
+    results = []
+    for name in (model, str(tmp_path / "other.pt")):
+        r = run(["train-foreground", "--model", name, "--raw", raw, "--labels", labels, "--object-fraction", "1",
+                 "--iterations", "2", "--quiet", "--overwrite", "--out", str(tmp_path / "again.pt")])
+        assert r.exit_code == 0, r.output
+        results.append(json.loads(r.output))
+    assert results[0]["prior_from"] == "the embeddings"
+    for key in ("prior", "val_score_without", "val_score_history", "size_floor", "objects_held_out"):
+        assert results[1][key] == results[0][key], key
     ck = checkpoint.load(model)
     training = {k: v for k, v in ck.training.items() if k != "seed"}
     lost = str(tmp_path / "lost_seed.pt")
