@@ -560,7 +560,8 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
                    "checkpoint records].")
 @click.option("--seed", type=int, default=None, help="As given to train [default: as the checkpoint records].")
 @click.option("--foreground-prior", type=float, default=None,
-              help="Share of the unlabeled pixels that belong to objects [default: from --object-fraction].")
+              help="Share of the unlabeled pixels that belong to objects [default: from --object-fraction, "
+                   "else estimated from the embeddings].")
 @click.option("--iterations", type=click.IntRange(1), default=FOREGROUND_ITERATIONS, show_default=True)
 @click.option("--val-sections", type=click.IntRange(1), default=None,
               help="Last sections of each volume held out to choose the iteration [default: the objects the "
