@@ -115,7 +115,8 @@ def print_table(rows):
         print(f"| {row['run']} | {row['without']:.3f} | {row['trained']:.3f} (it {row['trained_iteration']}) | "
               + " | ".join(cells) + " |")
     spread = {r: np.mean([np.ptp([x["sections_ap"] for x in row["rules"][r]]) for row in rows]) for r in rules}
-    print("| mean (spread between trajectories) | | | " +
+    print(f"| mean (spread between trajectories) | {np.mean([r['without'] for r in rows]):.3f} | "
+          f"{np.mean([r['trained'] for r in rows]):.3f} | " +
           " | ".join(f"{np.mean(means[r]):.3f} ({spread[r]:.3f})" for r in rules) + " |")
 
 
