@@ -103,7 +103,7 @@ def table(results):
     for (kind, pct, lr), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
         name = {"bundled": "bundled VNC model as is", "fine-tune": f"fine-tuned, {pct}% of the objects",
-                "fine-tune-iterate": f"fine-tuned, {pct}%, at ce5341d (classifier not averaged)",
+                "fine-tune-iterate": f"fine-tuned, {pct}%, before 038da3c (classifier not averaged)",
                 "fine-tune-basefloor": f"fine-tuned, {pct}%, at b8e9896 (size floor at the base)",
                 "fine-tune-capped": f"fine-tuned, {pct}%, radius chosen by held-out objects, capped at delta_d",
                 "fine-tune-first": f"fine-tuned, {pct}%, radius chosen by held-out objects (first rule)",
