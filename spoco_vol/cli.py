@@ -551,7 +551,7 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
 
 
 @cli.command("train-foreground")
-@click.option("--model", required=True, help="Trained (sparse-label) checkpoint.")
+@click.option("--model", required=True, help="A trained checkpoint, or a bundled model's name.")
 @click.option("--raw", "raw", multiple=True, required=True, help="The raw zarr array(s) it was trained on.")
 @click.option("--labels", "labels", multiple=True, required=True, help="Their labels, one per --raw (0 = unlabeled).")
 @click.option("--out", required=True, type=click.Path(), help="Where to write the checkpoint with the classifier.")

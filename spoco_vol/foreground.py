@@ -30,18 +30,20 @@ it raises that AP (does not lower that score).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 import numpy as np
 import torch
 
-from . import calibration, checkpoint, data, loop, losses, model as model_mod, transforms
+from . import bundled, calibration, checkpoint, data, loop, losses, model as model_mod, transforms
 from .checkpoint import Checkpoint
 from .config import FOREGROUND_ITERATIONS, TrainConfig
 from .errors import SpocoInputError
 from .inference import predict_embeddings, predict_foreground, resolve_device
-from .training_data import augmented_batch, object_windows, prepare_volumes, validation_images
+from .training_data import (augmented_batch, dense_validation_sections, object_windows, prepare_volumes,
+                            validation_images)
 from .validation import RADIUS_TOLERANCE
 
 LEARNING_RATE = 1e-3  # higher than the embeddings': one output channel, and few iterations before
@@ -218,7 +220,7 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     and, for a run that held out annotated objects, on the same held-out objects (the
     checkpoint's seed and ``val_objects``), which the embeddings never saw. Without
     held-out objects (or with ``val_sections``), the last sections judge it."""
-    ckpt = checkpoint.load(model_path)
+    ckpt = checkpoint.load(bundled.model_path(model_path))
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise SpocoInputError(f"cannot write the checkpoint to {out}")
@@ -236,12 +238,14 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
                       object_fraction=object_fraction, seed=seed if seed is not None else tr.get("seed", 0),
                       mode="sparse" if sparse else "full", foreground_prior=foreground_prior,
                       downsample=list(ckpt.inference.downsample or (1, 1, 1)),
-                      val_sections=None if held_out else (val_sections or 1),
+                      val_sections=None if held_out else val_sections,
                       val_objects=val_objects if val_objects is not None else tr.get("val_objects",
                                                                                       TrainConfig.val_objects),
                       device=device)
     if foreground_prior is not None and not sparse:
         raise SpocoInputError("--foreground-prior is for sparse labels: this checkpoint was trained on full labels")
+    if val_sections is None and not held_out:  # the slab training holds out by default, sparse or dense
+        cfg = dataclasses.replace(cfg, val_sections=dense_validation_sections(cfg))
     train_vols, val_vols, held, _, info = prepare_volumes(cfg, ckpt.normalization)
     dev = resolve_device(device)
     if dev.type == "cpu":

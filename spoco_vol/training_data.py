@@ -32,6 +32,12 @@ def _section_names(vol: data.TrainingVolume) -> str:
     return f"section {z0}" if z1 - z0 == 1 else f"sections {z0}-{z1 - 1}"
 
 
+def dense_validation_sections(cfg: TrainConfig) -> int:
+    """The last sections held out by default where labels are dense: one section for a 2D
+    model, a slab one patch deep for a 3D model (in input sections)."""
+    return 1 if cfg.dims == 2 else int(np.ceil(cfg.patch_shape[0] * (cfg.downsample or (1,))[0]))
+
+
 def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     """Open and check all volumes; map their intensities onto ``reference``'s range (a
     checkpoint's normalization; None: the first training volume's own, for a model
@@ -54,9 +60,8 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     val_vols = []
     # Sparse labels: no section is fully annotated, so held-out sections cannot score a
     # model; a share of the annotated objects is held out instead (spoco_vol.validation).
-    # Full labels: the last section (2D models), or a slab one patch deep (3D models).
-    full_default = 1 if cfg.dims == 2 else int(np.ceil(cfg.patch_shape[0] * (cfg.downsample or (1,))[0]))
-    val_sections = cfg.val_sections if cfg.val_sections is not None else (0 if mode == "sparse" else full_default)
+    val_sections = cfg.val_sections if cfg.val_sections is not None else (
+        0 if mode == "sparse" else dense_validation_sections(cfg))
     objects_held_out = not cfg.val_raw and cfg.val_sections is None and mode == "sparse" and cfg.val_objects > 0
     if cfg.val_raw:
         if len(cfg.val_raw) != len(cfg.val_labels):

@@ -690,3 +690,13 @@ def test_intensity_jitter_sets_the_contrast_and_brightness_range_of_the_patches(
     from spoco_vol.errors import SpocoInputError
     with pytest.raises(SpocoInputError, match="intensity-jitter"):
         TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, intensity_jitter=1.5).check()
+
+
+def test_dense_labels_hold_out_one_section_or_a_slab_one_patch_deep():
+    """What train and train-foreground hold out from dense labels without --val-sections:
+    a 2D model's last section; a 3D model's last patch depth of input sections."""
+    from spoco_vol.config import TrainConfig
+    from spoco_vol.training_data import dense_validation_sections
+    assert dense_validation_sections(TrainConfig(raw=["r"], labels=["l"], out="o", dims=2)) == 1
+    cfg = TrainConfig(raw=["r"], labels=["l"], out="o", dims=3, patch_shape=(32, 48, 48), downsample=(1.5, 2, 2))
+    assert dense_validation_sections(cfg) == 48
