@@ -18,13 +18,11 @@ import numpy as np  # noqa: E402
 
 def ap_plot(results, path):
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    # today's rules, and the fine-tuned runs just before the last change to them (the rows of
+    # older rules are in the results file and RESULTS.md's history)
     for kind, colour, label in (("fine-tune", "tab:blue", "fine-tuned from the VNC model"),
-                                ("fine-tune-iterate", "tab:green", "fine-tuned, classifier not averaged"),
-                                ("fine-tune-basefloor", "tab:purple", "fine-tuned, size floor at the base"),
-                                ("fine-tune-capped", "tab:cyan", "fine-tuned, radius capped at delta_d"),
-                                ("fine-tune-first", "tab:gray", "fine-tuned, first radius rule"),
-                                ("scratch", "tab:orange", "trained from scratch"),
-                                ("scratch-first", "tab:brown", "trained from scratch, first radius rule")):
+                                ("fine-tune-iterate", "tab:gray", "fine-tuned, classifier not averaged"),
+                                ("scratch", "tab:orange", "trained from scratch")):
         rs = [r for r in results.values() if r["kind"] == kind]
         pcts = sorted({r["pct"] for r in rs})
         if not pcts:
