@@ -565,7 +565,8 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
 @click.option("--iterations", type=click.IntRange(1), default=FOREGROUND_ITERATIONS, show_default=True)
 @click.option("--val-sections", type=click.IntRange(1), default=None,
               help="Last sections of each volume held out to choose the iteration [default: the objects the "
-                   "checkpoint's training held out, else the last section].")
+                   "checkpoint's training held out, else as train holds out dense labels: a 2D model's last "
+                   "section, a 3D model's last patch depth].")
 @click.option("--val-objects", type=float, default=None,
               help="Share of the annotated objects held out, as given to train [default: as the checkpoint "
                    "records].")
