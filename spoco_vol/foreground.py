@@ -251,7 +251,8 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     if dev.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
     # As training's tail: the embeddings' own rule at the base size floor (any classifier
-    # and the floor chosen with it set aside), the classifier, then the floor again.
+    # and the floor chosen with it set aside), the classifier, then the floor again if the
+    # rule changed.
     base = ckpt.inference_record.get("min_size_base")
     embeddings_only = ckpt.with_foreground(None)
     if base is not None:
@@ -264,8 +265,10 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     result = train_classifier(embeddings_only, cfg, train_vols, val, prior, iterations=iterations, device=dev,
                               progress=progress, val_objects=objects)
     entry = result.pop("foreground")
-    model = calibration.calibrate_size_floor(embeddings_only.with_foreground(entry), val, dev, cfg.amp,
-                                             objects=objects)
+    model = ckpt  # nothing kept and nothing removed: the segmentation rule, floor included, stays
+    if entry is not None or ckpt.has_foreground:
+        model = calibration.calibrate_size_floor(embeddings_only.with_foreground(entry), val, dev, cfg.amp,
+                                                 objects=objects)
     checkpoint.save(model.for_inference(), out)
     return {"foreground_kept": entry is not None, "prior_from": prior_from,
             "validation": "PQ of held-out objects" if held else "AP@0.5 of held-out sections",

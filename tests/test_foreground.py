@@ -411,3 +411,20 @@ def test_the_classifier_is_judged_as_a_moving_average_that_spans_a_tenth_of_its_
     share = np.cumprod(decays)
     assert share[9] < 1e-3 and share[99] < 1e-9
 
+
+
+def test_a_classifier_not_kept_leaves_the_model_as_it_was(blob_volume, tmp_path):
+    """train-foreground whose classifier does not help (the constant model, whose one
+    segment no classifier can split into objects) writes the model unchanged: its size
+    floor is not chosen again when its segmentation rule did not change."""
+    raw, labels = blob_volume
+    model, ckpt, _ = _constant_model(tmp_path, raw, "full")
+    floored = variant(ckpt, inference={**ckpt.inference_record, "min_size": 7})
+    checkpoint.save(floored, model)
+    out = str(tmp_path / "same.pt")
+    r = run(["train-foreground", "--model", model, "--raw", raw, "--labels", labels, "--iterations", "2",
+             "--quiet", "--out", out])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert not result["foreground_kept"] and result["size_floor"] == 7
+    assert checkpoint.load(out).inference_record == floored.inference_record
