@@ -78,9 +78,8 @@ def measure(work, run, rules, trajectories, sections, device):
     embeddings = calibration.embed(shipped.network().to(device), images, device, True, shipped.inference.tta)
     row = {"run": run, "sections": sections, "trained": round(sections_ap(shipped, images, embeddings, device), 4),
            "trained_iteration": (shipped.data.get("foreground") or {}).get("iterations"),
-           "without": round(sections_ap(shipped.with_foreground(None).with_inference(
-               min_size=shipped.inference_record.get("min_size_base", shipped.inference.min_size)),
-               images, embeddings, device), 4), "rules": {}}
+           "without": round(sections_ap(foreground.without_classifier(shipped), images, embeddings, device), 4),
+           "rules": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for rule in rules:
             row["rules"][rule] = []

@@ -207,6 +207,14 @@ def classifier_prior(ckpt: Checkpoint, cfg: TrainConfig, train_vols, info: dict,
     return estimate_prior(ckpt, train_vols, cfg, device), "the embeddings"
 
 
+def without_classifier(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` segmenting with its embeddings' own rule, as training had it before the
+    classifier: no classifier, and the base size floor if a floor was chosen since."""
+    base = ckpt.inference_record.get("min_size_base")
+    plain = ckpt.with_foreground(None)
+    return plain if base is None else plain.with_inference(min_size=base)
+
+
 def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object_fraction: float | None = None,
                    seed: int | None = None, foreground_prior: float | None = None,
                    iterations: int = FOREGROUND_ITERATIONS, val_sections: int | None = None,
@@ -238,13 +246,13 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
                       object_fraction=object_fraction, seed=seed if seed is not None else tr.get("seed", 0),
                       mode="sparse" if sparse else "full", foreground_prior=foreground_prior,
                       downsample=list(ckpt.inference.downsample or (1, 1, 1)),
-                      val_sections=None if held_out else val_sections,
+                      val_sections=val_sections,
                       val_objects=val_objects if val_objects is not None else tr.get("val_objects",
                                                                                       TrainConfig.val_objects),
                       device=device)
     if foreground_prior is not None and not sparse:
         raise SpocoInputError("--foreground-prior is for sparse labels: this checkpoint was trained on full labels")
-    if val_sections is None and not held_out:  # the slab training holds out by default, sparse or dense
+    if val_sections is None and not held_out:  # what training holds out from dense labels
         cfg = dataclasses.replace(cfg, val_sections=dense_validation_sections(cfg))
     train_vols, val_vols, held, _, info = prepare_volumes(cfg, ckpt.normalization)
     dev = resolve_device(device)
@@ -253,10 +261,7 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     # As training's tail: the embeddings' own rule at the base size floor (any classifier
     # and the floor chosen with it set aside), the classifier, then the floor again if the
     # rule changed.
-    base = ckpt.inference_record.get("min_size_base")
-    embeddings_only = ckpt.with_foreground(None)
-    if base is not None:
-        embeddings_only = embeddings_only.with_inference(min_size=base)
+    embeddings_only = without_classifier(ckpt)
     prior, prior_from = classifier_prior(embeddings_only, cfg, train_vols, info, dev)
     if held:
         val, objects = object_windows(held, cfg, ckpt.normalization)
