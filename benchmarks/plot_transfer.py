@@ -22,7 +22,8 @@ def ap_plot(results, path):
     # older rules are in the results file and RESULTS.md's history)
     for kind, colour, label in (("fine-tune", "tab:blue", "fine-tuned from the VNC model"),
                                 ("fine-tune-iterate", "tab:gray", "fine-tuned, classifier not averaged"),
-                                ("scratch", "tab:orange", "trained from scratch")):
+                                ("scratch", "tab:orange", "trained from scratch"),
+                                ("scratch-iterate", "tan", "from scratch, classifier not averaged")):
         rs = [r for r in results.values() if r["kind"] == kind]
         pcts = sorted({r["pct"] for r in rs})
         if not pcts:
@@ -93,7 +94,7 @@ def pictures(results, test, section, path):
         seg = labels_from_embeddings(emb, ck, raw.shape, pred.scale, foreground=pred.foreground)
         name = {"bundled": "VNC model as is", "fine-tune": f"fine-tuned, {r['pct']}%",
                 "scratch": f"from scratch, {r['pct']}%", "scratch-first": f"from scratch, {r['pct']}% (first rule)",
-                "full": "from scratch, all labels"}[r["kind"]]
+                "full": "from scratch, all labels"}[r["kind"]] + (f", lr {r['lr']}" if r.get("lr") else "")
         for ax, img, title in zip(row, (raw, _pca_rgb(emb), _colour(seg), _colour(gt, 1)),
                                   (f"{name}: raw", f"embeddings (PCA) AP@0.5 {r['test']['ap@0.5']:.2f}",
                                    "segmentation", "ground truth")):

@@ -95,11 +95,11 @@ def table(results):
     # "fine-tune-capped", "fine-tune-first", "scratch-first": runs kept from the earlier rules for the
     # background radius, when held-out objects chose it (capped at delta_d; the first rule,
     # uncapped), before it became delta_d; "fine-tune-basefloor": runs from before held-out
-    # objects chose the size floor (b319c76); "fine-tune-iterate": runs from before the
-    # foreground classifier was judged as a moving average of its weights (038da3c)
+    # objects chose the size floor (b319c76); "fine-tune-iterate", "scratch-iterate": runs from
+    # before the foreground classifier was judged as a moving average of its weights (038da3c)
     # (benchmarks/RESULTS.md, transfer)
     order = {"bundled": 0, "fine-tune": 1, "fine-tune-iterate": 2, "fine-tune-basefloor": 3, "fine-tune-capped": 4,
-             "fine-tune-first": 5, "scratch": 6, "scratch-first": 7, "full": 8}
+             "fine-tune-first": 5, "scratch": 6, "scratch-iterate": 7, "scratch-first": 8, "full": 9}
     for (kind, pct, lr), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, kv[0][2])):
         rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
         name = {"bundled": "bundled VNC model as is", "fine-tune": f"fine-tuned, {pct}% of the objects",
@@ -108,6 +108,7 @@ def table(results):
                 "fine-tune-capped": f"fine-tuned, {pct}%, radius chosen by held-out objects, capped at delta_d",
                 "fine-tune-first": f"fine-tuned, {pct}%, radius chosen by held-out objects (first rule)",
                 "scratch": f"from scratch, {pct}% of the objects",
+                "scratch-iterate": f"from scratch, {pct}%, before 038da3c (classifier not averaged)",
                 "scratch-first": f"from scratch, {pct}%, radius chosen by held-out objects (first rule)",
                 "full": "from scratch, all labels"}[kind] + (f", lr {lr}" if lr != SCRATCH_LR else "")
         aps = [r["test"]["ap@0.5"] for r in rs]
