@@ -79,8 +79,9 @@ def pictures(results, test, section, path):
     gt = np.asarray(io.open_volume(test + "/labels")[section])
     vs = io.read_voxel_size(test + "/raw")[1:]
     picks = []
-    for kind in ("bundled", "fine-tune", "scratch", "scratch-first", "full"):
-        # one row per setting (seed 0); rows measured at earlier commits keep no checkpoint here
+    for kind in ("bundled", "fine-tune", "scratch", "full"):
+        # one row per setting (seed 0) under today's rules (the runs of earlier rules wrote to the same
+        # folders, so their checkpoint paths now hold today's runs)
         rs = sorted([r for r in results.values() if r["kind"] == kind and r["seed"] in (None, 0)
                      and os.path.exists(_checkpoint(r))],
                     key=lambda r: r["pct"] or 0)
@@ -93,7 +94,7 @@ def pictures(results, test, section, path):
         emb = pred.embeddings
         seg = labels_from_embeddings(emb, ck, raw.shape, pred.scale, foreground=pred.foreground)
         name = {"bundled": "VNC model as is", "fine-tune": f"fine-tuned, {r['pct']}%",
-                "scratch": f"from scratch, {r['pct']}%", "scratch-first": f"from scratch, {r['pct']}% (first rule)",
+                "scratch": f"from scratch, {r['pct']}%",
                 "full": "from scratch, all labels"}[r["kind"]] + (f", lr {r['lr']}" if r.get("lr") else "")
         for ax, img, title in zip(row, (raw, _pca_rgb(emb), _colour(seg), _colour(gt, 1)),
                                   (f"{name}: raw", f"embeddings (PCA) AP@0.5 {r['test']['ap@0.5']:.2f}",
