@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 
 def ap_plot(results, path):
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    # today's rules, and the fine-tuned runs just before the last change to them (the rows of
-    # older rules are in the results file and RESULTS.md's history)
+    # today's rules, and the runs just before the last change to them (the classifier not
+    # averaged); the rows of older rules are in the results file and RESULTS.md's history
     for kind, colour, label in (("fine-tune", "tab:blue", "fine-tuned from the VNC model"),
                                 ("fine-tune-iterate", "tab:gray", "fine-tuned, classifier not averaged"),
                                 ("scratch", "tab:orange", "trained from scratch"),

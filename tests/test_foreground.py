@@ -412,7 +412,6 @@ def test_the_classifier_is_judged_as_a_moving_average_that_spans_a_tenth_of_its_
     assert share[9] < 1e-3 and share[99] < 1e-9
 
 
-
 def test_a_classifier_not_kept_leaves_the_model_as_it_was(blob_volume, tmp_path):
     """train-foreground whose classifier does not help (the constant model, whose one
     segment no classifier can split into objects) writes the model unchanged: its size
