@@ -7,6 +7,7 @@ A. Per image: a model's embeddings of a test volume's sections (default: the bun
    foreground, --gt-mask); AP@0.5 of the 2D objects, SBD and |DiC| against the ground
    truth, and the seconds of the clustering step alone (prediction excluded: the same
    for all). Consistency clustering when the checkpoint keeps its momentum network.
+   Then how compact the true objects are in embedding space (``object_spread``).
 B. Scaling: HDBSCAN and mean-shift on N foreground pixels' embeddings (drawn from those
    sections), for growing N, in a fresh process each, with a time limit; the fitted
    exponent says where a method reaches ten minutes (spoco_vol.clustering.MAX_PIXELS).
@@ -64,6 +65,37 @@ def per_image(test, model=None, images=None, gt_mask=False):
         m = evaluate_segmentation(labels, gt, per_section=True)
         print(f"{method:<12}{m['ap@0.5']:>8.3f}{m['map']:>7.3f}{m['sbd']:>7.3f}{m['abs_dic']:>7.2f}{m['n_pred']:>7}"
               f"{m['n_gt']:>6}{seconds / len(gt):>9.2f}   (wall {time.perf_counter() - t:.0f} s)", flush=True)
+    spread = object_spread(pred.embeddings, gt)
+    p, n = spread["pixel_to_mean"], spread["nearest_other_mean"]
+    print(f"objects in embedding space: pixel to the object's mean, median {p[1]:.2f} (10th-90th percentile "
+          f"{p[0]:.2f}-{p[2]:.2f}; delta_v {ck.delta_v})" + ("" if n is None else
+          f"; the object's mean to the nearest other's in its section, median {n[1]:.2f} ({n[0]:.2f}-{n[2]:.2f}; "
+          f"2 delta_d {2 * ck.delta_d})"))
+
+
+def object_spread(embeddings: np.ndarray, gt: np.ndarray) -> dict:
+    """How compact the ground truth's objects are in embedding space, per section: for
+    each object the median distance of its pixels to its mean embedding, and the distance
+    from its mean to the nearest other object's mean in the same section (clusters in
+    embedding space keep objects apart when the first is within delta_v and the second
+    beyond 2 delta_d). ``gt`` is sampled at the model grid's pixel centres."""
+    grid = embeddings.shape[2:]
+    at = np.ix_(*(np.minimum(((np.arange(g) + 0.5) * (n / g)).astype(np.int64), n - 1)
+                  for g, n in zip(grid, gt.shape[1:])))
+    spread, nearest = [], []
+    for z in range(gt.shape[0]):
+        e, lab = embeddings[:, z].reshape(len(embeddings), -1), gt[z][at].ravel()
+        means = []
+        for i in np.unique(lab[lab != 0]):
+            v = e[:, lab == i].astype(np.float64)
+            means.append(v.mean(1))
+            spread.append(np.median(np.linalg.norm(v - means[-1][:, None], axis=0)))
+        if len(means) > 1:
+            d = np.linalg.norm(np.array(means)[:, None] - np.array(means)[None], axis=-1)
+            np.fill_diagonal(d, np.inf)
+            nearest += list(d.min(1))
+    return {"pixel_to_mean": np.percentile(spread, [10, 50, 90]),
+            "nearest_other_mean": np.percentile(nearest, [10, 50, 90]) if nearest else None}
 
 
 def one_fit(test, method, n):
