@@ -65,7 +65,7 @@ def per_image(test, model=None, images=None, gt_mask=False):
         m = evaluate_segmentation(labels, gt, per_section=True)
         print(f"{method:<12}{m['ap@0.5']:>8.3f}{m['map']:>7.3f}{m['sbd']:>7.3f}{m['abs_dic']:>7.2f}{m['n_pred']:>7}"
               f"{m['n_gt']:>6}{seconds / len(gt):>9.2f}   (wall {time.perf_counter() - t:.0f} s)", flush=True)
-    spread = object_spread(pred.embeddings, gt)
+    spread = object_spread(pred.embeddings, gt, pred.scale)
     p, n = spread["pixel_to_mean"], spread["nearest_other_mean"]
     print(f"objects in embedding space: pixel to the object's mean, median {p[1]:.2f} (10th-90th percentile "
           f"{p[0]:.2f}-{p[2]:.2f}; delta_v {ck.delta_v})" + ("" if n is None else
@@ -73,18 +73,19 @@ def per_image(test, model=None, images=None, gt_mask=False):
           f"2 delta_d {2 * ck.delta_d})"))
 
 
-def object_spread(embeddings: np.ndarray, gt: np.ndarray) -> dict:
+def object_spread(embeddings: np.ndarray, gt: np.ndarray, scale) -> dict:
     """How compact the ground truth's objects are in embedding space, per section: for
     each object the median distance of its pixels to its mean embedding, and the distance
     from its mean to the nearest other object's mean in the same section (clusters in
     embedding space keep objects apart when the first is within delta_v and the second
-    beyond 2 delta_d). ``gt`` is sampled at the model grid's pixel centres."""
-    grid = embeddings.shape[2:]
-    at = np.ix_(*(np.minimum(((np.arange(g) + 0.5) * (n / g)).astype(np.int64), n - 1)
-                  for g, n in zip(grid, gt.shape[1:])))
+    beyond 2 delta_d). Each input pixel takes its model-grid pixel's embedding, as
+    segmentation maps them (pipeline.model_grid_index; ``scale``: input to model grid)."""
+    from spoco_vol.pipeline import model_grid_index
+    at = np.ix_(*(model_grid_index(np.arange(n), n, m, s)
+                  for n, m, s in zip(gt.shape[1:], embeddings.shape[2:], scale[-2:])))
     spread, nearest = [], []
     for z in range(gt.shape[0]):
-        e, lab = embeddings[:, z].reshape(len(embeddings), -1), gt[z][at].ravel()
+        e, lab = embeddings[:, z][(slice(None), *at)].reshape(len(embeddings), -1), gt[z].ravel()
         means = []
         for i in np.unique(lab[lab != 0]):
             v = e[:, lab == i].astype(np.float64)
