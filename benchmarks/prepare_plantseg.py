@@ -6,7 +6,10 @@ plantseg_ovule_crop) as zarr volumes for the 3D experiments (benchmarks/train_3d
   rotations train on one crop and test on another. For each crop the script prints
   whether its raw carries an image: the correlation of neighbouring voxels and the mean
   intensity inside and outside the nuclei (1137's raw is uniform noise, see
-  benchmarks/train_3d.py).
+  benchmarks/train_3d.py). The two real crops are also split along z at NUCLEI_SPLIT_Z:
+  ``head_raw``/``head_labels`` (z < 60) and ``tail_raw``/``tail_labels`` (z >= 60), for the
+  runs that train on one crop and the head of the other and test on its tail (train_3d.py
+  --only nuclei-two).
 - ovule: OUT/ovule.zarr, the 32 x 128 x 128 crop of cells with stained boundaries (dense
   labels), split along x: ``train_raw``/``train_labels`` x < 80, ``test_raw``/
   ``test_labels`` x >= 80 (cells cut by the split are cut in both halves).
@@ -27,6 +30,19 @@ from spoco_vol import io
 DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 NUCLEI = ("1135", "1136", "1137")
 OVULE_SPLIT_X = 80
+NUCLEI_SPLIT_Z = 60
+
+
+def _pieces(lab):
+    """Each connected piece of each object its own id: an object cut by a split can fall
+    apart into pieces."""
+    pieces = np.zeros(lab.shape, np.uint32)
+    n = 0
+    for i in np.unique(lab[lab > 0]):
+        comp, k = ndimage.label(lab == i)
+        pieces[comp > 0] = comp[comp > 0] + n
+        n += k
+    return pieces, n
 
 
 def _relabel(labels):
@@ -54,19 +70,20 @@ def main():
         inside = d["labels"] > 0
         print(f"wrote {path}: {int(d['labels'].max())} nuclei; neighbouring voxels correlate {corr:.3f}, "
               f"mean intensity inside / outside the nuclei {raw[inside].mean():.1f} / {raw[~inside].mean():.1f}")
+        if crop == "1137":  # noise, see above
+            continue
+        for name, sl in (("head", np.s_[:NUCLEI_SPLIT_Z]), ("tail", np.s_[NUCLEI_SPLIT_Z:])):
+            pieces, n = _pieces(d["labels"][sl])
+            io.create_array(f"{path}/{name}_raw", np.ascontiguousarray(d["raw"][sl]), chunks=(50, 100, 100),
+                            attrs=attrs, overwrite=True)
+            io.create_array(f"{path}/{name}_labels", pieces, chunks=(50, 100, 100), attrs=attrs, overwrite=True)
+            print(f"wrote {path}/{name}: {n} nuclei")
     d = np.load(os.path.join(a.data, "plantseg_ovule_crop", "sample_ovule.npz"))
     attrs = {"voxel_size": [float(v) for v in d["resolution_nm"]],
              "source": "PlantSeg sample_ovule (Wolny et al. 2020, eLife; kreshuklab/plant-seg, MIT)"}
     path = os.path.join(a.out, "ovule.zarr")
     for name, sl in (("train", np.s_[:, :, :OVULE_SPLIT_X]), ("test", np.s_[:, :, OVULE_SPLIT_X:])):
-        lab = d["labels"][sl]
-        # a cell cut by the split can fall apart into pieces: each piece is an object
-        pieces = np.zeros(lab.shape, np.uint32)
-        n = 0
-        for i in np.unique(lab[lab > 0]):
-            comp, k = ndimage.label(lab == i)
-            pieces[comp > 0] = comp[comp > 0] + n
-            n += k
+        pieces, n = _pieces(d["labels"][sl])
         io.create_array(f"{path}/{name}_raw", np.ascontiguousarray(d["raw"][sl]), attrs=attrs, overwrite=True)
         io.create_array(f"{path}/{name}_labels", pieces, attrs=attrs, overwrite=True)
         print("wrote", f"{path}/{name}", n, "cells")

@@ -21,6 +21,14 @@ Finished runs are not redone; results go to WORK/results_3d.json and WORK/result
 
     python benchmarks/prepare_plantseg.py /tmp/plantseg
     python benchmarks/train_3d.py /tmp/plantseg [--only nuclei|ovule] [--settings full,p10,no-consistency,foreground,jitter]
+
+A second specimen (`--only nuclei-two`, full labels): the training crop and the first 60
+sections of the other crop (prepare_plantseg.py's head_*; the last 20 sections of each
+validate), tested on the other crop's last 40 sections (tail_*); the one-specimen model
+of the same rotation (runs/nuclei_testN_full, else for 1136 the bundled lm-nuclei-3d,
+trained on 1135 with the same command) is scored on the same sections beside it. It
+measures what annotated data from a second specimen buys where the rotations above
+test on a specimen the model has never seen.
 """
 import argparse
 import json
@@ -77,6 +85,12 @@ def runs(work, only):
             data = ["--raw", f"{work}/nuclei_{train}.zarr/raw", "--labels", f"{work}/nuclei_{train}.zarr/labels"]
             out.append((f"nuclei_test{test}", data, NUCLEI, 20, f"{work}/nuclei_{test}.zarr/raw",
                         f"{work}/nuclei_{test}.zarr/labels"))
+    if only == "nuclei-two":
+        for train, other in ROTATIONS:
+            data = ["--raw", f"{work}/nuclei_{train}.zarr/raw", "--raw", f"{work}/nuclei_{other}.zarr/head_raw",
+                    "--labels", f"{work}/nuclei_{train}.zarr/labels", "--labels", f"{work}/nuclei_{other}.zarr/head_labels"]
+            out.append((f"nuclei_two_test{other}tail", data, NUCLEI, 20, f"{work}/nuclei_{other}.zarr/tail_raw",
+                        f"{work}/nuclei_{other}.zarr/tail_labels"))
     if only in (None, "ovule"):
         out.append(("ovule", ["--raw", f"{work}/ovule.zarr/train_raw", "--labels", f"{work}/ovule.zarr/train_labels"],
                     OVULE, 6, f"{work}/ovule.zarr/test_raw", f"{work}/ovule.zarr/test_labels"))
@@ -108,10 +122,22 @@ def evaluate(ckpt_path, raw_path, gt_path, tmp):
             "blockwise_ap@0.5": evaluate_segmentation(blockwise, gt)["ap@0.5"]}
 
 
+def _one_specimen_model(work, name):
+    """The full-label model trained on the same rotation's training crop alone."""
+    other = name[len("nuclei_two_test"):-len("tail")]
+    own = os.path.join(work, "runs", f"nuclei_test{other}_full", "best.pt")
+    if os.path.exists(own):
+        return own
+    if other == "1136":
+        from spoco_vol.bundled import model_path
+        return model_path("lm-nuclei-3d")
+    return None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("work")
-    p.add_argument("--only", choices=["nuclei", "ovule"])
+    p.add_argument("--only", choices=["nuclei", "ovule", "nuclei-two"])
     p.add_argument("--settings", default="full,p10")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per training run [default: all]")
     a = p.parse_args()
@@ -140,8 +166,16 @@ def main():
                      "train_seconds": summary["seconds"], "objects_used": summary["objects_used"],
                      "objects_total": summary["objects_total"], "best_iteration": summary["best_iteration"],
                      "test": evaluate(os.path.join(out, "best.pt"), test_raw, test_gt, out)}
+            if name.startswith("nuclei_two_"):
+                one = _one_specimen_model(a.work, name)
+                if one:
+                    entry["one_specimen_model"] = one
+                    entry["test_one_specimen"] = evaluate(one, test_raw, test_gt, out)
             results[key] = entry
             print(key, json.dumps(entry["test"]), flush=True)
+            if "test_one_specimen" in entry:
+                print(f"{key}, the one-specimen model {entry['one_specimen_model']}:",
+                      json.dumps(entry["test_one_specimen"]), flush=True)
             json.dump(results, open(path + ".tmp", "w"), indent=1)
             os.replace(path + ".tmp", path)
     rows = ["| dataset | labels | objects used | 3D AP@0.5 | mAP | ARand | blockwise vs whole ARand | train min |",
