@@ -98,13 +98,11 @@ def segment_and_score(exe, work, model, name, mask_kind):
     test = os.path.join(work, "cvppp_test.zarr")
     out = os.path.join(work, "seg", f"{name}_{mask_kind}.zarr")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    if mask_kind in ("gt", "none"):  # the embeddings' own background rule, and the mask if any
-        without = model.replace(".pt", "_no_classifier.pt")
-        if not os.path.exists(without):
-            from spoco_vol import checkpoint
-            checkpoint.save(checkpoint.load(model).with_foreground(None), without)
-        model = without
     cmd = [exe, "segment", "--input", f"{test}/raw", "--output", out, "--model", model, "--quiet", "--overwrite"]
+    if mask_kind in ("gt", "none"):  # the embeddings' own background rule, and the mask if any
+        from spoco_vol import checkpoint
+        if checkpoint.load(model).has_foreground:
+            cmd.append("--no-foreground-classifier")
     if mask_kind in ("gt", "gt-only"):
         mask = os.path.join(work, "cvppp_test_fg.zarr")
         if not os.path.exists(mask):

@@ -322,12 +322,15 @@ class Checkpoint:
         applies it: ``min_size`` replaces the size floor (model voxels);
         ``mask_is_foreground`` drops the model's own background rules (the classifier and
         the embeddings' background radius), so that the run's mask alone decides the
-        background."""
+        background; ``no_foreground_classifier`` drops the classifier only, so that the
+        embeddings' own background rule (calibrated without it) decides."""
         overrides = dict(overrides)
-        unknown = set(overrides) - {"min_size", "mask_is_foreground"}
+        unknown = set(overrides) - {"min_size", "mask_is_foreground", "no_foreground_classifier"}
         if unknown:
             raise ValueError(f"unknown segmentation overrides {sorted(unknown)}")
         out = self
+        if overrides.get("no_foreground_classifier"):
+            out = out.with_foreground(None)
         if overrides.get("mask_is_foreground"):
             out = out.with_foreground(None).with_inference(background_embedding=None, background_radius=None)
         if overrides.get("min_size") is not None:

@@ -331,6 +331,9 @@ def models():
                    "mask alone decides the background, the model's own background rules (its foreground "
                    "classifier, its background embedding) are not applied [default: the mask only adds "
                    "background, as a tissue mask].")
+@click.option("--no-foreground-classifier", is_flag=True,
+              help="Leave out the model's foreground classifier (`spoco-vol info` shows whether it has one): the "
+                   "embeddings' own background rule decides the background, as for a model without one.")
 @click.option("--min-size", type=click.IntRange(0), default=None,
               help="Objects smaller than this many voxels of the model's grid become background [default: the "
                    "model's floor, chosen on its validation data; `spoco-vol info` shows it].")
@@ -387,9 +390,9 @@ def models():
                    "agrees with) of the pixels' embeddings, on whole images (sections of a 2D model, the volume of "
                    "a 3D one): small volumes only, minutes per image.")
 @click.option("--progress/--quiet", default=True, help="Show progress bars.")
-def segment(input_path, output, model, block_shape, halo, mask, mask_is_foreground, min_size, voxel_size, workers,
-            cluster, cluster_set, stitch, seams, device, roi, save_embeddings, save_affinities, link_sections,
-            link_overlap, tta, intensity_range, clustering, overwrite, progress):
+def segment(input_path, output, model, block_shape, halo, mask, mask_is_foreground, no_foreground_classifier,
+            min_size, voxel_size, workers, cluster, cluster_set, stitch, seams, device, roi, save_embeddings,
+            save_affinities, link_sections, link_overlap, tta, intensity_range, clustering, overwrite, progress):
     """Segment a zarr volume block by block into objects (OME-Zarr labels, 0 = background).
 
     An interrupted run (killed, pre-empted) leaves <output>.partial; the same command
@@ -401,7 +404,7 @@ def segment(input_path, output, model, block_shape, halo, mask, mask_is_foregrou
                   link_sections=link_sections, link_overlap=link_overlap, cluster=_cluster(cluster, cluster_set),
                   command=_command_line(), progress=progress, tta=tta, intensity_range=intensity_range,
                   clustering=clustering, save_affinities=save_affinities, seams=seams, min_size=min_size,
-                  mask_is_foreground=mask_is_foreground)
+                  mask_is_foreground=mask_is_foreground, no_foreground_classifier=no_foreground_classifier)
     click.echo(format_report(report))
 
 

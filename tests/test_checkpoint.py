@@ -227,8 +227,9 @@ def test_checkpoint_changes_make_copies():
 def test_segment_overrides_replace_the_floor_and_drop_the_background_rules():
     """`segment --min-size` replaces the size floor; `--mask-is-foreground` drops the
     classifier and the embeddings' background radius (the mask alone decides the
-    background); a dict and its items (as a segment plan holds them) give the same
-    checkpoint; an unknown key is refused; the original is left as it was."""
+    background), `--no-foreground-classifier` the classifier only; a dict and its items
+    (as a segment plan holds them) give the same checkpoint; an unknown key is refused;
+    the original is left as it was."""
     from spoco_vol.checkpoint import foreground_entry
     net = UNet(dims=2, features=(4, 8), embedding_dim=2)
     ckpt = _ckpt(net, inference={"background_embedding": [1.0, 2.0], "background_radius": 1.5, "min_size": 9})
@@ -244,6 +245,10 @@ def test_segment_overrides_replace_the_floor_and_drop_the_background_rules():
         {"mask_is_foreground": True, "min_size": 0}).inference.background_rule()
     assert both.inference.min_size == 0 and not both.has_foreground
     assert ckpt.with_segment_overrides(()).inference.background_rule() == ckpt.inference.background_rule()
+    # without the classifier: the embeddings' own rule, its radius calibrated without the classifier
+    embeddings_only = ckpt.with_segment_overrides({"no_foreground_classifier": True})
+    assert not embeddings_only.has_foreground and embeddings_only.inference.background_radius == 1.5
+    assert list(embeddings_only.inference.background_embedding) == [1.0, 2.0]
     assert ckpt.has_foreground and ckpt.inference.min_size == 9 and ckpt.inference.background_radius == 0.25
     with pytest.raises(ValueError, match="unknown segmentation overrides"):
         ckpt.with_segment_overrides({"tta": True})

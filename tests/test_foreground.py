@@ -176,7 +176,8 @@ def test_full_labels_train_a_supervised_classifier(blob_volume, tmp_path):
     """With full labels (the paper's "predicted foreground") the classifier learns the
     annotated background: trained supervised, it calls the held-out section's pixels
     right (discs vs background), masks the background, and objects appear (touching
-    discs stay merged: the constant embeddings cannot part them)."""
+    discs stay merged: the constant embeddings cannot part them). `segment
+    --no-foreground-classifier` leaves it out again: the model's result without it."""
     from spoco_vol.pipeline import predict_array
     raw, labels = blob_volume
     model, _, data = _constant_model(tmp_path, raw, "full")
@@ -191,6 +192,23 @@ def test_full_labels_train_a_supervised_classifier(blob_volume, tmp_path):
     held_out = np.asarray(io.open_volume(labels)[3])
     probability = predict_array(data[3].astype(np.uint8), ck, device="cpu").foreground
     assert ((probability >= 0.5) == (held_out > 0)).mean() > 0.9
+
+    def segment(name, model_path, *flags):
+        out = str(tmp_path / f"{name}.zarr")
+        r = CliRunner().invoke(cli, ["segment", "--input", raw, "--output", out, "--model", model_path,
+                                     "--workers", "0", "--device", "cpu", "--quiet", *flags])
+        return r, out
+    labels_of = {}
+    for name, model_path, flags in (("with", added, ()), ("left_out", added, ("--no-foreground-classifier",)),
+                                    ("constant", model, ())):
+        r, out = segment(name, model_path, *flags)
+        assert r.exit_code == 0, r.output
+        labels_of[name] = np.asarray(io.open_volume(out)[...])
+    np.testing.assert_array_equal(labels_of["left_out"], labels_of["constant"])
+    assert (labels_of["with"] > 0).sum() < (labels_of["constant"] > 0).sum()
+    r, out = segment("refused", model, "--no-foreground-classifier")
+    assert r.exit_code == 2 and "has no foreground classifier" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not os.path.exists(out)
 
 
 def test_train_foreground_keeps_the_best_classifier_when_it_helps(blob_volume, tmp_path, monkeypatch):

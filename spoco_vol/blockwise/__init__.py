@@ -154,7 +154,7 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       progress: bool = False, dry_run: bool = False, tta: bool | None = None,
                       intensity_range: Sequence[float] | None = None, clustering: str = "mws",
                       save_affinities: str | None = None, seams: str = "auto", min_size: int | None = None,
-                      mask_is_foreground: bool = False) -> dict:
+                      mask_is_foreground: bool = False, no_foreground_classifier: bool = False) -> dict:
     """Segment a zarr volume block by block on a dask cluster; returns a report dict.
 
     ``client``: a distributed Client to run on; without one, a LocalCluster of ``workers``
@@ -198,6 +198,9 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
     ground-truth or semantic foreground): the mask alone decides the background, the
     model's own background rules (its classifier, its background embedding) are not
     applied [default: the mask only adds background, e.g. a tissue mask].
+    ``no_foreground_classifier``: leave the model's foreground classifier out; its
+    embeddings' own background rule decides the background (the paper's "without
+    foreground"; the model must have a classifier).
     ``dry_run``: check everything, start and write nothing; returns the output path, the
     run's fingerprint and its hash (an existing output with that hash is this run's result).
     Failures (module docstring): SpocoInputError before anything is written,
@@ -208,7 +211,8 @@ def segment_blockwise(input_path: str, output: str | None = None, model: str | N
                       save_embeddings=save_embeddings, link_sections=link_sections, link_overlap=link_overlap,
                       tta=tta, intensity_range=intensity_range, clustering=clustering,
                       save_affinities=save_affinities, seams=seams, min_size=min_size,
-                      mask_is_foreground=mask_is_foreground, command=command)
+                      mask_is_foreground=mask_is_foreground, no_foreground_classifier=no_foreground_classifier,
+                      command=command)
     return _run_with(plan, dry_run=dry_run, client=client, cluster=cluster, workers=workers,
                      threads_per_worker=threads_per_worker, overwrite=overwrite, progress=progress)
 

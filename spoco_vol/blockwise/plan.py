@@ -200,7 +200,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
                tta: bool | None = None, intensity_range: Sequence[float] | None = None,
                clustering: str = "mws", save_affinities: str | None = None, seams: str = "auto",
                min_size: int | None = None, mask_is_foreground: bool = False,
-               command: str = "") -> SegmentPlan:
+               no_foreground_classifier: bool = False, command: str = "") -> SegmentPlan:
     """Check every input and setting of a run (one SpocoInputError otherwise) and decide
     what it does; reads metadata only (and, for inputs that need it, the intensity range
     in a chunked pass), writes nothing. Arguments as spoco_vol.blockwise.segment_blockwise."""
@@ -212,9 +212,13 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         raise SpocoInputError(f"--min-size must be non-negative, got {min_size}")
     if mask_is_foreground and not mask:
         raise SpocoInputError("--mask-is-foreground says what the --mask is: give a --mask")
+    if no_foreground_classifier and not ckpt.has_foreground:
+        raise SpocoInputError(f"--no-foreground-classifier: the model {model_path} has no foreground classifier "
+                              "to leave out")
     # hashable (the workers' model cache is keyed by it), only what was asked for
     overrides = ((("min_size", int(min_size)),) if min_size is not None else ()) + \
-        ((("mask_is_foreground", True),) if mask_is_foreground else ())
+        ((("mask_is_foreground", True),) if mask_is_foreground else ()) + \
+        ((("no_foreground_classifier", True),) if no_foreground_classifier else ())
     ckpt = ckpt.with_segment_overrides(overrides)
     channels = ckpt.in_channels
     if channels > 1 and (arr.ndim < 3 or arr.shape[0] != channels):
