@@ -77,23 +77,24 @@ def _number(x, digits):
 
 
 def runs(work, only):
-    """(name, training data, options, held-out sections with full labels, test raw, test labels):
-    20 of a nuclei crop's 100 sections, 6 of the ovule's 32 (a patch needs 24)."""
+    """(name, training data, options, held-out sections with full labels, test raw, test labels,
+    a second model to test beside it or None): 20 of a nuclei crop's 100 sections, 6 of the
+    ovule's 32 (a patch needs 24)."""
     out = []
     if only in (None, "nuclei"):
         for train, test in ROTATIONS:
             data = ["--raw", f"{work}/nuclei_{train}.zarr/raw", "--labels", f"{work}/nuclei_{train}.zarr/labels"]
             out.append((f"nuclei_test{test}", data, NUCLEI, 20, f"{work}/nuclei_{test}.zarr/raw",
-                        f"{work}/nuclei_{test}.zarr/labels"))
+                        f"{work}/nuclei_{test}.zarr/labels", None))
     if only == "nuclei-two":
         for train, other in ROTATIONS:
             data = ["--raw", f"{work}/nuclei_{train}.zarr/raw", "--raw", f"{work}/nuclei_{other}.zarr/head_raw",
                     "--labels", f"{work}/nuclei_{train}.zarr/labels", "--labels", f"{work}/nuclei_{other}.zarr/head_labels"]
             out.append((f"nuclei_two_test{other}tail", data, NUCLEI, 20, f"{work}/nuclei_{other}.zarr/tail_raw",
-                        f"{work}/nuclei_{other}.zarr/tail_labels"))
+                        f"{work}/nuclei_{other}.zarr/tail_labels", _one_specimen_model(work, other)))
     if only in (None, "ovule"):
         out.append(("ovule", ["--raw", f"{work}/ovule.zarr/train_raw", "--labels", f"{work}/ovule.zarr/train_labels"],
-                    OVULE, 6, f"{work}/ovule.zarr/test_raw", f"{work}/ovule.zarr/test_labels"))
+                    OVULE, 6, f"{work}/ovule.zarr/test_raw", f"{work}/ovule.zarr/test_labels", None))
     return out
 
 
@@ -122,13 +123,12 @@ def evaluate(ckpt_path, raw_path, gt_path, tmp):
             "blockwise_ap@0.5": evaluate_segmentation(blockwise, gt)["ap@0.5"]}
 
 
-def _one_specimen_model(work, name):
-    """The full-label model trained on the same rotation's training crop alone."""
-    other = name[len("nuclei_two_test"):-len("tail")]
-    own = os.path.join(work, "runs", f"nuclei_test{other}_full", "best.pt")
+def _one_specimen_model(work, test):
+    """The full-label model trained on the other crop alone (tested on crop ``test``), if any."""
+    own = os.path.join(work, "runs", f"nuclei_test{test}_full", "best.pt")
     if os.path.exists(own):
         return own
-    if other == "1136":
+    if test == "1136":
         from spoco_vol.bundled import model_path
         return model_path("lm-nuclei-3d")
     return None
@@ -144,7 +144,7 @@ def main():
     path = os.path.join(a.work, "results_3d.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
-    for name, data, options, val_sections, test_raw, test_gt in runs(a.work, a.only):
+    for name, data, options, val_sections, test_raw, test_gt, one in runs(a.work, a.only):
         for setting in a.settings.split(","):
             key = f"{name}_{setting}"
             if key in results:
@@ -166,11 +166,9 @@ def main():
                      "train_seconds": summary["seconds"], "objects_used": summary["objects_used"],
                      "objects_total": summary["objects_total"], "best_iteration": summary["best_iteration"],
                      "test": evaluate(os.path.join(out, "best.pt"), test_raw, test_gt, out)}
-            if name.startswith("nuclei_two_"):
-                one = _one_specimen_model(a.work, name)
-                if one:
-                    entry["one_specimen_model"] = one
-                    entry["test_one_specimen"] = evaluate(one, test_raw, test_gt, out)
+            if one:
+                entry["one_specimen_model"] = one
+                entry["test_one_specimen"] = evaluate(one, test_raw, test_gt, out)
             results[key] = entry
             print(key, json.dumps(entry["test"]), flush=True)
             if "test_one_specimen" in entry:
