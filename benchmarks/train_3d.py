@@ -27,9 +27,8 @@ sections of the other crop (prepare_plantseg.py's head_*; the last 20 sections o
 validate), tested on the other crop's last 40 sections (tail_*); the one-specimen model
 of the same rotation (runs/nuclei_testN_full, which `--only nuclei --settings full` trains,
 else for 1136 the bundled lm-nuclei-3d, trained on 1135 with the same command) is scored
-on the same sections beside it. It
-measures what annotated data from a second specimen buys where the rotations above
-test on a specimen the model has never seen.
+on the same sections beside it. It measures what annotated data from a second specimen
+buys where the rotations above test on a specimen the model has never seen.
 """
 import argparse
 import json
