@@ -168,7 +168,9 @@ def main():
                      "test": evaluate(os.path.join(out, "best.pt"), test_raw, test_gt, out)}
             if one:
                 entry["one_specimen_model"] = one
-                entry["test_one_specimen"] = evaluate(one, test_raw, test_gt, out)
+                beside = os.path.join(out, "one_specimen")  # its own blockwise scratch, beside the run's
+                os.makedirs(beside, exist_ok=True)
+                entry["test_one_specimen"] = evaluate(one, test_raw, test_gt, beside)
             results[key] = entry
             print(key, json.dumps(entry["test"]), flush=True)
             if "test_one_specimen" in entry:
