@@ -8,8 +8,9 @@ other crop alone: for test 1136 the bundled lm-nuclei-3d (trained on 1135), for 
 the full-label model trained on 1136 (`train_3d.py --only nuclei --settings full` leaves
 it in WORK/runs/nuclei_test1135_full). Scored on the whole test sections (3D AP@0.5, mAP,
 precision / recall, adapted Rand error, the foreground IoU of the segmentation with the
-labels); no blockwise comparison: the fine-tuned models' halo (50 sections, 100 pixels)
-is longer than the 40 test sections, so no block can be smaller than them in every axis.
+labels); no blockwise comparison: fine-tune trains with the default offsets (up to 27
+voxels), so the fine-tuned models' halo (50 sections, 100 pixels) is longer than the 40
+test sections and no block can be smaller than them in every axis.
 `train_3d.py --only nuclei-two` trains from scratch on the same sections for comparison.
 
     python benchmarks/prepare_plantseg.py /tmp/plantseg
