@@ -27,13 +27,7 @@ import sys
 
 import numpy as np
 
-
-
-def start_model(work, test):
-    if test == "1136":
-        from spoco_vol.bundled import model_path
-        return model_path("lm-nuclei-3d")
-    return os.path.join(work, "runs", f"nuclei_test{test}_full", "best.pt")
+from train_3d import one_crop_model
 
 
 def score(ckpt_path, raw_path, gt_path):
@@ -58,9 +52,9 @@ def main():
         key = f"fine_tune_test{test}tail"
         if key in results:
             continue
-        model = start_model(a.work, test)
-        if not os.path.exists(model):
-            sys.exit(f"{model} is missing: run train_3d.py --only nuclei --settings full first")
+        model = one_crop_model(a.work, test, bundled_first=True)  # for 1136 the shipped model, as measured
+        if model is None:
+            sys.exit(f"no model trained without crop {test}: run train_3d.py --only nuclei --settings full first")
         crop = os.path.join(a.work, f"nuclei_{test}.zarr")
         out = os.path.join(a.work, "runs", key)
         cmd = [exe, "fine-tune", "--model", model, "--raw", f"{crop}/head_raw", "--labels", f"{crop}/head_labels",

@@ -91,7 +91,7 @@ def runs(work, only):
             data = ["--raw", f"{work}/nuclei_{train}.zarr/raw", "--raw", f"{work}/nuclei_{other}.zarr/head_raw",
                     "--labels", f"{work}/nuclei_{train}.zarr/labels", "--labels", f"{work}/nuclei_{other}.zarr/head_labels"]
             out.append((f"nuclei_two_test{other}tail", data, NUCLEI, 20, f"{work}/nuclei_{other}.zarr/tail_raw",
-                        f"{work}/nuclei_{other}.zarr/tail_labels", _one_specimen_model(work, other)))
+                        f"{work}/nuclei_{other}.zarr/tail_labels", one_crop_model(work, other)))
     if only in (None, "ovule"):
         out.append(("ovule", ["--raw", f"{work}/ovule.zarr/train_raw", "--labels", f"{work}/ovule.zarr/train_labels"],
                     OVULE, 6, f"{work}/ovule.zarr/test_raw", f"{work}/ovule.zarr/test_labels", None))
@@ -123,15 +123,16 @@ def evaluate(ckpt_path, raw_path, gt_path, tmp):
             "blockwise_ap@0.5": evaluate_segmentation(blockwise, gt)["ap@0.5"]}
 
 
-def _one_specimen_model(work, test):
-    """The full-label model trained on the other crop alone (tested on crop ``test``), if any."""
+def one_crop_model(work, test, bundled_first=False):
+    """The full-label model trained on the other crop alone (tested on crop ``test``), if any:
+    this script's run (WORK/runs/nuclei_testN_full), or for test 1136 the bundled
+    lm-nuclei-3d, trained on 1135 with the same command (``bundled_first``: that one
+    even where the run exists)."""
     own = os.path.join(work, "runs", f"nuclei_test{test}_full", "best.pt")
-    if os.path.exists(own):
-        return own
-    if test == "1136":
+    if test == "1136" and (bundled_first or not os.path.exists(own)):
         from spoco_vol.bundled import model_path
         return model_path("lm-nuclei-3d")
-    return None
+    return own if os.path.exists(own) else None
 
 
 def main():
