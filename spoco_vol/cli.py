@@ -200,8 +200,8 @@ def cli():
               help="beta of the adversarial instance term: a WGAN-GP critic tells ground-truth instance masks from "
                    "the embeddings' soft masks (paper, appendix A.1); 0: off.")
 @click.option("--offset-distances", type=INTS, default=None,
-              help="Long-range affinity offsets of inference, in model pixels along each axis [default: 3,9,27]; "
-                   "shorter ones suit small objects and need a smaller blockwise halo.")
+              help="Long-range affinity offsets of inference, in model pixels along each axis [default: with --init, "
+                   "the model's; else 3,9,27]; shorter ones suit small objects and need a smaller blockwise halo.")
 @click.option("--downsample", type=FLOATS, default=None,
               help="Input voxels per model pixel (z,y,x), e.g. 1,2,2 to train at half XY resolution "
                    "[default: with --init, what brings the data's voxel size to the model's; else 1,1,1].")

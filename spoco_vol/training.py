@@ -103,6 +103,17 @@ def _plot_log(log_path: str, png_path: str):
     plt.close(fig)
 
 
+def training_offsets(cfg: TrainConfig, init_ckpt: checkpoint.Checkpoint | None) -> list | None:
+    """The affinity offsets the new model is validated and segmented with: --offset-distances,
+    else the --init model's (a fine-tuned model keeps its parent's halo and the object sizes
+    its offsets were chosen for), else None (the default 3, 9, 27 per axis)."""
+    if cfg.offset_distances is not None:
+        return default_offsets(cfg.dims, cfg.offset_distances)
+    if init_ckpt is not None and init_ckpt.inference_record.get("offsets"):
+        return [list(o) for o in init_ckpt.inference_record["offsets"]]
+    return None
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or fine-tune, or resume) a SPOCO model; returns a summary dict."""
     cfg.check()
@@ -123,7 +134,7 @@ def train(cfg: TrainConfig) -> dict:
         "training_command": init_ckpt.training_command,
         "fine_tuned_from": init_ckpt.training.get("fine_tuned_from")}
     ds = list(cfg.downsample)
-    offsets = None if cfg.offset_distances is None else default_offsets(cfg.dims, cfg.offset_distances)
+    offsets = training_offsets(cfg, init_ckpt)
     # Specks below a quarter of the smallest annotated objects (1st percentile) are noise.
     # This is the base floor; the final one is chosen at the end on the held-out sections
     # or objects (calibration.calibrate_size_floor).

@@ -258,6 +258,28 @@ def test_default_learning_rate_by_labels_and_init(blob_volume, tmp_path):
     assert (rate(), rate(object_fraction=0.5), rate(init="x.pt"), rate(init="x.pt", lr=0.01)) == (1e-3, 2e-4, 2e-5, 0.01)
 
 
+def test_init_keeps_the_models_offsets_unless_given(blob_volume, tmp_path):
+    """A model trained from --init is segmented with its parent's offsets (and halo);
+    --offset-distances still chooses others, and a parent without stored offsets gives the default."""
+    raw, labels = blob_volume
+    parent = str(tmp_path / "parent")
+    assert run(train_args(raw, labels, parent, "--iterations", "1", "--offset-distances", "3")).exit_code == 0
+    short = checkpoint.load(parent + "/best.pt").inference.offsets
+    assert max(abs(v) for o in short for v in o) == 3
+    runs = {"kept": [], "chosen": ["--offset-distances", "3,9"]}
+    for name, extra in runs.items():
+        r = run(train_args(raw, labels, str(tmp_path / name), "--iterations", "1", "--init", parent + "/best.pt", *extra))
+        assert r.exit_code == 0, r.output
+    assert checkpoint.load(str(tmp_path / "kept/best.pt")).inference.offsets == short
+    chosen = checkpoint.load(str(tmp_path / "chosen/best.pt")).inference.offsets
+    assert chosen != short and max(abs(v) for o in chosen for v in o) == 9
+    default = str(tmp_path / "default")
+    assert run(train_args(raw, labels, default, "--iterations", "1")).exit_code == 0
+    assert run(train_args(raw, labels, str(tmp_path / "from_default"), "--iterations", "1",
+                          "--init", default + "/best.pt")).exit_code == 0
+    assert "offsets" not in checkpoint.load(str(tmp_path / "from_default/best.pt")).inference_record
+
+
 def _bad(tmp_path, name, raw, labels, *extra):
     out = str(tmp_path / "out")
     r = CliRunner().invoke(cli, train_args(raw, labels, out, "--iterations", "2", *extra))
