@@ -9,7 +9,9 @@ plantseg_ovule_crop) as zarr volumes for the 3D experiments (benchmarks/train_3d
   benchmarks/train_3d.py). The two real crops are also split along z at NUCLEI_SPLIT_Z:
   ``head_raw``/``head_labels`` (z < 60) and ``tail_raw``/``tail_labels`` (z >= 60), for the
   runs that train on one crop and the head of the other and test on its tail (train_3d.py
-  --only nuclei-two).
+  --only nuclei-two). ``head_sparse_p10_s{S}`` keeps a seeded 10% of the head's nuclei
+  (at least one; the rest 0 = unlabeled), seeds 0-2: the few nuclei a user annotates
+  (fine_tune_3d.py --fractions 10).
 - ovule: OUT/ovule.zarr, the 32 x 128 x 128 crop of cells with stained boundaries (dense
   labels), split along x: ``train_raw``/``train_labels`` x < 80, ``test_raw``/
   ``test_labels`` x >= 80 (cells cut by the split are cut in both halves).
@@ -26,11 +28,13 @@ import numpy as np
 from scipy import ndimage
 
 from spoco_vol import io
+from spoco_vol.data import choose_object_subset
 
 DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 NUCLEI = ("1135", "1136", "1137")
 OVULE_SPLIT_X = 80
 NUCLEI_SPLIT_Z = 60
+SPARSE_SEEDS = (0, 1, 2)
 
 
 def _pieces(lab):
@@ -78,6 +82,13 @@ def main():
                             attrs=attrs, overwrite=True)
             io.create_array(f"{path}/{name}_labels", pieces, chunks=(50, 100, 100), attrs=attrs, overwrite=True)
             print(f"wrote {path}/{name}: {n} nuclei")
+            if name == "head":
+                for seed in SPARSE_SEEDS:
+                    keep = choose_object_subset(np.arange(1, n + 1), 0.1, seed)
+                    sparse = np.where(np.isin(pieces, keep), pieces, 0).astype(np.uint32)
+                    io.create_array(f"{path}/head_sparse_p10_s{seed}", sparse, chunks=(50, 100, 100), attrs=attrs,
+                                    overwrite=True)
+                    print(f"wrote {path}/head_sparse_p10_s{seed}: nuclei {keep.tolist()} of {n}")
     d = np.load(os.path.join(a.data, "plantseg_ovule_crop", "sample_ovule.npz"))
     attrs = {"voxel_size": [float(v) for v in d["resolution_nm"]],
              "source": "PlantSeg sample_ovule (Wolny et al. 2020, eLife; kreshuklab/plant-seg, MIT)"}

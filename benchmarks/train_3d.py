@@ -118,6 +118,7 @@ def evaluate(ckpt_path, raw_path, gt_path, tmp):
     blockwise = np.asarray(io.open_volume(out + "/0")[...])
     return {"ap@0.5": m["ap@0.5"], "map": m["map"], "arand": m["arand"], "precision": m["precision"],
             "recall": m["recall"], "n_pred": m["n_pred"], "n_gt": m["n_gt"], "segment_seconds": round(seconds, 1),
+            "foreground_iou": float(((whole > 0) & (gt > 0)).sum() / ((whole > 0) | (gt > 0)).sum()),
             "blockwise_block": block, "blockwise_blocks": report["blocks"],
             "blockwise_vs_whole_arand": adapted_rand_error(blockwise, whole)["arand"],
             "blockwise_ap@0.5": evaluate_segmentation(blockwise, gt)["ap@0.5"]}
