@@ -7,9 +7,12 @@ gap between them is what a perfect foreground would be worth, what is left below
 the splitting. Then the IoU of the model's foreground (voxels at least the background
 radius from the background embedding) with the ground truth's, over radii; and the
 same two AP figures with the volume's border handled as training handles a patch's
-(the network's own zero padding) instead of reflected context.
+(the network's own zero padding) instead of reflected context. With `--ap-by-radius`: the
+model's AP@0.5 over the background radius it uses (the classifier's, where it has one),
+with its own offsets and with the default 3, 9, 27: how much the choice that training's
+held-out objects made moves the result.
 
-    python benchmarks/nuclei_background.py CKPT CROP.zarr [--z-range Z0,Z1]
+    python benchmarks/nuclei_background.py CKPT CROP.zarr [--z-range Z0,Z1] [--ap-by-radius]
     (CROP.zarr holds raw and labels, as benchmarks/prepare_plantseg.py writes them)
 """
 import argparse
@@ -17,11 +20,13 @@ import argparse
 import numpy as np
 
 from spoco_vol import checkpoint, io
+from spoco_vol.affinities import default_offsets
 from spoco_vol.evaluation import evaluate_segmentation
 from spoco_vol.pipeline import mask_on_model_grid, predict_array, restore_labels
 from spoco_vol.segmentation import segment_embeddings, watershed_mask
 
 RADII = (1.0, 1.5, 2.0, 2.5, 3.0)
+AP_RADII = (0.0, 0.5, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 def ap_of(pred, ck, raw, gt, own_background: bool) -> dict:
@@ -39,6 +44,8 @@ def main():
     p.add_argument("ckpt")
     p.add_argument("crop", help="zarr group with raw and labels")
     p.add_argument("--z-range", default=None, help="Z0,Z1: only these sections, segmented alone")
+    p.add_argument("--ap-by-radius", action="store_true",
+                   help="also AP@0.5 over background radii, with the model's offsets and the default ones")
     a = p.parse_args()
     ck = checkpoint.load(a.ckpt)
     z0, z1 = map(int, a.z_range.split(",")) if a.z_range else (None, None)
@@ -66,6 +73,23 @@ def main():
                 ious.append(f"{radius}: {(m & fg).sum() / max((m | fg).sum(), 1):.3f}")
             print(f"foreground IoU with the ground truth by background radius (the model's: "
                   f"{ck.inference.background_radius}): " + ", ".join(ious))
+            if a.ap_by_radius:
+                ap_by_radius(own, ck, raw, gt)
+
+
+def ap_by_radius(pred, ck, raw, gt):
+    """AP@0.5 of the same embeddings over background radii (the classifier's where the model
+    has one, else the embeddings'), with the model's offsets and with the default ones."""
+    which = "the classifier's" if ck.has_foreground else "the embeddings'"
+    print(f"AP@0.5 by {which} background radius (the model's: {ck.inference.background_radius})")
+    for name, offsets in (("the model's offsets", None), ("offsets 3, 9, 27", default_offsets(ck.dims))):
+        base = ck if offsets is None else ck.with_inference(offsets=[list(o) for o in offsets])
+        row = []
+        for radius in AP_RADII:
+            c = base.with_foreground_radius(radius) if ck.has_foreground else base.with_inference(
+                background_radius=radius)
+            row.append(f"{radius}: {ap_of(pred, c, raw, gt, True)['ap@0.5']:.3f}")
+        print(f"{name:>20}: " + ", ".join(row))
 
 
 if __name__ == "__main__":
