@@ -234,7 +234,8 @@ def train(cfg: TrainConfig) -> dict:
             adversary.load_state_dict(ts["adversary"])
         _restore_rng(ts["rng"], rng, gen)
         state.update(start=ts["iteration"], elapsed=ts["elapsed"], best_it=ts.get("best_iteration", 0),
-                     best_score=ts.get("best_score", -ts.get("best_val", float("inf"))))
+                     best_score=ts.get("best_score", -ts.get("best_val", float("inf"))),
+                     **({"start_score": ts["start_score"]} if "start_score" in ts else {}))
         _truncate_log(log_path, state["start"])
 
     def make(it: int, with_state: bool, background=None, val=None) -> checkpoint.Checkpoint:
@@ -254,6 +255,7 @@ def train(cfg: TrainConfig) -> dict:
                      **({"offsets": offsets} if offsets else {}), **(background or {})}
         training_state = None if not with_state else {
             "iteration": it, "best_score": state["best_score"], "best_iteration": state["best_it"],
+            **({"start_score": state["start_score"]} if "start_score" in state else {}),
             "elapsed": state["elapsed"], **optim.state_dict(),
             "momentum_state": teacher.g.state_dict() if teacher is not None and teacher.keeps_a_network else {},
             **({"teacher_optimizer": teacher.optimizer.state_dict()}
@@ -338,6 +340,16 @@ def train(cfg: TrainConfig) -> dict:
             last["t"] += time.perf_counter() - t_save  # checkpoint I/O is not training time
         return vals
 
+    if init_ckpt is not None and val_images and state["start"] == 0:
+        # The start model is the first candidate: where no fine-tuned checkpoint raises the
+        # held-out score (a handful of annotated objects can pull the embeddings together),
+        # best.pt stays the model the run started from, calibrated on the same held-out data.
+        start_background = calibrate(net, val_images, val_objects)
+        if start_background.get("background_radius_val_score") is not None:
+            state["best_score"] = state["start_score"] = start_background["background_radius_val_score"]
+            val = {"val_loss": None, "val_score": state["best_score"], "selected_by": score_kind}
+            checkpoint.save(make(0, False, start_background, val), os.path.join(cfg.out, "best.pt"))
+        last["t"] = time.perf_counter()  # judging the start model is not training time
     it, stopping = loop.run(cfg.iterations, step, every=cfg.val_every, start=state["start"], progress=cfg.progress,
                             stop_after=cfg.stop_after)
     if stopping and it % cfg.val_every:  # a checkpoint iteration has just saved it
@@ -373,6 +385,7 @@ def train(cfg: TrainConfig) -> dict:
                "iterations_per_second": round((cfg.iterations - start) / max(elapsed, 1e-9), 3)
                if cfg.iterations > start else None,
                "best_iteration": state["best_it"],
+               **({"start_model_val_score": state["start_score"]} if "start_score" in state else {}),
                "best_val_score": state["best_score"] if val_images and state["best_score"] > -float("inf") else None,
                "validation": score_kind, "downsample": ds,
                "mode": mode, "objects_used": info["objects_used"], "objects_held_out": info["objects_held_out"],

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spoco_vol import checkpoint, io
+from spoco_vol import bundled, checkpoint, io
 from spoco_vol.cli import cli
 from spoco_vol.config import TrainConfig
 from spoco_vol.validation import FLOOR_MULTIPLES
@@ -572,6 +572,21 @@ def test_fine_tune_command_on_a_sparsely_annotated_real_volume(tmp_path, monkeyp
     assert ck["training"]["fine_tuned_from"]["model"] == "vnc-mito-2d"
     assert ck["training_command"].startswith("spoco-vol fine-tune --raw")
     assert ck["training"]["objects_annotated"] == int(np.unique(sparse).size - 1)
+    # the start model is the first candidate: best.pt is it unless a check scores higher on the held-out objects
+    checks = [float(row["val_score"]) for row in csv.DictReader(open(out + "/log.csv")) if row["val_score"]]
+    assert checks and (s["best_iteration"] == 0) == (max(checks) <= s["start_model_val_score"])
+    # a run that wrecks the embeddings (a learning rate 50000x the recipe's) hands the start model back
+    from spoco_vol.config import fine_tune_config
+    from spoco_vol.training import train
+    wrecked = str(tmp_path / "wrecked")
+    s = train(fine_tune_config([raw], [str(tmp_path / "vol.zarr" / "sparse")], wrecked, voxel_size=[50, 5, 5],
+                               iterations=2, lr=1.0, foreground_iterations=0, progress=False))
+    checks = [float(row["val_score"]) for row in csv.DictReader(open(wrecked + "/log.csv")) if row["val_score"]]
+    assert s["best_iteration"] == 0 and max(checks) < s["start_model_val_score"] == s["best_val_score"]
+    start, best = checkpoint.load(bundled.model_path("vnc-mito-2d")), checkpoint.load(wrecked + "/best.pt")
+    assert best.training["iterations"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(start.network().state_dict().values(),
+                                                 best.network().state_dict().values()))
 
 
 def test_the_discriminative_baseline_has_no_instance_term(blob_volume, tmp_path):
