@@ -204,7 +204,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # best_score: the held-out score when there are held-out images, else minus the
     # validation loss; higher is better.
-    state = {"start": 0, "best_score": -float("inf"), "best_it": 0, "elapsed": 0.0}
+    # start_score: with --init, the start model's held-out score (None: not judged).
+    state = {"start": 0, "best_score": -float("inf"), "best_it": 0, "elapsed": 0.0, "start_score": None}
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.overwrite and not cfg.resume:
         for f in ("latest.pt", "best.pt", "log.csv", "loss.png", "summary.json"):
@@ -235,7 +236,7 @@ def train(cfg: TrainConfig) -> dict:
         _restore_rng(ts["rng"], rng, gen)
         state.update(start=ts["iteration"], elapsed=ts["elapsed"], best_it=ts.get("best_iteration", 0),
                      best_score=ts.get("best_score", -ts.get("best_val", float("inf"))),
-                     **({"start_score": ts["start_score"]} if "start_score" in ts else {}))
+                     start_score=ts.get("start_score"))
         _truncate_log(log_path, state["start"])
 
     def make(it: int, with_state: bool, background=None, val=None) -> checkpoint.Checkpoint:
@@ -255,8 +256,7 @@ def train(cfg: TrainConfig) -> dict:
                      **({"offsets": offsets} if offsets else {}), **(background or {})}
         training_state = None if not with_state else {
             "iteration": it, "best_score": state["best_score"], "best_iteration": state["best_it"],
-            **({"start_score": state["start_score"]} if "start_score" in state else {}),
-            "elapsed": state["elapsed"], **optim.state_dict(),
+            "start_score": state["start_score"], "elapsed": state["elapsed"], **optim.state_dict(),
             "momentum_state": teacher.g.state_dict() if teacher is not None and teacher.keeps_a_network else {},
             **({"teacher_optimizer": teacher.optimizer.state_dict()}
                if teacher is not None and teacher.variant == "separate" else {}),
@@ -385,7 +385,7 @@ def train(cfg: TrainConfig) -> dict:
                "iterations_per_second": round((cfg.iterations - start) / max(elapsed, 1e-9), 3)
                if cfg.iterations > start else None,
                "best_iteration": state["best_it"],
-               **({"start_model_val_score": state["start_score"]} if "start_score" in state else {}),
+               **({"start_model_val_score": state["start_score"]} if state["start_score"] is not None else {}),
                "best_val_score": state["best_score"] if val_images and state["best_score"] > -float("inf") else None,
                "validation": score_kind, "downsample": ds,
                "mode": mode, "objects_used": info["objects_used"], "objects_held_out": info["objects_held_out"],
