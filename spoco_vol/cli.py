@@ -129,15 +129,16 @@ def cli():
 @click.option("--labels", "labels", multiple=True, required=True,
               help="Label zarr array (integers, 0 = unlabeled), one per --raw.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (checkpoints, log.csv, loss.png).")
-@click.option("--dims", type=click.IntRange(2, 3), default=_D["dims"], show_default=True,
-              help="2: a 2D model trained on sections; 3: a 3D model.")
-@click.option("--patch-shape", type=INTS, default=_csv(_D["patch_shape"]), show_default=True,
-              help="Patch size in model pixels (after --downsample), e.g. 256,256 or 32,128,128.")
-@click.option("--loss-margin", type=INTS, default="0", show_default=True,
+@click.option("--dims", type=click.IntRange(2, 3), default=None,
+              help="2: a 2D model trained on sections; 3: a 3D model [default: --init's, else 2].")
+@click.option("--patch-shape", type=INTS, default=None,
+              help="Patch size in model pixels (after --downsample), e.g. 256,256 or 32,128,128 [default: --init's, "
+                   "else 256,256 for a 2D model; a 3D model trained from scratch needs it].")
+@click.option("--loss-margin", type=INTS, default=None,
               help="Model pixels at each patch side left out of the loss (one number, or one per axis): their "
                    "embeddings depend on the network's zero padding, which inference never sees. On the 3D nuclei "
                    "crops it made the model fit its training crop better but not the other crop "
-                   "(benchmarks/RESULTS.md, 3D), so it is off by default.")
+                   "(benchmarks/RESULTS.md, 3D), so it is off by default [default: --init's, else 0].")
 @click.option("--batch-size", type=click.IntRange(1), default=_D["batch_size"], show_default=True)
 @click.option("--iterations", type=click.IntRange(1), default=_D["iterations"], show_default=True)
 @click.option("--object-fraction", type=float, default=_D["object_fraction"], show_default=True,
@@ -256,7 +257,7 @@ def train(**settings):
     from .training import train as train_fn
     settings.update(raw=list(settings["raw"]), labels=list(settings["labels"]), val_raw=list(settings["val_raw"]),
                     val_labels=list(settings["val_labels"]))
-    summary = _run(train_fn, TrainConfig(**settings, command=_command_line()))
+    summary = _run(lambda: train_fn(TrainConfig(**settings, command=_command_line())))
     click.echo(json.dumps(summary, indent=2))
 
 

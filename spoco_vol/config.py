@@ -19,9 +19,11 @@ class TrainConfig:
     raw: Sequence[str]
     labels: Sequence[str]
     out: str
-    dims: int = 2
-    patch_shape: Sequence[int] = (256, 256)
-    loss_margin: Sequence[int] | int = 0   # model pixels per patch side that the loss leaves out (see margins())
+    dims: int | None = None                # [default: --init's, else 2]
+    patch_shape: Sequence[int] | None = None  # model pixels [default: --init's training patch, else 256,256 for
+                                              # a 2D model; a 3D one from scratch needs it given]
+    loss_margin: Sequence[int] | int | None = None  # model pixels per patch side that the loss leaves out
+                                                    # (see margins()) [default: --init's, else 0]
     batch_size: int = 4
     iterations: int = 1000
     object_fraction: float = 1.0
@@ -80,6 +82,18 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     command: str = ""
+
+    def __post_init__(self):
+        # A fine-tuned model keeps its start model's dimensionality, training patch and loss
+        # margin, so that `train --init` of a 3D model needs neither --dims 3 nor --patch-shape.
+        if self.dims is None or self.patch_shape is None or self.loss_margin is None:
+            start = start_model_training(self.init)
+            if self.dims is None:
+                self.dims = int(start.get("dims", 2))
+            if self.patch_shape is None and (start.get("patch_shape") or self.dims == 2):
+                self.patch_shape = list(start.get("patch_shape") or (256, 256))
+            if self.loss_margin is None:
+                self.loss_margin = start.get("loss_margin", 0)
 
     @property
     def training_mode(self) -> str:
@@ -170,6 +184,8 @@ class TrainConfig:
             raise SpocoInputError(f"--intensity-jitter must be in [0, 1), got {self.intensity_jitter}")
         if self.consistency_network == "dropout" and self.dropout == 0 and self.uses_teacher:
             raise SpocoInputError("--consistency-network dropout needs --dropout above 0")
+        if self.patch_shape is None:
+            raise SpocoInputError("a 3D model trained from scratch needs --patch-shape Z,Y,X (e.g. 32,128,128)")
         if len(self.patch_shape) != self.dims:
             raise SpocoInputError(f"--patch-shape needs {self.dims} numbers for a {self.dims}D model")
         margins = self.margins()
@@ -235,17 +251,25 @@ FINE_TUNE_RECIPE = dict(mode="sparse", iterations=500, background_weight=1.0, ba
                         background_select_radius=3.0, tta=True, foreground_iterations=FOREGROUND_ITERATIONS)
 
 
+def start_model_training(init: str | None) -> dict:
+    """What a start model (--init: a path or a bundled model's name) says of its training:
+    {"dims", "patch_shape", "loss_margin"}; {} without one."""
+    if init is None:
+        return {}
+    from . import checkpoint
+    ckpt = checkpoint.load(bundled.model_path(init))
+    return {"dims": ckpt.dims, "patch_shape": list(ckpt.training.get("patch_shape") or [256] * ckpt.dims),
+            "loss_margin": ckpt.training.get("loss_margin", 0)}
+
+
 def fine_tune_config(raw: Sequence[str], labels: Sequence[str], out: str, model: str = bundled.DEFAULT,
                      **overrides) -> TrainConfig:
     """The TrainConfig of `spoco-vol fine-tune`: FINE_TUNE_RECIPE from ``model`` (a
     bundled model's name or a path), its dimensionality and patch shape; ``overrides``
     replace any TrainConfig field."""
-    from . import checkpoint
-    ckpt = checkpoint.load(bundled.model_path(model))
-    patch = ckpt.training.get("patch_shape") or [256] * ckpt.dims
+    start = start_model_training(model)
     recipe = dict(FINE_TUNE_RECIPE)
     if overrides.get("no_background"):  # the recipe's background steps have nothing to model
         recipe.update(background_weight=0.0, background_warmup=0, foreground_iterations=0)
-    settings = {"dims": ckpt.dims, "patch_shape": list(patch), "loss_margin": ckpt.training.get("loss_margin", 0),
-                "init": model, **recipe, **overrides}
+    settings = {**start, "init": model, **recipe, **overrides}
     return TrainConfig(raw=list(raw), labels=list(labels), out=out, **settings)

@@ -255,7 +255,8 @@ def test_default_learning_rate_by_labels_and_init(blob_volume, tmp_path):
     # the values themselves, where the optimiser takes them from; --lr wins over every default
     def rate(**settings):
         return TrainConfig(raw=[raw], labels=[labels], out=str(tmp_path / "cfg"), **settings).learning_rate
-    assert (rate(), rate(object_fraction=0.5), rate(init="x.pt"), rate(init="x.pt", lr=0.01)) == (1e-3, 2e-4, 2e-5, 0.01)
+    parent = str(tmp_path / "full/best.pt")
+    assert (rate(), rate(object_fraction=0.5), rate(init=parent), rate(init=parent, lr=0.01)) == (1e-3, 2e-4, 2e-5, 0.01)
 
 
 def test_init_keeps_the_models_offsets_unless_given(blob_volume, tmp_path):
@@ -278,6 +279,34 @@ def test_init_keeps_the_models_offsets_unless_given(blob_volume, tmp_path):
     assert run(train_args(raw, labels, str(tmp_path / "from_default"), "--iterations", "1",
                           "--init", default + "/best.pt")).exit_code == 0
     assert "offsets" not in checkpoint.load(str(tmp_path / "from_default/best.pt")).inference_record
+
+
+def test_init_takes_the_models_dims_patch_and_margin_unless_given(blob_volume, tmp_path):
+    """`train --init` of a 3D model needs neither --dims 3 nor --patch-shape: the start
+    model's dimensionality, training patch and loss margin are the run's unless given."""
+    from spoco_vol.errors import SpocoInputError
+    raw, labels = blob_volume
+    small = ["--batch-size", "1", "--features", "4,8", "--val-every", "1", "--iterations", "1", "--quiet", "--no-amp"]
+    parent = str(tmp_path / "parent")
+    r = run(["train", "--raw", raw, "--labels", labels, "--out", parent, "--dims", "3", "--patch-shape", "4,48,48",
+             "--loss-margin", "0,8,8", "--val-sections", "0", *small])
+    assert r.exit_code == 0, r.output
+    child = str(tmp_path / "child")
+    r = run(["train", "--raw", raw, "--labels", labels, "--out", child, "--init", parent + "/best.pt",
+             "--val-sections", "0", *small])
+    assert r.exit_code == 0, r.output
+    trained = checkpoint.load(child + "/best.pt")
+    assert trained.dims == 3 and trained.training["patch_shape"] == [4, 48, 48]
+    assert trained.training["loss_margin"] == [0, 8, 8]
+    given = TrainConfig(raw=[raw], labels=[labels], out="o", init=parent + "/best.pt", patch_shape=(4, 32, 32),
+                        loss_margin=2)
+    assert (given.dims, list(given.patch_shape), given.margins()) == (3, [4, 32, 32], [2, 2, 2])
+    bundled_3d = TrainConfig(raw=[raw], labels=[labels], out="o", init="lm-nuclei-3d")
+    assert (bundled_3d.dims, list(bundled_3d.patch_shape)) == (3, [32, 48, 48])
+    scratch = TrainConfig(raw=[raw], labels=[labels], out="o")
+    assert (scratch.dims, list(scratch.patch_shape), scratch.margins()) == (2, [256, 256], [0, 0])
+    with pytest.raises(SpocoInputError, match="needs --patch-shape"):
+        TrainConfig(raw=[raw], labels=[labels], out="o", dims=3).check()
 
 
 def _bad(tmp_path, name, raw, labels, *extra):
