@@ -148,7 +148,8 @@ def cli():
               help="full: background (0) is an object; sparse: 0 is unlabeled. auto: full iff P = 1.")
 @click.option("--init", default=None,
               help="Fine-tune from this checkpoint, a path or a bundled model's name (`spoco-vol models`); lr 2e-5 by "
-                   "default, the data are resampled to its voxel size unless --downsample is given, and with "
+                   "default, the data are resampled to its voxel size unless --downsample is given, its "
+                   "dimensionality, patch shape, loss margin and offsets are kept unless given, and with "
                    "held-out data the start model is the first candidate for best.pt.")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 1e-3 with full labels, 2e-4 with sparse ones, 2e-5 with --init].")
