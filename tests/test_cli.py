@@ -29,7 +29,7 @@ def test_help_lists_every_command_and_each_has_help():
 
 def test_train_help_states_defaults_and_units():
     out = " ".join(invoke("train", "--help").output.split())  # whatever the wrapping
-    assert "default: 256,256" in out and "nm" in out and "default: 1e-3 with full labels" in out
+    assert "default: --init's, else 256,256" in out and "nm" in out and "default: 1e-3 with full labels" in out
 
 
 @pytest.fixture
