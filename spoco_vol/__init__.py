@@ -39,6 +39,7 @@ from .training import train  # noqa: E402
 def fine_tune(raw, labels, out, model=None, **overrides) -> dict:
     """`spoco-vol fine-tune` from Python: ``raw``/``labels`` a path or a list of paths;
     ``model``: a bundled model's name or a checkpoint [default: the bundled default];
+    ``dense=True``: every object annotated, label 0 is background (`--dense`);
     ``overrides``: any TrainConfig field. Returns the training summary."""
     from .config import fine_tune_config
     as_list = (lambda v: [v] if isinstance(v, str) else list(v))

@@ -281,6 +281,10 @@ def train(**settings):
 @click.option("--no-background", is_flag=True,
               help="Every voxel belongs to an object (dense tissue, e.g. cells with stained boundaries): the "
                    "recipe then has no pseudo-background term, no foreground classifier and no background rule.")
+@click.option("--dense", is_flag=True,
+              help="You annotated every object of the volume, so label 0 is background (crop the raw and labels to "
+                   "the annotated region): trained as full labels, the last sections held out (one of a 2D stack; "
+                   "a third of a 3D one, up to one patch deep), the foreground classifier trained on your background.")
 @click.option("--seed", type=int, default=_D["seed"], show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D["device"], show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")
@@ -294,7 +298,8 @@ def fine_tune(raw, labels, out, model, **settings):
     annotations are sparse (0 = unlabeled), the data are resampled to the model's voxel
     size, a share of your objects is held out to choose the checkpoint and calibrate the
     background, with a pseudo-background term, test-time augmentation and a foreground
-    classifier. Then: spoco-vol segment --input VOL --model OUT/best.pt"""
+    classifier. With --dense (every object annotated) the labels are full instead.
+    Then: spoco-vol segment --input VOL --model OUT/best.pt"""
     from .config import fine_tune_config
     from .training import train as train_fn
     cfg = _run(fine_tune_config, list(raw), list(labels), out, model, **settings, command=_command_line())

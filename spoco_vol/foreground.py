@@ -252,7 +252,9 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
                       device=device)
     if foreground_prior is not None and not sparse:
         raise SpocoInputError("--foreground-prior is for sparse labels: this checkpoint was trained on full labels")
-    if val_sections is None and not held_out:  # what training holds out from dense labels
+    # Full labels: prepare_volumes holds out what training held out (its default per volume);
+    # sparse labels without held-out objects: the sections dense labels would give.
+    if val_sections is None and not held_out and sparse:
         cfg = dataclasses.replace(cfg, val_sections=dense_validation_sections(cfg))
     train_vols, val_vols, held, _, info = prepare_volumes(cfg, ckpt.normalization)
     dev = resolve_device(device)

@@ -32,10 +32,15 @@ def _section_names(vol: data.TrainingVolume) -> str:
     return f"section {z0}" if z1 - z0 == 1 else f"sections {z0}-{z1 - 1}"
 
 
-def dense_validation_sections(cfg: TrainConfig) -> int:
+def dense_validation_sections(cfg: TrainConfig, sections: int | None = None) -> int:
     """The last sections held out by default where labels are dense: one section for a 2D
-    model, a slab one patch deep for a 3D model (in input sections)."""
-    return 1 if cfg.dims == 2 else int(np.ceil(cfg.patch_shape[0] * (cfg.downsample or (1,))[0]))
+    model, a slab one patch deep for a 3D model (in input sections), but at most a third
+    of a volume of ``sections`` sections: a short annotated stack (60 sections for a
+    patch 32 deep) keeps two thirds of itself to train on."""
+    if cfg.dims == 2:
+        return 1
+    deep = int(np.ceil(cfg.patch_shape[0] * (cfg.downsample or (1,))[0]))
+    return deep if sections is None else min(deep, max(1, sections // 3))
 
 
 def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
@@ -77,9 +82,10 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
         # Hold out the last sections of each 3D volume (thick-section EM: z is the split axis).
         for v in train_vols:
             nz = v.shape3d[0]
-            if v.spatial_ndim == 3 and nz > val_sections:
-                val_vols.append(dataclasses.replace(v, z_range=(nz - val_sections, nz)))
-                v.z_range = (0, nz - val_sections)
+            n = val_sections if cfg.val_sections is not None else dense_validation_sections(cfg, nz)
+            if v.spatial_ndim == 3 and nz > n:
+                val_vols.append(dataclasses.replace(v, z_range=(nz - n, nz)))
+                v.z_range = (0, nz - n)
     for v in train_vols + [v for v in val_vols if v.intensity is None]:
         v.intensity = intensity.volume_mapping(v.raw, reference, cfg.intensity_range, f"raw {v.name}")
     for v in val_vols:  # catches NaN/inf before training starts, and a validation set that cannot score

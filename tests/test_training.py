@@ -618,6 +618,32 @@ def test_fine_tune_command_on_a_sparsely_annotated_real_volume(tmp_path, monkeyp
                                                  best.network().state_dict().values()))
 
 
+def test_fine_tune_dense_trains_every_annotated_object_as_full_labels(tmp_path, monkeypatch):
+    """`fine-tune --dense` (every object annotated, label 0 background) on the bundled VNC
+    sample: full labels, the last section held out to choose and calibrate (no objects held
+    out), the classifier trained supervised on the annotated background; --dense with
+    --no-background is one error line and writes nothing."""
+    from spoco_vol import config
+    from spoco_vol.demo import write_sample
+    monkeypatch.setitem(config.FINE_TUNE_DENSE_RECIPE, "foreground_iterations", 2)  # the recipe's 600 take minutes
+    raw, labels = write_sample(str(tmp_path / "vol.zarr"))
+    out = str(tmp_path / "run")
+    args = ["fine-tune", "--dense", "--raw", raw, "--labels", labels, "--voxel-size", "50,5,5", "--iterations", "2",
+            "--quiet"]
+    r = run([*args, "--out", out])
+    assert r.exit_code == 0, r.output
+    s = json.load(open(out + "/summary.json"))
+    assert s["mode"] == "full" and s["downsample"] == [1, 1.84, 1.84] and s["objects_held_out"] == 0
+    assert s["validation"] == "AP@0.5 of held-out sections"
+    assert s["foreground"]["prior_from"] == "full labels" and s["foreground"]["prior"] is None
+    ck = load_checkpoint(out + "/best.pt")
+    assert ck["training"]["mode"] == "full" and ck["training"]["fine_tuned_from"]["model"] == "vnc-mito-2d"
+    assert ck["training_command"].startswith("spoco-vol fine-tune") and "--dense" in ck["training_command"]
+    bad = str(tmp_path / "bad")
+    r = CliRunner().invoke(cli, [*args, "--out", bad, "--no-background"])
+    assert r.exit_code == 2 and "--dense" in r.output and "--no-background" in r.output and not os.path.exists(bad)
+
+
 def test_the_discriminative_baseline_has_no_instance_term(blob_volume, tmp_path):
     """--loss discriminative: pull, push and the regulariser only, no momentum network."""
     raw, labels = blob_volume
@@ -760,9 +786,11 @@ def test_intensity_jitter_sets_the_contrast_and_brightness_range_of_the_patches(
 
 def test_dense_labels_hold_out_one_section_or_a_slab_one_patch_deep():
     """What train and train-foreground hold out from dense labels without --val-sections:
-    a 2D model's last section; a 3D model's last patch depth of input sections."""
+    a 2D model's last section; a 3D model's last patch depth of input sections, at most a
+    third of the volume's."""
     from spoco_vol.config import TrainConfig
     from spoco_vol.training_data import dense_validation_sections
-    assert dense_validation_sections(TrainConfig(raw=["r"], labels=["l"], out="o", dims=2)) == 1
+    assert dense_validation_sections(TrainConfig(raw=["r"], labels=["l"], out="o", dims=2), 2) == 1
     cfg = TrainConfig(raw=["r"], labels=["l"], out="o", dims=3, patch_shape=(32, 48, 48), downsample=(1.5, 2, 2))
-    assert dense_validation_sections(cfg) == 48
+    assert dense_validation_sections(cfg) == dense_validation_sections(cfg, 200) == 48
+    assert (dense_validation_sections(cfg, 60), dense_validation_sections(cfg, 2)) == (20, 1)
