@@ -12,11 +12,13 @@ of the 60 sections (fraction 100), or a seeded 10% of them (fraction 10: 2 of 11
 sections (3D AP@0.5, mAP, precision / recall, adapted Rand error, the foreground IoU of the
 segmentation with the labels) and blockwise with blocks smaller than the test sections in
 every axis (train_3d.evaluate) against the whole. `train_3d.py --only nuclei-two` trains
-from scratch on the same sections for comparison.
+from scratch on the same sections for comparison. `--dense`: the same with `fine-tune
+--dense` on every nucleus (label 0 is background: full labels, the last 20 of the 60
+sections held out, the classifier trained supervised).
 
     python benchmarks/prepare_plantseg.py /tmp/plantseg
     python benchmarks/train_3d.py /tmp/plantseg --only nuclei --settings full   # the model for test 1135
-    python benchmarks/fine_tune_3d.py /tmp/plantseg [--fractions 100,10] [--seeds 0]
+    python benchmarks/fine_tune_3d.py /tmp/plantseg [--fractions 100,10] [--seeds 0] [--dense]
 
 Results go to WORK/results_fine_tune_3d.json; finished runs are not redone.
 """
@@ -34,14 +36,17 @@ def main():
     p.add_argument("work")
     p.add_argument("--fractions", default="100", help="percent of the 60 sections' nuclei annotated: 100 and/or 10")
     p.add_argument("--seeds", default="0", help="fraction 10: which seeded draws of nuclei (0-2)")
+    p.add_argument("--dense", action="store_true", help="fine-tune --dense on every nucleus instead")
     a = p.parse_args()
     path = os.path.join(a.work, "results_fine_tune_3d.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     exe = os.path.join(os.path.dirname(sys.executable), "spoco-vol")
-    plan = [(test, pct, seed) for pct in (int(f) for f in a.fractions.split(","))
+    fractions = [100] if a.dense else [int(f) for f in a.fractions.split(",")]
+    plan = [(test, pct, seed) for pct in fractions
             for seed in ([None] if pct == 100 else [int(s) for s in a.seeds.split(",")]) for test in ("1136", "1135")]
     for test, pct, seed in plan:
-        key = f"fine_tune_test{test}tail" + ("" if pct == 100 else f"_p{pct}_s{seed}")
+        key = ("fine_tune_dense" if a.dense else "fine_tune") + f"_test{test}tail" + (
+            "" if pct == 100 else f"_p{pct}_s{seed}")
         if key in results:
             continue
         model = one_crop_model(a.work, test, bundled_first=True)  # for 1136 the shipped model, as measured
@@ -50,8 +55,8 @@ def main():
         crop = os.path.join(a.work, f"nuclei_{test}.zarr")
         labels = f"{crop}/head_labels" if pct == 100 else f"{crop}/head_sparse_p{pct}_s{seed}"
         out = os.path.join(a.work, "runs", key)
-        cmd = [exe, "fine-tune", "--model", model, "--raw", f"{crop}/head_raw", "--labels", labels,
-               "--out", out, "--quiet"]
+        cmd = [exe, "fine-tune", *(["--dense"] if a.dense else []), "--model", model, "--raw", f"{crop}/head_raw",
+               "--labels", labels, "--out", out, "--quiet"]
         if not os.path.exists(os.path.join(out, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]
             print("run:", " ".join(cmd + resume), flush=True)
