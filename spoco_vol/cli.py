@@ -267,7 +267,7 @@ def train(**settings):
               help="Raw zarr array of your volume (vol.zarr or vol.zarr/raw). Repeat for several volumes.")
 @click.option("--labels", "labels", multiple=True, required=True,
               help="Your annotations, one per --raw: integer ids of the objects you annotated, 0 = not annotated "
-                   "(background and unannotated objects alike).")
+                   "(background and unannotated objects alike; with --dense, background).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (best.pt, log.csv, loss.png).")
 @click.option("--model", default=bundled.DEFAULT, show_default=True,
               help="The model to start from: a bundled model's name (`spoco-vol models`) or a checkpoint path.")

@@ -91,7 +91,7 @@ def _train_step(options: dict, log) -> str:
 
 
 def _fine_tune_step(options: dict, log) -> str:
-    """`spoco-vol fine-tune`'s recipe: raw, labels, out, model, and any TrainConfig field."""
+    """`spoco-vol fine-tune`'s recipe: raw, labels, out, model, dense, and any TrainConfig field."""
     from . import bundled
     from .config import fine_tune_config
     options = _volume_lists(options)
