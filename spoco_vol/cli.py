@@ -214,7 +214,8 @@ def cli():
 @click.option("--val-labels", multiple=True, help="Validation labels, one per --val-raw.")
 @click.option("--val-sections", type=click.IntRange(0), default=None,
               help="Without --val-raw: hold out the last N z-sections of each volume, fully labeled "
-                   "[default with full labels: 1 for a 2D model, one patch deep for a 3D one; with sparse labels "
+                   "[default with full labels: 1 for a 2D model, one patch deep for a 3D one, at most a third of the "
+                   "volume's sections; with sparse labels "
                    "objects are held out, --val-objects]. A 2D model is scored on each section's first 1024 x 1024 "
                    "model pixels, up to 8 Mpx in all.")
 @click.option("--val-objects", type=float, default=_D["val_objects"], show_default=True,
@@ -577,7 +578,7 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
 @click.option("--val-sections", type=click.IntRange(1), default=None,
               help="Last sections of each volume held out to choose the iteration [default: the objects the "
                    "checkpoint's training held out, else as train holds out dense labels: a 2D model's last "
-                   "section, a 3D model's last patch depth].")
+                   "section, a 3D model's last patch depth, at most a third of the volume's sections].")
 @click.option("--val-objects", type=float, default=None,
               help="Share of the annotated objects held out, as given to train [default: as the checkpoint "
                    "records].")
