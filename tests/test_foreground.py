@@ -445,3 +445,17 @@ def test_a_classifier_not_kept_leaves_the_model_as_it_was(blob_volume, tmp_path)
     result = json.loads(r.output)
     assert not result["foreground_kept"] and result["size_floor"] == 7
     assert checkpoint.load(out).inference_record == floored.inference_record
+
+
+def test_held_out_objects_that_no_check_recovers_keep_no_classifier():
+    """Which check of the classifier replaces the best so far. Dense sections: a higher
+    AP only. Held-out objects: not below the best (the embeddings' score less the
+    tolerance; ties go to the later check), and only where the check recovers one of them:
+    a score of 0 cannot tell a classifier that keeps objects from one that deletes them."""
+    from spoco_vol.foreground import check_replaces_best
+    from spoco_vol.validation import RADIUS_TOLERANCE
+    assert check_replaces_best(0.5, 0.4, False, False) and not check_replaces_best(0.4, 0.4, True, False)
+    assert check_replaces_best(0.39, 0.4 - RADIUS_TOLERANCE, False, True)  # within the tolerance of the embeddings'
+    assert check_replaces_best(0.4, 0.4, True, True) and not check_replaces_best(0.39, 0.4, True, True)
+    assert not check_replaces_best(0.0, 0.0 - RADIUS_TOLERANCE, False, True)  # the embeddings' 0, the check's 0
+    assert not check_replaces_best(0.0, 0.0, True, True)
