@@ -90,8 +90,8 @@ class TrainConfig:
             start = start_model_training(self.init)
             if self.dims is None:
                 self.dims = int(start.get("dims", 2))
-            if self.patch_shape is None and (start.get("patch_shape") or self.dims == 2):
-                self.patch_shape = list(start.get("patch_shape") or (256, 256))
+            if self.patch_shape is None:  # a 3D model from scratch stays None: check() asks for it
+                self.patch_shape = start.get("patch_shape") or ([256, 256] if self.dims == 2 else None)
             if self.loss_margin is None:
                 self.loss_margin = start.get("loss_margin", 0)
 
