@@ -30,7 +30,6 @@ it raises that AP (does not lower that score).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -42,8 +41,7 @@ from .checkpoint import Checkpoint
 from .config import FOREGROUND_ITERATIONS, TrainConfig
 from .errors import SpocoInputError
 from .inference import predict_embeddings, predict_foreground, resolve_device
-from .training_data import (augmented_batch, dense_validation_sections, object_windows, prepare_volumes,
-                            validation_images)
+from .training_data import augmented_batch, object_windows, prepare_volumes, validation_images
 from .validation import RADIUS_TOLERANCE
 
 LEARNING_RATE = 1e-3  # higher than the embeddings': one output channel, and few iterations before
@@ -266,10 +264,8 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     if foreground_prior is not None and not sparse:
         raise SpocoInputError("--foreground-prior is for sparse labels: this checkpoint was trained on full labels")
     # Full labels: prepare_volumes holds out what training held out (its default per volume);
-    # sparse labels without held-out objects: the sections dense labels would give.
-    if val_sections is None and not held_out and sparse:
-        cfg = dataclasses.replace(cfg, val_sections=dense_validation_sections(cfg))
-    train_vols, val_vols, held, _, info = prepare_volumes(cfg, ckpt.normalization)
+    # sparse labels without held-out objects: the sections dense labels would give, per volume.
+    train_vols, val_vols, held, _, info = prepare_volumes(cfg, ckpt.normalization, sections_as_dense=not held_out)
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -292,4 +288,6 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
     checkpoint.save(model.for_inference(), out)
     return {"foreground_kept": entry is not None, "prior_from": prior_from,
             "validation": "PQ of held-out objects" if held else "AP@0.5 of held-out sections",
-            "objects_held_out": len(held), "size_floor": model.inference_record.get("min_size"), **result}
+            "objects_held_out": len(held), "sections_held_out": sum(v.z_range[1] - v.z_range[0] for v in val_vols
+                                                                   if v.z_range is not None),
+            "size_floor": model.inference_record.get("min_size"), **result}

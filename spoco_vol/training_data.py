@@ -43,11 +43,13 @@ def dense_validation_sections(cfg: TrainConfig, sections: int | None = None) -> 
     return deep if sections is None else min(deep, max(1, sections // 3))
 
 
-def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
+def prepare_volumes(cfg: TrainConfig, reference: dict | None = None, sections_as_dense: bool = False):
     """Open and check all volumes; map their intensities onto ``reference``'s range (a
     checkpoint's normalization; None: the first training volume's own, for a model
     trained from scratch); split validation; choose the SPOCO@p subset and, with
-    sparse labels and no labeled validation data, the held-out objects."""
+    sparse labels and no labeled validation data, the held-out objects.
+    ``sections_as_dense``: without --val-sections, hold out the sections dense labels
+    would (per volume), not objects, whatever the labels."""
     if len(cfg.raw) != len(cfg.labels) or not cfg.raw:
         raise SpocoInputError("give one --labels for every --raw")
     if not 0 <= cfg.val_objects < 1:
@@ -65,9 +67,10 @@ def prepare_volumes(cfg: TrainConfig, reference: dict | None = None):
     val_vols = []
     # Sparse labels: no section is fully annotated, so held-out sections cannot score a
     # model; a share of the annotated objects is held out instead (spoco_vol.validation).
+    by_objects = mode == "sparse" and not sections_as_dense
     val_sections = cfg.val_sections if cfg.val_sections is not None else (
-        0 if mode == "sparse" else dense_validation_sections(cfg))
-    objects_held_out = not cfg.val_raw and cfg.val_sections is None and mode == "sparse" and cfg.val_objects > 0
+        0 if by_objects else dense_validation_sections(cfg))
+    objects_held_out = not cfg.val_raw and cfg.val_sections is None and by_objects and cfg.val_objects > 0
     if cfg.val_raw:
         if len(cfg.val_raw) != len(cfg.val_labels):
             raise SpocoInputError("give one --val-labels for every --val-raw")

@@ -321,6 +321,36 @@ def test_train_foreground_judges_by_the_objects_training_held_out(blob_volume, t
     assert r.exit_code == 2 and "--seed" in r.output and not os.path.exists(tmp_path / "y.pt")
 
 
+def test_train_foreground_without_held_out_objects_holds_out_sections_as_dense_labels_would(tmp_path):
+    """A 3D sparse model trained without held-out objects (--val-objects 0): its classifier
+    is judged on the last sections, as many as dense labels would hold out of that volume:
+    a slab one patch deep, at most a third of the volume (18 sections: 6, not the patch's 8)."""
+    raw, labels = synthetic_blobs(shape=(18, 64, 64), n=3)
+    path = str(tmp_path / "vol.zarr")
+    io.create_array(path + "/raw", raw, chunks=(6, 64, 64))
+    io.create_array(path + "/labels", labels, chunks=(6, 64, 64))
+    torch.manual_seed(0)
+    net = UNet(dims=3, features=(4, 8), embedding_dim=4)
+    ckpt = checkpoint.make_checkpoint(
+        net, delta_v=0.5, delta_d=2.0, normalization={"mean": float(raw.mean()), "std": float(raw.std()),
+                                                      "kind": "zscore"},
+        voxel_size=None, training_data="test", training_command="test", inference={})
+    ckpt = variant(ckpt, training={"patch_shape": [8, 16, 16], "batch_size": 1, "mode": "sparse",
+                                   "object_fraction": 0.5, "seed": 0, "objects_held_out": 0})
+    model = str(tmp_path / "sparse3d.pt")
+    checkpoint.save(ckpt, model)
+    r = run(["train-foreground", "--model", model, "--raw", path + "/raw", "--labels", path + "/labels",
+             "--iterations", "2", "--quiet", "--out", str(tmp_path / "with_fg.pt")])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["validation"] == "AP@0.5 of held-out sections"
+    assert (result["objects_held_out"], result["sections_held_out"]) == (0, 6)
+    r = run(["train-foreground", "--model", model, "--raw", path + "/raw", "--labels", path + "/labels",
+             "--iterations", "2", "--quiet", "--val-sections", "8", "--out", str(tmp_path / "eight.pt")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["sections_held_out"] == 8
+
+
 def test_info_shows_the_classifier_without_its_weights(tmp_path):
     _, ckpt = tiny_checkpoint(tmp_path)
     path = str(tmp_path / "with_fg.pt")
