@@ -43,6 +43,21 @@ def model_scale(input_vs: Sequence[float] | None, model_vs: Sequence[float] | No
     return scale
 
 
+def input_scale(input_vs: Sequence[float] | None, ckpt: Checkpoint, spatial_axes: Sequence[int],
+                ndim: int | None = None) -> list[float]:
+    """model_scale for this checkpoint. Where neither the input nor the model has a voxel
+    size, the model's training downsampling applies (input pixels per model pixel): such a
+    model never saw pixels of the data's own size, and an input without metadata is taken
+    to be at the resolution of the data it was trained on."""
+    ds = ckpt.inference.downsample
+    if input_vs or ckpt.voxel_size or not ds:
+        return model_scale(input_vs, ckpt.voxel_size, spatial_axes, ndim)
+    scale = [1.0] * (ndim or max(spatial_axes) + 1)
+    for a, d in zip(spatial_axes, ds[-len(spatial_axes):]):
+        scale[a] = 1.0 / d
+    return scale
+
+
 def resample_raw(raw: np.ndarray, scale: Sequence[float]) -> np.ndarray:
     """To the model grid: block mean for integer downsampling, linear zoom otherwise."""
     if all(s == 1 for s in scale):
@@ -270,7 +285,7 @@ def predict_array(raw: np.ndarray, ckpt: Checkpoint, *, input_voxel_size=None, d
         raise SpocoInputError(f"the model is {dims}D but the input is {ndim}D")
     io.check_finite(raw, "input")
     spatial_axes = list(range(ndim - dims, ndim))
-    scale = model_scale(input_voxel_size, ckpt.voxel_size, spatial_axes, ndim)
+    scale = input_scale(input_voxel_size, ckpt, spatial_axes, ndim)
     t = time.perf_counter()
     image = model_grid_image(raw, ckpt, scale, intensity_mapping)
     timings["read"] = timings.get("read", 0) + time.perf_counter() - t

@@ -197,6 +197,31 @@ def test_prediction_follows_the_checkpoints_test_time_augmentation(tmp_path):
     assert np.abs(on - off).max() > 1e-3
 
 
+def test_inputs_without_voxel_size_are_read_at_the_training_downsampling_of_a_model_without(tmp_path):
+    """A model trained with --downsample on data without a voxel size has none either: an
+    input without one is taken to be at the training data's resolution and read at the
+    model's training downsampling (the model never saw finer pixels); the labels come back
+    at the input's size. A voxel size on either side decides as before."""
+    from spoco_vol.pipeline import input_scale, predict_array
+    _, ckpt = tiny_checkpoint(tmp_path, inference={"downsample": [1, 2, 2]})
+    raw = np.random.default_rng(0).random((32, 48)).astype(np.float32)
+    assert predict_array(raw, ckpt, device="cpu").embeddings.shape[1:] == (16, 24)
+    assert segment_array(raw, ckpt, device="cpu").shape == (32, 48)
+    assert input_scale(None, ckpt, [1, 2], 3) == [1.0, 0.5, 0.5]  # a 2D model on a stack: z as is
+    assert input_scale([40, 4, 4], ckpt, [1, 2]) == [1.0, 1.0, 1.0]
+    from spoco_vol import checkpoint, io
+    from spoco_vol.blockwise.plan import build_plan
+    io.create_array(str(tmp_path / "in.zarr/raw"), (raw * 255).astype(np.uint8))
+    checkpoint.save(ckpt, str(tmp_path / "ds.pt"))
+    plan = build_plan(str(tmp_path / "in.zarr/raw"), str(tmp_path / "out.zarr"), str(tmp_path / "ds.pt"), device="cpu")
+    assert plan.scale == (0.5, 0.5)  # segment, blockwise: the same rule
+    _, plain = tiny_checkpoint(tmp_path)
+    assert predict_array(raw, plain, device="cpu").embeddings.shape[1:] == (32, 48)
+    _, sized = tiny_checkpoint(tmp_path, voxel_size=[8.0, 8.0], inference={"downsample": [1, 2, 2]})
+    assert input_scale(None, sized, [0, 1]) == [1.0, 1.0]  # segment warns: give --voxel-size
+    assert input_scale([4.0, 4.0], sized, [0, 1]) == [0.5, 0.5]
+
+
 def test_segment_array_small_image(tmp_path):
     _, ckpt = tiny_checkpoint(tmp_path)
     raw = np.random.default_rng(0).random((20, 24)).astype(np.float32)

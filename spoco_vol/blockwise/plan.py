@@ -22,7 +22,7 @@ from ..affinities import is_direct
 from ..blocks import BlockGrid, parse_roi
 from ..clustering import METHODS
 from ..errors import SpocoInputError, warn
-from ..pipeline import check_output_path, default_output_path, label_pyramid, labels_of_image, model_scale
+from ..pipeline import check_output_path, default_output_path, label_pyramid, input_scale, labels_of_image
 from ..stitching import LINK_OVERLAP
 
 STITCH_DEPTH = 16    # input planes of halo agreement per face
@@ -251,7 +251,7 @@ def build_plan(input_path: str, output: str | None = None, model: str | None = N
         if tuple(m.shape) != tuple(shape):
             raise SpocoInputError(f"mask shape {tuple(m.shape)} differs from the input's {tuple(shape)}")
     spatial_axes = list(range(ndim - dims, ndim))
-    scale = model_scale(vs, ckpt.voxel_size, spatial_axes, ndim)
+    scale = input_scale(vs, ckpt, spatial_axes, ndim)
     offsets = ckpt.inference.offsets
     halo = list(halo) if halo is not None else required_halo(ckpt, ndim, scale)
     if clustering not in METHODS:
