@@ -21,7 +21,7 @@ used to choose anything), for
 - SPOCO with full labels at half resolution (``half``: ``--downsample 1,2,2`` with a nominal
   voxel size of 1, so that ``segment`` reads the test images at half resolution too and
   writes the labels back at full; 240 x 240 patches, nearly the whole plant, as the
-  reference code trains on whole images);
+  reference code trains on whole images); ``dl-half``: the baseline the same way;
 
 Every run trains at ``--lr`` (default 2e-4, the rate of the table's rows; `spoco-vol train`
 has defaulted to 1e-3 with full labels since). Another rate names its runs and rows apart
@@ -34,7 +34,7 @@ runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol eva
 WORK/cvppp.json and the table to WORK/cvppp.md.
 
     python benchmarks/prepare_cvppp.py /tmp/cvppp
-    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,half,dl,adversarial,p0.1,p0.4,p0.8]
+    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,half,dl,dl-half,adversarial,p0.1,p0.4,p0.8]
         [--seeds 0,1,2] [--iterations N] [--lr LR] [--extra-masks gt,gt-only]
 
 --seeds applies to every requested setting (default 0 for the full-label ones, whose
@@ -82,6 +82,8 @@ def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=()):
         ("ramp", [*FULL, "--momentum-ramp"], "full, momentum ramp", ("gt", "gt-only", "none")),
         ("half", [*FULL, *HALF], "full, half resolution", ("gt", "gt-only", "classifier", "none")),
         ("dl", ["--val-sections", "10", "--loss", "discriminative"], "discriminative loss", ("gt",)),
+        ("dl-half", ["--val-sections", "10", "--loss", "discriminative", *HALF], "discriminative loss, half resolution",
+         ("gt",)),
         ("adversarial", ["--val-sections", "10", "--adversarial-weight", "0.1"], "full + adversarial term", ("gt",)),
     ]
     out = []  # the settings' names are the keys of WORK/cvppp.json
