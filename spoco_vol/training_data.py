@@ -175,22 +175,27 @@ def hold_out_objects(train_vols, annotated_ids, cfg: TrainConfig) -> list[HeldOu
 def training_downsample(cfg: TrainConfig, init_ckpt: Checkpoint | None, train_vols) -> list[float]:
     """Input voxels per model pixel (z, y, x): ``--downsample`` if given; when
     fine-tuning, what brings the data to the checkpoint's voxel size by the rule
-    segmentation resamples with (pipeline.model_scale: sizes within 20% are used as
-    they are); else 1, 1, 1."""
+    segmentation resamples with (pipeline.input_scale: sizes within 20% are used as
+    they are; a checkpoint and data both without a voxel size, the checkpoint's own
+    downsampling); else 1, 1, 1."""
     if cfg.downsample is not None:
         return [int(d) if float(d).is_integer() else float(d) for d in cfg.downsample]
-    model_vs = init_ckpt.voxel_size if init_ckpt is not None else None
-    if model_vs is None:
+    if init_ckpt is None:
         return [1, 1, 1]
-    from .pipeline import model_scale
-    sizes = [v.voxel_size for v in train_vols]
+    from .pipeline import input_scale, model_scale
+    model_vs, sizes, dims = init_ckpt.voxel_size, [v.voxel_size for v in train_vols], init_ckpt.dims
+    if model_vs is None:
+        # a model trained on data without a voxel size: data without one too are taken at
+        # that data's resolution and read at the model's own downsampling, as segment reads them
+        if any(vs is not None for vs in sizes):
+            return [1, 1, 1]
+        return _as_factors([1 / s for s in input_scale(None, init_ckpt, list(range(3 - dims, 3)), 3)])
     if any(vs is None for vs in sizes):
         name = next(v.name for v in train_vols if v.voxel_size is None)
         warn(f"the voxel size of {name} is unknown (none in its metadata, no --voxel-size): training at its own "
              f"resolution, not at the model's {io.format_voxel_size(model_vs)}; give --voxel-size Z,Y,X in nm to "
              "resample it")
         return [1, 1, 1]
-    dims = init_ckpt.dims
     factors = []
     for v, vs in zip(train_vols, sizes):
         vs3 = [1.0] * (3 - len(vs)) + [float(x) for x in vs]
@@ -199,7 +204,11 @@ def training_downsample(cfg: TrainConfig, init_ckpt: Checkpoint | None, train_vo
     if any(not np.allclose(f, factors[0], rtol=0.05) for f in factors):
         raise SpocoInputError("the training volumes have different voxel sizes "
                               f"({', '.join(io.format_voxel_size(vs) for vs in sizes)}); give --downsample for all")
-    return [int(round(f)) if abs(f - round(f)) < 1e-6 else round(float(f), 6) for f in factors[0]]
+    return _as_factors(factors[0])
+
+
+def _as_factors(factors) -> list[float]:
+    return [int(round(f)) if abs(f - round(f)) < 1e-6 else round(float(f), 6) for f in factors]
 
 
 def model_voxel_size(cfg: TrainConfig, vs):

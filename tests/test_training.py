@@ -546,7 +546,8 @@ def test_a_validation_set_without_objects_is_one_error_naming_its_sections(tmp_p
 def test_fine_tuning_resamples_to_the_models_voxel_size(tmp_path):
     """--init: the data (10 nm here) are resampled to the checkpoint's voxel size (20 nm):
     the model is trained at its own resolution without --downsample; sizes within 20%
-    are taken as they are; a volume without voxel size trains as it is, with one warning."""
+    are taken as they are; a volume without voxel size trains as it is, with one warning
+    (for a model without one: at that model's downsampling)."""
     from spoco_vol.errors import SpocoWarning
     from spoco_vol.config import TrainConfig
     from spoco_vol.training import train
@@ -570,6 +571,13 @@ def test_fine_tuning_resamples_to_the_models_voxel_size(tmp_path):
         tuned = train(TrainConfig(raw=[raw2], labels=[labels2], out=str(tmp_path / "t4"), init=base + "/best.pt",
                                   **small))
     assert tuned["downsample"] == [1, 1, 1]
+    # a model trained with --downsample on data without a voxel size has none either: data
+    # without one are fine-tuned at its downsampling, as segment reads them
+    plain = str(tmp_path / "plain")
+    assert run(train_args(raw2, labels2, plain, "--iterations", "1", "--downsample", "1,2,2")).exit_code == 0
+    assert load_checkpoint(plain + "/best.pt")["voxel_size"] is None
+    tuned = train(TrainConfig(raw=[raw2], labels=[labels2], out=str(tmp_path / "t5"), init=plain + "/best.pt", **small))
+    assert tuned["downsample"] == [1, 2, 2]
     ck = load_checkpoint(str(tmp_path / "t1/best.pt"))
     assert ck["training"]["fine_tuned_from"]["model"] == base + "/best.pt"
     assert ck["training"]["fine_tuned_from"]["sha256"] == checkpoint.load(base + "/best.pt").sha256
