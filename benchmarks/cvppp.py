@@ -21,7 +21,8 @@ used to choose anything), for
 - SPOCO with full labels at half resolution (``half``: ``--downsample 1,2,2`` with a nominal
   voxel size of 1, so that ``segment`` reads the test images at half resolution too and
   writes the labels back at full; 240 x 240 patches, nearly the whole plant, as the
-  reference code trains on whole images); ``dl-half``: the baseline the same way;
+  reference code trains on whole images); ``dl-half``: the baseline the same way, and
+  ``p0.1-half``, ``p0.4-half``, ``p0.8-half``: SPOCO@p the same way;
 
 Every run trains at ``--lr`` (default 2e-4, the rate of the table's rows; `spoco-vol train`
 has defaulted to 1e-3 with full labels since). Another rate names its runs and rows apart
@@ -34,7 +35,8 @@ runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol eva
 WORK/cvppp.json and the table to WORK/cvppp.md.
 
     python benchmarks/prepare_cvppp.py /tmp/cvppp
-    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,half,dl,dl-half,adversarial,p0.1,p0.4,p0.8]
+    python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,half,dl,dl-half,adversarial,p0.1,p0.4,p0.8,
+                                         p0.1-half,p0.4-half,p0.8-half]
         [--seeds 0,1,2] [--iterations N] [--lr LR] [--extra-masks gt,gt-only]
 
 --seeds applies to every requested setting (default 0 for the full-label ones, whose
@@ -94,11 +96,12 @@ def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=()):
             out += [(name + tag if s == 0 else f"{name}{tag}_s{s}", s, [*options, *lr_option], rows)
                     for s in seeds or [0]]
     for p in ("0.1", "0.4", "0.8"):
-        if f"p{p}" in only:  # its own row, with its (positive-unlabeled) classifier, is named bare
-            rows = [(f"SPOCO@{p}{at}", "classifier")]
-            rows += [(f"SPOCO@{p}{at}, {MASKS[kind]}", kind) for kind in extra_masks if kind != "classifier"]
-            out += [(f"p{p}{tag}_s{s}", s, ["--object-fraction", p, *SPARSE, *lr_option], rows)
-                    for s in seeds or [0, 1, 2]]
+        for suffix, resolution, label in (("", [], ""), ("-half", HALF, ", half resolution")):
+            if f"p{p}{suffix}" in only:  # its own row, with its (positive-unlabeled) classifier, is named bare
+                rows = [(f"SPOCO@{p}{label}{at}", "classifier")]
+                rows += [(f"SPOCO@{p}{label}{at}, {MASKS[kind]}", kind) for kind in extra_masks if kind != "classifier"]
+                out += [(f"p{p}{suffix}{tag}_s{s}", s, ["--object-fraction", p, *SPARSE, *resolution, *lr_option], rows)
+                        for s in seeds or [0, 1, 2]]
     return out
 
 
