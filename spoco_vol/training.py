@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from . import bundled, calibration, checkpoint, data, intensity, loop, losses, model as model_mod
+from . import bundled, calibration, checkpoint, data, intensity, loop, losses, model as model_mod, validation
 from .affinities import default_offsets
 from .checkpoint import InferenceSettings
 from .config import TrainConfig
@@ -34,6 +34,7 @@ from .training_data import (augmented_batch, model_voxel_size, object_windows, p
                             validation_images, validation_patches)
 
 LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consistency", "background", "adversarial")
+SCORE = "background_radius_val_score"  # the held-out score a calibration returns
 
 
 def _check_out_dir(cfg: TrainConfig):
@@ -269,14 +270,28 @@ def train(cfg: TrainConfig) -> dict:
             # g for consistency clustering (latest.pt has it in its training state)
             momentum=teacher.g if teacher is not None and teacher.keeps_a_network and not with_state else None)
 
-    def calibrate(network, images, objects=None) -> dict:
-        embeddings = calibration.embed(network, images, device, cfg.amp, cfg.tta)
-        network.train()
+    def calibrate_with(network, images, objects, tta: bool) -> dict:
+        embeddings = calibration.embed(network, images, device, cfg.amp, tta)
         if cfg.no_background:
             return calibration.score_without_background(embeddings, [lab for _, lab in images], cfg.delta_d,
                                                         settings, objects)
         return calibration.calibrate_background(embeddings, [lab for _, lab in images], cfg.delta_v, cfg.delta_d,
                                                 settings, objects)
+
+    def calibrate(network, images, objects=None) -> dict:
+        """The background rule (and held-out score) of ``network``. With --tta, measured
+        with and without it; the held-out score decides which the checkpoint keeps
+        (validation.keeps_tta), and the rule is the one measured on those embeddings."""
+        found = calibrate_with(network, images, objects, cfg.tta)
+        if cfg.tta:
+            plain = calibrate_with(network, images, objects, False)
+            with_tta, without = found.get(SCORE), plain.get(SCORE)
+            scores = {} if with_tta is None or without is None else \
+                {"val_score_with_tta": with_tta, "val_score_without_tta": without}
+            found = {**found, "tta": True, **scores} if validation.keeps_tta(with_tta, without) else \
+                {**plain, "tta": False, **scores}
+        network.train()
+        return found
 
     new_log = not os.path.exists(log_path)
     log_f = open(log_path, "a", newline="")
@@ -320,7 +335,7 @@ def train(cfg: TrainConfig) -> dict:
             optim.validated(val_loss)
             if val_images:
                 last["background"] = calibrate(net, val_images, val_objects)
-                val_score = last["background"].get("background_radius_val_score")
+                val_score = last["background"].get(SCORE)
         writer.writerow([it, *(f"{vals[k]:.6g}" if k in vals else "" for k in LOG_TERMS), f"{optim.lr:.3g}",
                          f"{state['elapsed']:.2f}", "" if val_loss is None else f"{val_loss:.6g}",
                          "" if val_score is None else f"{val_score:.4f}"])
@@ -345,8 +360,8 @@ def train(cfg: TrainConfig) -> dict:
         # held-out score (a handful of annotated objects can pull the embeddings together),
         # best.pt stays the model the run started from, calibrated on the same held-out data.
         start_background = calibrate(net, val_images, val_objects)
-        if start_background.get("background_radius_val_score") is not None:
-            state["best_score"] = state["start_score"] = start_background["background_radius_val_score"]
+        if start_background.get(SCORE) is not None:
+            state["best_score"] = state["start_score"] = start_background[SCORE]
             val = {"val_loss": None, "val_score": state["best_score"], "selected_by": score_kind}
             checkpoint.save(make(0, False, start_background, val), os.path.join(cfg.out, "best.pt"))
         last["t"] = time.perf_counter()  # judging the start model is not training time
@@ -395,6 +410,10 @@ def train(cfg: TrainConfig) -> dict:
         summary["foreground"] = fg_summary
     if floor is not None:
         summary["size_floor"] = floor
+    if cfg.tta and os.path.exists(best_path):
+        record = checkpoint.load(best_path).inference_record
+        summary["tta"] = {"kept": record.get("tta", True), **{k: record[k] for k in (
+            "val_score_with_tta", "val_score_without_tta") if k in record}}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 RADIUS_TOLERANCE = 0.02  # object score lost at most, for a larger background radius
+TTA_MARGIN = 0.05  # held-out score by which embeddings without test-time augmentation must win to drop it
 FLOOR_MULTIPLES = (1, 2, 4, 8, 16)  # size floors tried, in multiples of the training's base floor
 
 
@@ -80,6 +81,22 @@ def panoptic_quality(recoveries: Sequence[dict]) -> float:
     fp = sum(r["fp"] for r in recoveries)
     den = tp + 0.5 * (fp + fn)
     return float(sum(r["iou"] for r in recoveries) / den) if den else 0.0
+
+
+def keeps_tta(with_tta: float | None, without: float | None) -> bool:
+    """Whether a run asked for test-time augmentation (``--tta``) keeps it, from the
+    held-out scores of its embeddings with and without it: yes unless the score without
+    it is higher by more than TTA_MARGIN (or a score is missing). Averaging the 8
+    rotations/flips assumes the network maps a turned image to turned embeddings. One
+    that has learned orientation instead (CVPPP at half resolution, the whole plant in
+    each patch: a leaf's embedding depends on where it points) averages every object
+    towards the others and the background, and the watershed merges or deletes them
+    (SPOCO@0.8, test AP@0.5 0.25 with TTA against 0.75 without; benchmarks/RESULTS.md,
+    CVPPP). The margin keeps TTA where the scores differ by the noise of a few held-out
+    objects: on VNC with 10% of the objects it raised held-out AP@0.5 on five of six seeds."""
+    if with_tta is None or without is None:
+        return True
+    return not without > with_tta + TTA_MARGIN
 
 
 def held_out_score(segmentations: Sequence[np.ndarray], labels: Sequence[np.ndarray],

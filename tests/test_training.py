@@ -81,11 +81,14 @@ def test_best_checkpoint_is_the_one_with_the_highest_validation_ap(blob_volume, 
 
 
 def test_tta_training_validates_and_calibrates_with_it(blob_volume, tmp_path, monkeypatch):
-    """train --tta scores its validation sections with test-time augmentation, and its
-    checkpoints segment with it: a TTA calibration of best.pt on the same section
-    reproduces its background exactly (float32)."""
+    """train --tta scores its validation sections with test-time augmentation and
+    without it, and keeps it unless the score without it is higher by more than the
+    margin (validation.keeps_tta); its checkpoints segment as they were calibrated: a
+    calibration of best.pt on the same section with its own setting reproduces its
+    background exactly (float32)."""
     from spoco_vol import inference
     from spoco_vol.calibration import recalibrate_checkpoint
+    from spoco_vol.validation import keeps_tta
     real, asked = inference.predict_embeddings, []
 
     def recording(*args, **kwargs):
@@ -99,16 +102,60 @@ def test_tta_training_validates_and_calibrates_with_it(blob_volume, tmp_path, mo
         r = run(train_args(raw, labels, out, "--iterations", "3", "--object-fraction", "0.5", "--no-amp",
                            "--val-sections", "1", "--tta" if tta else "--no-tta"))
         assert r.exit_code == 0, r.output
-        assert any(asked) == tta
-        assert load_checkpoint(os.path.join(out, "best.pt"))["inference"]["tta"] is tta
-        assert load_checkpoint(os.path.join(out, "latest.pt"))["inference"]["tta"] is tta
+        assert any(asked) == tta and (not tta or not all(asked))  # --tta: measured both ways
+        for name in ("best.pt", "latest.pt"):
+            inf = load_checkpoint(os.path.join(out, name))["inference"]
+            if tta:
+                assert inf["tta"] is keeps_tta(inf["val_score_with_tta"], inf["val_score_without_tta"])
+                assert inf["background_radius_val_score"] == \
+                    inf["val_score_with_tta" if inf["tta"] else "val_score_without_tta"]
+            else:
+                assert inf["tta"] is False and "val_score_without_tta" not in inf
     ck = load_checkpoint(os.path.join(out, "best.pt"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["tta"]["kept"] is ck["inference"]["tta"]
     path = str(tmp_path / "cal.pt")
     recalibrate_checkpoint(out + "/best.pt", raw, labels, path, z_range=(3, 4), device="cpu", amp=False)
     cal = load_checkpoint(path)["inference"]
-    assert cal["tta"] is True  # kept from the checkpoint
+    assert cal["tta"] is ck["inference"]["tta"]  # kept from the checkpoint
     assert cal["background_radius_val_score"] == pytest.approx(ck["training"]["val_score"], abs=1e-6)
     np.testing.assert_allclose(cal["background_embedding"], ck["inference"]["background_embedding"], atol=1e-5)
+
+
+@pytest.mark.parametrize("margin, kept", [(-1.0, False), (float("inf"), True)])
+def test_tta_is_dropped_only_where_held_out_objects_score_higher_without_it(blob_volume, tmp_path, monkeypatch,
+                                                                           margin, kept):
+    """Sparse labels, held-out objects: at a margin no score can beat, TTA stays; at one
+    every score beats, the run drops it, and the foreground classifier is trained and
+    judged, and the size floor chosen, on predictions made the way the checkpoint will
+    segment (with TTA or without); a later calibration keeps its setting."""
+    from spoco_vol import calibration, foreground, validation
+    from spoco_vol.calibration import recalibrate_checkpoint
+    monkeypatch.setattr(validation, "TTA_MARGIN", margin)
+    after_embeddings = []  # the tta of every prediction made for the classifier and the floor
+    for module, name in ((foreground, "predict_embeddings"), (foreground, "predict_foreground"),
+                         (calibration, "predict_foreground")):
+        def recording(*args, _real=getattr(module, name), **kwargs):
+            after_embeddings.append(kwargs.get("tta", False))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, recording)
+    raw, labels = blob_volume
+    out = str(tmp_path / "run")
+    r = run(train_args(raw, labels, out, "--iterations", "3", "--object-fraction", "0.6", "--tta",
+                       "--foreground-iterations", "2"))
+    assert r.exit_code == 0, r.output
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["validation"] == "PQ of held-out objects"
+    assert summary["tta"]["kept"] is kept
+    assert {"val_score_with_tta", "val_score_without_tta"} <= set(summary["tta"])
+    best = checkpoint.load(os.path.join(out, "best.pt"))
+    assert best.inference.tta is kept and best.inference_record["tta"] is kept
+    assert after_embeddings and set(after_embeddings) == {kept}
+    if not kept:  # the stored rule was measured on plain embeddings
+        path = str(tmp_path / "cal.pt")
+        recalibrate_checkpoint(out + "/best.pt", raw, labels, path, z_range=(3, 4), device="cpu", amp=False)
+        cal = load_checkpoint(path)["inference"]
+        assert cal["tta"] is False
 
 
 def test_threads_option_sets_the_torch_thread_count(blob_volume, tmp_path):

@@ -123,3 +123,10 @@ def test_held_out_objects_choose_the_size_floor_from_their_neighbourhoods():
     assert choose_size_floor([seg, seg], [gt, gt], base=10, objects=[1, 2]) == (40, 1.0)
     # with dense labels the far segment is a false object: the floor must remove it too
     assert size_floor_counts([seg], [gt], [10, 40]) == [(2, 5, 0), (2, 0, 0)]
+
+
+def test_tta_is_kept_unless_the_score_without_it_is_higher_by_more_than_the_margin():
+    from spoco_vol.validation import TTA_MARGIN, keeps_tta
+    assert keeps_tta(0.40, 0.40) and keeps_tta(0.40, 0.40 + TTA_MARGIN) and keeps_tta(0.5, 0.1)
+    assert not keeps_tta(0.14, 0.40) and not keeps_tta(0.0, TTA_MARGIN + 0.01)
+    assert keeps_tta(None, 0.9) and keeps_tta(0.1, None)  # nothing scored: as asked
