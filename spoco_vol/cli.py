@@ -235,7 +235,8 @@ def cli():
                    "without bf16); fp32 on CPUs without native bf16.")
 @click.option("--tta/--no-tta", default=_D["tta"], show_default=True,
               help="Validate and calibrate with test-time augmentation (8 rotated/flipped predictions "
-                   "averaged, 8x the prediction time); the model then segments with it by default. "
+                   "averaged, 8x the prediction time) and without it; the model keeps it, and then segments "
+                   "with it by default, unless the held-out score without it is higher by more than 0.05. "
                    "Recommended for sparse labels.")
 @click.option("--foreground-iterations", type=click.IntRange(0), default=_D["foreground_iterations"],
               show_default=True,
