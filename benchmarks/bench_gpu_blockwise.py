@@ -66,7 +66,7 @@ def main():
             results[name] = {"blocks": r["blocks"], "wall": wall, "wall_with_start": r["wall_with_start"],
                              "blocks_per_s": r["blocks"] / wall, "predict_s_per_block": predict / r["blocks"],
                              "cpu_half_s_per_block": rest / r["blocks"],
-                             "on_gpu_workers": r["prediction_on_gpu_workers"],
+                             "predicted_on_gpu_workers": r["blocks_predicted_on_gpu_workers"],
                              "overlap": max(0.0, predict + rest - wall) / max(min(predict, rest), 1e-9)}
             print(name, json.dumps(results[name]), flush=True)
         gpu = np.asarray(io.open_volume(os.path.join(work, "gpu.zarr"))[...])
@@ -78,7 +78,7 @@ def main():
               f"{'overlap':>8}")
         for name, r, who in (("gpu", g, f"1 GPU worker + {a.cpu_workers} CPU workers"),
                              ("cpu", c, f"{a.cpu_workers + 1} CPU workers")):
-            overlap = f"{100 * r['overlap']:>7.0f}%" if r["on_gpu_workers"] else f"{'-':>8}"  # split runs only
+            overlap = f"{100 * r['overlap']:>7.0f}%" if r["predicted_on_gpu_workers"] else f"{'-':>8}"  # split runs only
             print(f"{who:<44}{r['blocks']:>7}{r['wall']:>8.1f}{r['blocks_per_s']:>9.2f}"
                   f"{r['predict_s_per_block']:>14.3f}{r['cpu_half_s_per_block']:>15.3f}{overlap}")
         print(f"GPU run vs CPU run: {c['wall'] / g['wall']:.2f}x faster; labels ARand {results['labels']['arand']:.4f}, "

@@ -261,21 +261,33 @@ def test_halo_and_block_shape_checks(tmp_path):
     assert not os.path.exists(tmp_path / "o.zarr") and not os.path.exists(tmp_path / "o.zarr.partial")
 
 
-def test_masked_and_empty_blocks_are_written_zero(tmp_path):
+def test_masked_and_empty_blocks_are_written_zero(tmp_path, monkeypatch):
+    """A block whose core is masked out, and one whose raw (core and halo) is all 0, are
+    not predicted and are written 0; inside a predicted block the mask holds per voxel."""
+    from spoco_vol.blockwise import tasks
     data = np.full((2, 64, 64), 120, np.uint8)
-    data[:, :, 32:] = 0  # raw entirely 0 in the right half
+    data[:, :, 24:] = 0  # the right blocks read x 24-63 with their halo of 8: raw entirely 0
     inp = _input_volume(tmp_path, data)
     model, _ = tiny_checkpoint(tmp_path, inference={"offsets": SHORT_OFFSETS})
     mask = np.zeros((2, 64, 64), np.uint8)
     yy, xx = np.mgrid[:64, :64]
-    mask[:, (yy >= 32) & (xx < 32) & (yy - 32 > xx)] = 1  # a triangle: only the lower-left block has foreground
+    mask[:, (yy >= 32) & (xx < 32) & (yy - 32 > xx)] = 1  # a triangle in the lower-left block
+    mask[:, :, 32:] = 1  # the right blocks are inside the mask: only their empty raw skips them
     io.create_array(str(tmp_path / "mask.zarr"), mask)
+    real, predicted = tasks.predict_block, []
+
+    def recording(raw, block, *args, **kwargs):
+        predicted.append(block.index)
+        return real(raw, block, *args, **kwargs)
+    monkeypatch.setattr(tasks, "predict_block", recording)
     out = str(tmp_path / "o.zarr")
     segment_blockwise(inp, out, model, block_shape=[2, 32, 32], halo=[0, 8, 8], workers=0,
                       mask=str(tmp_path / "mask.zarr"))
+    assert predicted == [(0, 1, 0)]  # the lower-left block only
     lab = np.asarray(io.open_volume(out)[...])
     assert not lab[:, :32, :].any() and not lab[:, :, 32:].any()
-    assert lab[mask == 1].any() and not lab[mask == 0].any()  # inside a block the mask holds per voxel
+    left, left_mask = lab[:, :, :32], mask[:, :, :32]
+    assert left[left_mask == 1].any() and not left[left_mask == 0].any()  # inside a block the mask holds per voxel
 
 
 def test_min_size_and_mask_is_foreground_override_the_models_rules(tmp_path):

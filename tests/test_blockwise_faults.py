@@ -211,13 +211,14 @@ def test_a_full_disk_stops_the_run_and_freed_space_finishes_it(tmp_path, small_d
 
 def test_three_workers_killed_at_random_moments(tmp_path, references):
     """SIGKILL to a worker process, three times at seeded random moments of one run (the
-    nanny starts a new worker each time): the run completes, its lost tasks redone."""
+    nanny starts a new worker each time), each while the run is still going: the run
+    completes, its lost tasks redone, with the labels of an undisturbed run."""
     from distributed import Client, LocalCluster
     inp = _sample(tmp_path, sections=(0, 7))
     ref = references((0, 7))
     out = str(tmp_path / "out.zarr")
     rng = np.random.default_rng(0)
-    kills = []
+    kills, running = [], threading.Event()  # kills: whether the run was still going at each
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         def worker_pids():
@@ -235,21 +236,24 @@ def test_three_workers_killed_at_random_moments(tmp_path, references):
                 pids = worker_pids()
                 victim = int(rng.choice(pids))
                 os.kill(victim, signal.SIGKILL)
-                kills.append(victim)
+                kills.append(running.is_set())
                 for _ in range(200):  # until the nanny has started a new worker
                     now = worker_pids()
                     if victim not in now and len(now) == len(pids):
                         break
                     time.sleep(0.05)
         t = threading.Thread(target=killer, daemon=True)
+        running.set()
         t.start()
         report = segment_blockwise(inp, out, BUNDLED_MODEL, block_shape=BLOCK, device="cpu", client=client,
                                    workers=2)
+        running.clear()
         t.join(timeout=60)
     identical = np.array_equal(_labels(out), ref)
     _record("3 worker processes SIGKILLed at random moments of one run", "nothing: the run completed",
             "the killed workers' tasks (dask reschedules them)", identical)
-    assert len(kills) == 3 and report["blocks"] == 63 and identical
+    assert kills == [True] * 3, "a kill came after the run had finished"
+    assert report["blocks"] == 63 and identical
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])

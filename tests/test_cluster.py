@@ -201,14 +201,16 @@ def test_scancel_of_a_worker_job_mid_run(tmp_path, slurm):
 
 
 def test_gpu_pool_predicts_and_cpu_pool_finishes(tmp_path):
-    """Two worker pools, one declaring a GPU resource: prediction tasks run there, the CPU
-    half on the other pool; the labels equal the fused tasks' bit for bit."""
+    """Two worker pools, one declaring a GPU resource: every block's prediction runs there
+    and its CPU half on the other pool (as the workers that ran them say); the labels
+    equal the fused tasks' bit for bit."""
     inp = _real_crop(tmp_path)
     labels, report = _segment_on(tmp_path, inp, {"kind": "local", "workers": 1, "gpu_workers": 1}, "split")
-    assert report["prediction_on_gpu_workers"]
+    assert report["blocks"] > 1 and report["blocks_predicted_on_gpu_workers"] == report["blocks"]
+    assert report["blocks_finished_on_gpu_workers"] == 0
     assert np.array_equal(labels, _reference(tmp_path, inp))
     _, fused = _segment_on(tmp_path, inp, {"kind": "local", "workers": 2}, "fused")
-    assert not fused["prediction_on_gpu_workers"]
+    assert fused["blocks_predicted_on_gpu_workers"] == fused["blocks_finished_on_gpu_workers"] == 0
 
 
 def test_command_line_overrides_cluster_file_values():

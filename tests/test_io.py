@@ -171,10 +171,23 @@ def test_validate_custom_dims_and_ok():
 
 
 def test_validate_zarr_array_without_reading(tmp_path):
-    arr = _array(tmp_path / "v.zarr", np.zeros((0, 4, 4), np.uint8))
+    """The checks read metadata only: a volume whose chunks are unreadable passes them,
+    or fails them on its shape and dtype, never on its data."""
+    arr = _array(tmp_path / "v.zarr", np.ones((2, 4, 4), np.float32), chunks=(1, 4, 4))
+    chunks = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "v.zarr") for f in files
+              if f != "zarr.json"]
+    assert len(chunks) == 2
+    for chunk in chunks:
+        with open(chunk, "wb") as f:
+            f.write(b"not a chunk")
+    with pytest.raises(Exception):
+        np.asarray(arr[...])  # reading the data would fail
+    io.validate_volume(io.open_volume(tmp_path / "v.zarr"))
+    with pytest.raises(SpocoInputError, match="must hold integer labels, got dtype float32"):
+        io.validate_volume(io.open_volume(tmp_path / "v.zarr"), integer=True)
+    _array(tmp_path / "e.zarr", np.zeros((0, 4, 4), np.uint8))
     with pytest.raises(SpocoInputError, match=r"is empty \(shape \(0, 4, 4\)\)"):
-        io.validate_volume(io.open_volume(tmp_path / "v.zarr"))
-    assert arr.shape == (0, 4, 4)
+        io.validate_volume(io.open_volume(tmp_path / "e.zarr"))
 
 
 def test_validate_dtypes():

@@ -10,8 +10,10 @@ from click.testing import CliRunner
 from spoco_vol import io
 from spoco_vol.cli import cli
 from spoco_vol.errors import SpocoInputError
+from spoco_vol.evaluation import evaluate_segmentation
 from spoco_vol.workflow import load_workflow
 
+AP_FLOOR = 0.45  # 0.570 measured (58 objects of the sample), less a margin for other CPU kernels
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 
 
@@ -36,7 +38,12 @@ def test_em_recipe_end_to_end_then_skips_what_is_done(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert os.path.exists("out/model/best.pt") and os.path.exists("out/labels.zarr/0")
     metrics = json.load(open("out/metrics.json"))
-    assert 0 <= metrics["ap@0.5"] <= 1 and metrics["prediction_run_hash"]
+    assert metrics["prediction_run_hash"]
+    # the evaluate step scored the segment step's labels against the volume's
+    again_scored = evaluate_segmentation(np.asarray(io.open_volume("out/labels.zarr")[...]),
+                                         np.asarray(io.open_volume(f"{vol}/labels")[...]), per_section=True)
+    assert metrics["ap@0.5"] == pytest.approx(again_scored["ap@0.5"]) and metrics["n_gt"] == again_scored["n_gt"]
+    assert metrics["ap@0.5"] >= AP_FLOOR, metrics  # a few steps from the bundled model keep most of its accuracy
     again = CliRunner().invoke(cli, args + ["--set", "cluster=local"])
     assert again.exit_code == 0 and again.output.count("skipped") == 3, again.output
     os.remove("out/metrics.json")

@@ -29,6 +29,16 @@ class TaskFailed(Exception):
         self.item, self.error, self.traceback_text, self.attempts = item, error, traceback_text, attempts
 
 
+def on_gpu_worker() -> bool:
+    """Whether the dask worker running this task declares a GPU resource (False outside
+    a worker): the report counts where each block's two halves ran."""
+    try:
+        from distributed import get_worker
+        return bool(get_worker().state.total_resources.get("GPU"))
+    except ValueError:  # not in a worker: workers=0
+        return False
+
+
 def _error_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

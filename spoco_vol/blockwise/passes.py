@@ -25,7 +25,7 @@ from ..blocks import intersect
 from ..pipeline import restore_labels
 from ..stitching import block_id_offset, merge_table, relabel_block
 from . import tasks
-from .executor import Executor, TaskFailed
+from .executor import Executor, TaskFailed, on_gpu_worker
 from .plan import SegmentPlan
 from .report import STAGES, Tally, peak_rss_mib
 from .workdir import WorkDir
@@ -84,6 +84,12 @@ def read_affinities(block, plan: SegmentPlan, timings: dict) -> tasks.Prediction
 def predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Prediction:
     """Pass 1, the GPU part: read core + halo, check it, embed it (model grid); or, in a
     run on given affinities, read those."""
+    pred = _predict_block(linear, plan, threads)
+    pred.on_gpu_worker = on_gpu_worker()
+    return pred
+
+
+def _predict_block(linear: int, plan: SegmentPlan, threads: int) -> tasks.Prediction:
     timings = dict.fromkeys(STAGES, 0.0)
     if plan.affinities:
         return read_affinities(plan.grid.block_at(linear), plan, timings)
@@ -119,10 +125,15 @@ def finish_block(pred: tasks.Prediction, linear: int, plan: SegmentPlan, threads
     _save_requested(pred, block, plan, model, work)
     work.array("fragments", "r+")[block.core] = frag.core
     timings["write"] += time.perf_counter() - t
-    result = {"block": linear, "objects": frag.n_objects, "timings": timings, "peak_rss_mib": peak_rss_mib()}
+    result = {"block": linear, "objects": frag.n_objects, "timings": timings, "peak_rss_mib": peak_rss_mib(),
+              **_where_it_ran(pred)}
     work.write_block_record(linear, frag.n_objects, frag.faces, result)  # the block's done marker
     _crash_point(f"segment:{linear}")
     return result
+
+
+def _where_it_ran(pred: tasks.Prediction) -> dict:
+    return {"predicted_on_gpu_worker": pred.on_gpu_worker, "finished_on_gpu_worker": on_gpu_worker()}
 
 
 def _save_requested(pred: tasks.Prediction, block, plan: SegmentPlan, model, work: WorkDir) -> None:
@@ -149,7 +160,8 @@ def _finish_graph_block(pred: tasks.Prediction, block, plan: SegmentPlan, model,
             tasks.core_graph_affinities(pred.networks, block, plan, model)
     timings["write"] += time.perf_counter() - t
     # the block's fragments, and so its count, come from pass 2a
-    result = {"block": block.linear, "objects": 0, "timings": timings, "peak_rss_mib": peak_rss_mib()}
+    result = {"block": block.linear, "objects": 0, "timings": timings, "peak_rss_mib": peak_rss_mib(),
+              **_where_it_ran(pred)}
     work.write_block_record(block.linear, 0, {} if view is None else {"view": view}, result)
     _crash_point(f"segment:{block.linear}")
     return result
@@ -395,9 +407,12 @@ def run_passes(plan: SegmentPlan, executor: Executor, threads: int, log=lambda l
         results = run("segment", predict_block, todo, plan, threads, total=n_blocks - len(done), split=finish_block)
     else:
         results = run("segment", segment_block, todo, plan, threads, total=n_blocks - len(done))
+    on_gpu = {"predicted": 0, "finished": 0}  # blocks of this run whose half ran on a GPU worker
     for b, r in results:
         objects_per_block[b] = r["objects"]
         tally.add(r["timings"], r["peak_rss_mib"])
+        for half in on_gpu:
+            on_gpu[half] += r[f"{half}_on_gpu_worker"]
     wall_segment = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -437,7 +452,9 @@ def run_passes(plan: SegmentPlan, executor: Executor, threads: int, log=lambda l
         _crash_point(f"pyramid:{level}")
     wall_pyramid = time.perf_counter() - t
     return {"objects": table.objects, "blocks": n_blocks, "blocks_done_before": len(done),
-            "merges": merges, **graph, "prediction_on_gpu_workers": bool(pools["GPU"]),
+            "merges": merges, **graph,
+            "blocks_predicted_on_gpu_workers": on_gpu["predicted"],
+            "blocks_finished_on_gpu_workers": on_gpu["finished"],
             "wall_seconds": {"segment": round(wall_segment, 3), "stitch+merge": round(wall_stitch, 3),
                              "relabel": round(wall_relabel, 3), "pyramid": round(wall_pyramid, 3)},
             "seconds": {k: round(v, 3) for k, v in tally.seconds.items()},

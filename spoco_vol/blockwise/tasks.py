@@ -94,6 +94,7 @@ class Prediction:
     timings: dict
     affinities: np.ndarray | None = None
     mask: np.ndarray | None = None
+    on_gpu_worker: bool = False  # predicted on a worker that declares a GPU resource
 
 
 @dataclasses.dataclass
