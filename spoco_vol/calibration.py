@@ -204,12 +204,14 @@ def segment_at_base_floor(model: Checkpoint, images, device, amp: bool, embeddin
             None if objects is None else [objects[k] for k in scored])
 
 
-def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, out: str = ""):
+def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, out: str = "",
+                      intensity_range=None):
     """The labeled held-out images of ``raw``/``labels`` on ``model``'s grid (whole
-    sections, or a central crop of a 3D volume), as training validates."""
+    sections, or a central crop of a 3D volume), as training validates; ``intensity_range``:
+    the raw values that map to the model's range (--intensity-range) [default: by dtype]."""
     from .training_data import validation_images
     vol = data.open_training_volume(raw, labels)
-    vol.intensity = intensity.volume_mapping(vol.raw, model.normalization, what=f"raw {raw}")
+    vol.intensity = intensity.volume_mapping(vol.raw, model.normalization, intensity_range, f"raw {raw}")
     if model.dims > vol.spatial_ndim:
         raise SpocoInputError(f"the model is {model.dims}D but {raw} is {vol.spatial_ndim}D")
     if vol.channels != model.in_channels:
@@ -232,7 +234,7 @@ def held_out_sections(model: Checkpoint, raw: str, labels: str, z_range=None, ou
 
 def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
                            z_range: tuple[int, int] | None = None, device: str = "auto",
-                           amp: bool = True, tta: bool | None = None) -> dict:
+                           amp: bool = True, tta: bool | None = None, intensity_range=None) -> dict:
     """Re-measure a checkpoint's background embedding and radius on labeled held-out data
     (whole sections, as at the end of training) and save it as ``out``. ``tta``: measure
     (and later segment) with test-time augmentation [default: as the checkpoint does].
@@ -242,7 +244,7 @@ def recalibrate_checkpoint(model_path: str, raw: str, labels: str, out: str, *,
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise SpocoInputError(f"cannot write the calibrated checkpoint to {out}")
-    images = held_out_sections(model, raw, labels, z_range, out)
+    images = held_out_sections(model, raw, labels, z_range, out, intensity_range)
     dev = resolve_device(device)
     net = model.network().to(dev)
     tta = model.inference.uses_tta(tta)

@@ -288,6 +288,8 @@ def train(**settings):
                    "the annotated region): trained as full labels, the last sections held out (one of a 2D stack; "
                    "a third of a 3D one, up to one patch deep), the foreground classifier trained on your background.")
 @click.option("--seed", type=int, default=_D["seed"], show_default=True)
+@click.option("--intensity-range", type=FLOATS, default=None, metavar="LO,HI",
+              help="The raw values that map to the model's intensity range [default: by dtype, as segment].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D["device"], show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
@@ -550,8 +552,10 @@ def demo(out, device, overwrite):
 @click.option("--tta/--no-tta", default=None,
               help="Calibrate with test-time augmentation (8 rotated/flipped predictions averaged); the "
                    "checkpoint then segments with it by default [default: as the model already does].")
+@click.option("--intensity-range", type=FLOATS, default=None, metavar="LO,HI",
+              help="The raw values that map to the model's intensity range [default: by dtype, as segment].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
+def calibrate(model, raw, labels, out, z_range, device, tta, intensity_range, overwrite):
     """Re-measure a model's background embedding and radius on labeled data (AP@0.5),
     then its size floor (F1 of matched objects)."""
     import os
@@ -559,7 +563,8 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
     if os.path.exists(out) and not overwrite:
         raise InputError(f"{out} exists (use --overwrite to replace it)")
     result = _run(recalibrate_checkpoint, model, raw, labels, out,
-                  z_range=tuple(z_range) if z_range else None, device=device, tta=tta)
+                  z_range=tuple(z_range) if z_range else None, device=device, tta=tta,
+                  intensity_range=intensity_range)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -585,6 +590,8 @@ def calibrate(model, raw, labels, out, z_range, device, tta, overwrite):
                    "records].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads [default: all cores].")
+@click.option("--intensity-range", type=FLOATS, default=None, metavar="LO,HI",
+              help="The raw values that map to the model's intensity range [default: by dtype, as segment].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--progress/--quiet", default=True, help="Show a progress bar.")
 def train_foreground(model, raw, labels, out, overwrite, **settings):

@@ -147,6 +147,40 @@ class TrainConfig:
             return [[int(f) for f in flat[i * self.dims:(i + 1) * self.dims]] for i in range(n)]
         return [[int(f) for f in p] for p in flat]
 
+    def _check_numbers(self) -> None:
+        """Types and ranges of the plain numbers: a recipe's values skip the command line's
+        parsing (YAML reads 1e3 as a string, 2.5 stays a float), and NaN passes every
+        comparison, so each would otherwise fail deep inside training with a traceback."""
+        def whole(name, value, least):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise SpocoInputError(f"--{name} must be a whole number >= {least}, got {value!r}")
+
+        def number(name, value, low=0.0, high=None, low_open=False):
+            finite = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+            if not finite or value < low or (high is not None and value > high) or (low_open and value == low):
+                bounds = f"in [{low:g}, {high:g}]" if high is not None else f"{'above' if low_open else '>='} {low:g}"
+                raise SpocoInputError(f"--{name} must be a finite number {bounds}, got {value!r}")
+        for name in ("iterations", "batch_size", "val_every", "val_patches"):
+            whole(name.replace("_", "-"), getattr(self, name), 1)
+        for name in ("seed", "background_warmup", "foreground_iterations"):
+            whole(name.replace("_", "-"), getattr(self, name), 0)
+        for name in ("consistency_weight", "unlabeled_weight", "instance_weight", "background_weight",
+                     "adversarial_weight", "weight_decay"):
+            number(name.replace("_", "-"), getattr(self, name))
+        for name in ("delta_v", "delta_d"):
+            number(name.replace("_", "-"), getattr(self, name), low_open=True)
+        number("momentum", self.momentum, high=1.0)
+        if self.lr is not None:
+            number("lr", self.lr, low_open=True)
+        if self.background_select_radius is not None:
+            number("background-select-radius", self.background_select_radius, low_open=True)
+        if self.patch_shape is not None:
+            for side in self.patch_shape:
+                whole("patch-shape", side, 1)
+        if self.pool_factors is not None:
+            for factor in np.ravel(np.asarray(self.pool_factors, dtype=object)):
+                whole("pool-factors", factor, 1)
+
     def margins(self) -> list[int]:
         """The loss margin per axis. The U-Net zero-pads at the patch border, so the
         embeddings of pixels within its field of view of that border differ from what
@@ -160,6 +194,7 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         """Numbers that would fail deep inside training fail here, before --out is touched."""
+        self._check_numbers()
         if self.dims not in (2, 3):
             raise SpocoInputError("--dims must be 2 or 3")
         if self.mode not in ("auto", "sparse", "full"):
@@ -176,8 +211,6 @@ class TrainConfig:
         if self.momentum_ramp and self.consistency_network != "momentum":
             raise SpocoInputError("--momentum-ramp ramps the momentum network's m: it needs --consistency-network "
                                   f"momentum, got {self.consistency_network}")
-        if self.adversarial_weight < 0:
-            raise SpocoInputError(f"--adversarial-weight must be >= 0, got {self.adversarial_weight}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise SpocoInputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.intensity_jitter < 1:
@@ -195,16 +228,12 @@ class TrainConfig:
             raise SpocoInputError(f"--loss-margin {','.join(map(str, margins))} leaves nothing of the patch "
                                   f"{','.join(map(str, self.patch_shape))} to train on: each margin must be below "
                                   "half the patch side")
-        if self.batch_size < 1 or self.iterations < 1 or self.val_every < 1:
-            raise SpocoInputError("--batch-size, --iterations and --val-every must be at least 1")
         if not 0 < self.object_fraction <= 1:
             raise SpocoInputError(f"--object-fraction must be in (0, 1], got {self.object_fraction}")
         if not 0 <= self.val_objects < 1:
             raise SpocoInputError(f"--val-objects must be in [0, 1), got {self.val_objects}")
         if not 0 < self.threshold < 1:
             raise SpocoInputError(f"--threshold must be in (0, 1), got {self.threshold}")
-        if self.delta_v <= 0 or self.delta_d <= 0:
-            raise SpocoInputError("--delta-v and --delta-d must be positive")
         if self.embedding_dim < 1 or not self.features or min(self.features) < 1:
             raise SpocoInputError("--embedding-dim and --features must be positive")
         self.pools()
@@ -220,8 +249,6 @@ class TrainConfig:
         if self.offset_distances is not None and (not len(self.offset_distances) or min(self.offset_distances) < 2):
             raise SpocoInputError("--offset-distances takes long-range distances >= 2 (direct neighbours are always "
                                   "used)")
-        if self.foreground_iterations < 0:
-            raise SpocoInputError("--foreground-iterations must be >= 0")
         if self.no_background:
             # Every term and step below models a background that this tissue does not have.
             if self.training_mode == "full":

@@ -230,7 +230,7 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
                    seed: int | None = None, foreground_prior: float | None = None,
                    iterations: int = FOREGROUND_ITERATIONS, val_sections: int | None = None,
                    val_objects: float | None = None, device: str = "auto", threads: int | None = None,
-                   progress: bool = True) -> dict:
+                   intensity_range=None, progress: bool = True) -> dict:
     """`spoco-vol train-foreground`: train a classifier for a trained checkpoint on its
     training data and write the checkpoint with it to ``out``.
 
@@ -260,7 +260,7 @@ def add_classifier(model_path: str, raw: list, labels: list, out: str, *, object
                       val_sections=val_sections,
                       val_objects=val_objects if val_objects is not None else tr.get("val_objects",
                                                                                       TrainConfig.val_objects),
-                      device=device)
+                      intensity_range=intensity_range, device=device)
     if foreground_prior is not None and not sparse:
         raise SpocoInputError("--foreground-prior is for sparse labels: this checkpoint was trained on full labels")
     # Full labels: prepare_volumes holds out what training held out (its default per volume);

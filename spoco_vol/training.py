@@ -37,10 +37,22 @@ LOG_TERMS = ("total", "pull", "push", "reg", "instance", "unlabeled", "consisten
 SCORE = "background_radius_val_score"  # the held-out score a calibration returns
 
 
+def stopped_before_first_checkpoint(out: str) -> bool:
+    """Whether ``out`` holds a run that stopped before it wrote latest.pt (its first
+    checkpoint comes with the first validation): nothing finished to resume from."""
+    def has(name):
+        return os.path.exists(os.path.join(out, name))
+    return has("log.csv") and not has("latest.pt") and not has("summary.json")
+
+
 def _check_out_dir(cfg: TrainConfig):
     if cfg.resume:
-        if not os.path.isfile(os.path.join(cfg.out, "latest.pt")):
+        if os.path.isfile(os.path.join(cfg.out, "latest.pt")):
+            return
+        if not stopped_before_first_checkpoint(cfg.out):
             raise SpocoInputError(f"--resume: no latest.pt in {cfg.out}")
+        # Its log rows (and, with --init, the start model as best.pt) are all it left: start over.
+        cfg.resume, cfg.overwrite = False, True
         return
     if os.path.exists(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise SpocoInputError(f"output directory {cfg.out} is not empty (use --overwrite or --resume)")

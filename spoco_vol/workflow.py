@@ -73,6 +73,19 @@ def load_workflow(path: str, overrides: dict | None = None) -> dict:
     return {"name": recipe.get("name", os.path.basename(path)), "steps": steps}
 
 
+def _check_keys(kind: str, options: dict, required: tuple, allowed=None) -> None:
+    """A step's options against what it takes: one line naming a missing or unknown key
+    (a typo would otherwise be a traceback, or silently ignored). ``allowed`` None: the
+    training steps, whose unknown keys TrainConfig names."""
+    missing = [k for k in required if options.get(k) is None]
+    if missing:
+        raise SpocoInputError(f"{kind} step is missing the option(s) {', '.join(missing)}")
+    unknown = sorted(set(options) - set(allowed or options))
+    if unknown:
+        raise SpocoInputError(f"{kind} step: unknown option(s) {', '.join(unknown)} (it takes "
+                              f"{', '.join(sorted(allowed))})")
+
+
 def _volume_lists(options: dict) -> dict:
     options = dict(options)
     for key in ("raw", "labels", "val_raw", "val_labels"):
@@ -83,6 +96,7 @@ def _volume_lists(options: dict) -> dict:
 
 def _train_step(options: dict, log) -> str:
     from .config import TrainConfig
+    _check_keys("train", options, ("raw", "labels", "out"))
     try:
         cfg = TrainConfig(**_volume_lists(options), progress=False)
     except TypeError as exc:
@@ -94,6 +108,7 @@ def _fine_tune_step(options: dict, log) -> str:
     """`spoco-vol fine-tune`'s recipe: raw, labels, out, model, dense, and any TrainConfig field."""
     from . import bundled
     from .config import fine_tune_config
+    _check_keys("fine_tune", options, ("raw", "labels", "out"))
     options = _volume_lists(options)
     try:
         cfg = fine_tune_config(options.pop("raw"), options.pop("labels"), options.pop("out"),
@@ -104,20 +119,23 @@ def _fine_tune_step(options: dict, log) -> str:
 
 
 def _run_training(cfg) -> str:
-    from .training import train
+    from .training import stopped_before_first_checkpoint, train
     summary_path = os.path.join(cfg.out, "summary.json")
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             if json.load(f).get("iterations") == cfg.iterations:
                 return f"skipped: {cfg.out} holds a finished run of {cfg.iterations} iterations"
-    cfg.resume = os.path.exists(os.path.join(cfg.out, "latest.pt"))
+    cfg.resume = os.path.exists(os.path.join(cfg.out, "latest.pt")) or stopped_before_first_checkpoint(cfg.out)
     cfg.overwrite = cfg.overwrite or cfg.resume
     summary = train(cfg)
     return f"trained {summary['iterations']} iterations into {cfg.out}" + (" (resumed)" if cfg.resume else "")
 
 
 def _segment_step(options: dict, log) -> str:
+    import inspect
     from .blockwise import segment_blockwise
+    _check_keys("segment", options, ("input",),
+                set(inspect.signature(segment_blockwise).parameters) - {"input_path", "progress"} | {"input"})
     options = dict(options)
     input_path = options.pop("input")
     report = segment_blockwise(input_path, **options, progress=True)
@@ -131,16 +149,24 @@ def _evaluate_step(options: dict, log) -> str:
     from . import io
     from .evaluation import format_metrics
     from .evaluation_blockwise import evaluate_zarr
+    _check_keys("evaluate", options, ("pred", "gt"), ("pred", "gt", "out", "per_section"))
     pred, gt, out = options["pred"], options["gt"], options.get("out")
     run_hash = None
     try:
         run_hash = zarr.open_group(io.store_root(pred), mode="r").attrs.get("spoco_vol_run", {}).get("hash")
     except Exception:
         pass
-    if out and os.path.exists(out) and run_hash:
-        with open(out) as f:
-            if json.load(f).get("prediction_run_hash") == run_hash:
-                return f"skipped: {out} holds the metrics of this prediction"
+    if out and os.path.exists(out):
+        try:
+            with open(out) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or "prediction_run_hash" not in earlier:
+            raise SpocoInputError(f"evaluate step: {out} exists and holds no metrics of a recipe; move it or "
+                                  "choose another out")
+        if run_hash and earlier["prediction_run_hash"] == run_hash:
+            return f"skipped: {out} holds the metrics of this prediction"
     metrics = evaluate_zarr(pred, gt, per_section=bool(options.get("per_section", False)))
     log(format_metrics(metrics))
     if out:
@@ -161,10 +187,7 @@ def run_workflow(path: str, overrides: dict | None = None, log: Callable[[str], 
     done = []
     for i, (kind, options) in enumerate(recipe["steps"], 1):
         log(f"[{recipe['name']}] step {i}/{len(recipe['steps'])}: {kind}")
-        try:
-            line = _STEPS[kind](options, log)
-        except KeyError as exc:
-            raise SpocoInputError(f"workflow step {i} ({kind}) is missing the option {exc}") from None
+        line = _STEPS[kind](options, log)
         log(f"[{recipe['name']}] step {i}: {line}")
         done.append(line)
     return done

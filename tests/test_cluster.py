@@ -73,6 +73,17 @@ def _segment_on(tmp_path, inp, cluster, name):
     return zarr.open_array(out + "/0", mode="r")[...], report
 
 
+def test_no_workers_on_a_cluster_is_one_error_before_anything_is_written(tmp_path):
+    """--workers 0 means this process; with --cluster it would start a cluster of no
+    workers and wait for one until its timeout."""
+    inp = _real_crop(tmp_path)
+    out = str(tmp_path / "none.zarr")
+    for cluster in ({"kind": "local", "workers": 2}, "local"):
+        with pytest.raises(SpocoInputError, match="--workers 0 runs in this process"):
+            segment_blockwise(inp, out, BUNDLED_MODEL, device="cpu", cluster=cluster, workers=0)
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
 def test_local_cluster_from_a_config(tmp_path):
     inp = _real_crop(tmp_path)
     labels, report = _segment_on(tmp_path, inp, {"kind": "local", "workers": 2}, "local")

@@ -95,3 +95,38 @@ def test_unknown_voxel_size_warns_once_and_writes_no_made_up_scale(tmp_path):
         warnings.simplefilter("error")  # with a voxel size: no warning
         segment_blockwise(inp, str(tmp_path / "seg2.zarr"), BUNDLED_MODEL, voxel_size=[50, 4.6, 4.6],
                           device="cpu", workers=0)
+
+
+def test_every_command_that_reads_raw_takes_the_range_of_float_data(tmp_path):
+    """Float raw outside [0, 1] needs --intensity-range (one line that says so), in
+    fine-tune, calibrate and train-foreground as in train and segment; given the range,
+    0..255 floats calibrate and train a classifier exactly as the uint8 original does."""
+    import json
+
+    from click.testing import CliRunner
+
+    from spoco_vol.cli import cli
+    d = np.load(SAMPLE)
+    attrs = {"voxel_size": [float(v) for v in d["voxel_size_nm"]]}
+    for name, dtype in (("u8", np.uint8), ("f32", np.float32)):
+        io.create_array(str(tmp_path / f"{name}.zarr" / "raw"), d["raw"][:3].astype(dtype), attrs=attrs)
+        io.create_array(str(tmp_path / f"{name}.zarr" / "labels"), d["labels"][:3].astype(np.uint16),
+                        attrs=attrs)
+
+    def run(command, name, out, *extra):
+        args = [command, "--raw", str(tmp_path / f"{name}.zarr" / "raw"), "--labels",
+                str(tmp_path / f"{name}.zarr" / "labels"), "--out", str(tmp_path / out), *extra]
+        return CliRunner().invoke(cli, args + (["--model", "vnc-mito-2d"] if command != "fine-tune" else []))
+    for command, extra in (("calibrate", ["--device", "cpu"]),
+                           ("train-foreground", ["--iterations", "2", "--object-fraction", "1", "--quiet"])):
+        refused = run(command, "f32", "refused.pt", *extra)
+        assert refused.exit_code == 2 and "--intensity-range" in refused.output.strip().splitlines()[-1]
+        assert not (tmp_path / "refused.pt").exists()
+        results = []
+        for name, given in (("u8", []), ("f32", ["--intensity-range", "0,255"])):
+            r = run(command, name, f"{command}_{name}.pt", *extra, *given)
+            assert r.exit_code == 0, r.output
+            results.append({k: v for k, v in json.loads(r.output).items() if "second" not in k and k != "out"})
+        assert results[1] == results[0], command
+    refused = run("fine-tune", "f32", "ft", "--quiet")
+    assert refused.exit_code == 2 and "--intensity-range" in refused.output and not (tmp_path / "ft").exists()

@@ -3,6 +3,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from spoco_vol import bundled, checkpoint, io
 from spoco_vol.cli import cli
 from spoco_vol.config import TrainConfig
+from spoco_vol.errors import SpocoInputError
 from spoco_vol.validation import FLOOR_MULTIPLES
 
 
@@ -163,6 +165,33 @@ def test_tta_is_dropped_only_where_held_out_objects_score_higher_without_it(blob
         recalibrate_checkpoint(out + "/best.pt", raw, labels, path, z_range=(3, 4), device="cpu", amp=False)
         cal = load_checkpoint(path)["inference"]
         assert cal["tta"] is False
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(blob_volume, tmp_path):
+    """Stopped before its first validation, a run leaves log rows (and, with --init, the
+    start model as best.pt) but no latest.pt: --resume (and a recipe's rerun) starts it
+    over, as the same run from scratch; a directory without a run stays refused."""
+    raw, labels = blob_volume
+    straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ("--iterations", "4", "--object-fraction", "0.5")
+    assert run(train_args(raw, labels, straight, *args)).exit_code == 0
+    assert run(train_args(raw, labels, stopped, *args)).exit_code == 0
+    for name in ("latest.pt", "summary.json"):  # what a stop before the first checkpoint leaves
+        os.remove(os.path.join(stopped, name))
+    refused = run(train_args(raw, labels, stopped, *args))
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    assert run(train_args(raw, labels, stopped, *args, "--resume")).exit_code == 0
+    a = torch.load(os.path.join(straight, "latest.pt"), weights_only=True)
+    b = torch.load(os.path.join(stopped, "latest.pt"), weights_only=True)
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    rows = list(csv.DictReader(open(os.path.join(stopped, "log.csv"))))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]  # the old rows are gone, not doubled
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    r = run(train_args(raw, labels, str(mine), *args, "--resume"))
+    assert r.exit_code == 2 and "no latest.pt" in r.output and (mine / "notes.txt").read_text() == "x"
 
 
 def test_threads_option_sets_the_torch_thread_count(blob_volume, tmp_path):
@@ -338,7 +367,6 @@ def test_init_keeps_the_models_offsets_unless_given(blob_volume, tmp_path):
 def test_init_takes_the_models_dims_patch_and_margin_unless_given(blob_volume, tmp_path):
     """`train --init` of a 3D model needs neither --dims 3 nor --patch-shape: the start
     model's dimensionality, training patch and loss margin are the run's unless given."""
-    from spoco_vol.errors import SpocoInputError
     raw, labels = blob_volume
     small = ["--batch-size", "1", "--features", "4,8", "--val-every", "1", "--iterations", "1", "--quiet", "--no-amp"]
     parent = str(tmp_path / "parent")
@@ -387,6 +415,26 @@ def test_bad_inputs_give_one_line_and_write_nothing(blob_volume, tmp_path):
     nan[1, 5, 5] = np.nan
     io.create_array(root + "/nanraw", nan)
     assert "NaN" in _bad(tmp_path, "nan", root + "/nanraw", labels)
+    for option, value, says in (("--momentum", "1.5", "--momentum must be a finite number in [0, 1]"),
+                                ("--lr", "-1e-3", "--lr must be a finite number above 0"),
+                                ("--seed", "-1", "--seed must be a whole number >= 0"),
+                                ("--delta-v", "nan", "--delta-v must be a finite number above 0"),
+                                ("--instance-weight", "nan", "--instance-weight must be a finite number >= 0"),
+                                ("--patch-shape", "0,32", "--patch-shape must be a whole number >= 1"),
+                                ("--pool-factors", "0,2", "--pool-factors must be a whole number >= 1")):
+        extra = ("--features", "4,8") if option == "--pool-factors" else ()
+        assert says in _bad(tmp_path, option, raw, labels, option, value, *extra)
+
+
+def test_recipe_values_that_skip_the_command_line_are_checked_too(tmp_path):
+    """A workflow step's values come from YAML, not click: 1e3 is a string, 2.5 a float."""
+    for field, value, says in (("iterations", "1e3", "--iterations must be a whole number >= 1, got '1e3'"),
+                               ("iterations", 2.5, "--iterations must be a whole number >= 1, got 2.5"),
+                               ("background_warmup", True, "--background-warmup must be a whole number"),
+                               ("consistency_weight", "1", "--consistency-weight must be a finite number")):
+        cfg = TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path / "out"), **{field: value})
+        with pytest.raises(SpocoInputError, match=re.escape(says)):
+            cfg.check()
 
 
 def test_patch_bigger_than_volume_and_foreign_init(blob_volume, tmp_path):

@@ -2,6 +2,7 @@
 bundled real sample, skipping of complete steps, variables and errors."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -51,6 +52,26 @@ def test_em_recipe_end_to_end_then_skips_what_is_done(tmp_path, monkeypatch):
     assert third.output.count("skipped") == 2 and os.path.exists("out/metrics.json")
 
 
+def test_a_training_step_stopped_before_its_first_checkpoint_is_started_over(blob_volume, tmp_path):
+    """The recipe's rerun after a stop before the first validation (log rows, no
+    latest.pt) trains the step again instead of refusing its directory; a recipe value
+    the command line would have refused (YAML's 2.5 iterations) is one error line."""
+    from spoco_vol.workflow import run_workflow
+    raw, labels = blob_volume
+    out = tmp_path / "run"
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("vars: {iterations: 2}\nsteps:\n  - train:\n" + "".join(f"      {line}\n" for line in (
+        f"raw: {raw}", f"labels: {labels}", f"out: {out}", "iterations: ${iterations}", "patch_shape: [32, 32]",
+        "batch_size: 2", "features: [4, 8]", "val_every: 3", "amp: false")))
+    assert run_workflow(str(recipe), log=lambda line: None)[0].startswith("trained 2 iterations")
+    for name in ("latest.pt", "summary.json"):
+        os.remove(out / name)
+    assert run_workflow(str(recipe), log=lambda line: None)[0].startswith("trained 2 iterations")
+    assert (out / "latest.pt").exists()
+    with pytest.raises(SpocoInputError, match="--iterations must be a whole number >= 1, got 2.5"):
+        run_workflow(str(recipe), {"iterations": 2.5}, log=lambda line: None)  # as `--set iterations=2.5` gives it
+
+
 def test_recipe_variables_and_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("vars: {a: 3, b: null}\nsteps:\n  - evaluate: {pred: 'x${a}.zarr', gt: '${b}', out: null}\n")
@@ -67,5 +88,17 @@ def test_recipe_variables_and_errors(tmp_path):
         load_workflow(str(path))
     r = CliRunner().invoke(cli, ["run", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2 and "not found" in r.output
+    from spoco_vol.workflow import run_workflow
+    (tmp_path / "notes.json").write_text("my notes")
+    for step, says in (("segment: {input: v.zarr, blockshape: [1, 64, 64]}", "unknown option(s) blockshape"),
+                       ("segment: {output: o.zarr}", "segment step is missing the option(s) input"),
+                       ("fine_tune: {raw: v.zarr/raw, labels: v.zarr/sparse}", "missing the option(s) out"),
+                       ("evaluate: {pred: p.zarr, gt: g.zarr, per-section: true}", "unknown option(s) per-section"),
+                       (f"evaluate: {{pred: p.zarr, gt: g.zarr, out: {tmp_path / 'notes.json'}}}",
+                        "holds no metrics of a recipe")):
+        path.write_text(f"steps:\n  - {step}\n")
+        with pytest.raises(SpocoInputError, match=re.escape(says)):
+            run_workflow(str(path), log=lambda line: None)
+    assert (tmp_path / "notes.json").read_text() == "my notes"
     for name in ("em_mito_finetune.yaml", "segment_slurm.yaml"):  # the shipped recipes parse
         load_workflow(os.path.join(RECIPES, name), {"volume": "v.zarr"})

@@ -257,6 +257,9 @@ def _run_with(plan: SegmentPlan, *, dry_run: bool, client, cluster, workers, thr
         cluster_config = (validate_cluster_config(dict(cluster)) if isinstance(cluster, dict)
                           else load_cluster_config(cluster))
         if workers is not None:  # an explicit worker count beats the file's
+            if workers < 1:  # a cluster of no workers would wait for one until its timeout
+                raise SpocoInputError(f"--workers {workers} runs in this process, without a cluster: give "
+                                      "--workers 1 or more with --cluster")
             cluster_config["jobs" if cluster_config["kind"] == "slurm" else "workers"] = workers
         threads_per_worker = threads_per_worker or cluster_threads(cluster_config)
         workers = cluster_config.get("jobs", cluster_config.get("workers"))
