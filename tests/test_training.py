@@ -167,6 +167,14 @@ def test_tta_is_dropped_only_where_held_out_objects_score_higher_without_it(blob
         assert cal["tta"] is False
 
 
+def _same_latest_weights(run_a, run_b):
+    """The two runs' latest.pt (loaded), after checking that their weights are equal."""
+    a, b = (torch.load(os.path.join(r, "latest.pt"), weights_only=True) for r in (run_a, run_b))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    return a, b
+
+
 def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(blob_volume, tmp_path):
     """Stopped before its first validation, a run leaves log rows (and, with --init, the
     start model as best.pt) but no latest.pt: --resume (and a recipe's rerun) starts it
@@ -181,10 +189,7 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(blob
     refused = run(train_args(raw, labels, stopped, *args))
     assert refused.exit_code == 2 and "--resume" in refused.output
     assert run(train_args(raw, labels, stopped, *args, "--resume")).exit_code == 0
-    a = torch.load(os.path.join(straight, "latest.pt"), weights_only=True)
-    b = torch.load(os.path.join(stopped, "latest.pt"), weights_only=True)
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    _same_latest_weights(straight, stopped)
     rows = list(csv.DictReader(open(os.path.join(stopped, "log.csv"))))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]  # the old rows are gone, not doubled
     mine = tmp_path / "mine"
@@ -214,10 +219,7 @@ def test_resume_continues_exactly(blob_volume, tmp_path, ramp):
     r = run(train_args(raw, labels, split, *args, "--stop-after", "4"))
     assert r.exit_code == 0 and '"stopped_at": 4' in r.output
     assert run(train_args(raw, labels, split, *args, "--resume")).exit_code == 0
-    a = torch.load(os.path.join(straight, "latest.pt"), weights_only=True)
-    b = torch.load(os.path.join(split, "latest.pt"), weights_only=True)
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    a, b = _same_latest_weights(straight, split)
     for k in a["training_state"]["momentum_state"]:
         assert torch.equal(a["training_state"]["momentum_state"][k], b["training_state"]["momentum_state"][k])
     assert a["training"].get("momentum_ramp", False) == bool(ramp)
