@@ -126,8 +126,9 @@ class TrainConfig:
     def learning_rate(self) -> float:
         """--lr, else 1e-3 from scratch with full labels (VNC, CVPPP and the 3D nuclei each chose it
         over 2e-4 on their validation data: the embeddings were under-trained at CPU budgets),
-        2e-4 with sparse ones (their held-out objects did not prefer 1e-3), 2e-5 fine-tuning
-        from init (where the transfer table was measured). benchmarks/RESULTS.md, CVPPP."""
+        2e-4 with sparse ones (the recipe measured on VNC; CVPPP's held-out leaves preferred neither
+        at full resolution, 1e-3 at half), 2e-5 fine-tuning from init (where the transfer table was
+        measured). benchmarks/RESULTS.md, CVPPP."""
         if self.lr is not None:
             return self.lr
         if self.init:
