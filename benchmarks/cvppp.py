@@ -28,7 +28,7 @@ Every run trains at ``--lr`` (default 2e-4, the rate of the table's rows; `spoco
 has defaulted to 1e-3 with full labels since). Another rate names its runs and rows apart
 (``--only full --lr 1e-3``: ``full_lr1e-3``, "full, lr 1e-3, ..."), and so does another
 length than 2000 iterations (``--iterations 4000``: ``full_it4000``, "full, 4000 iterations, ...").
-``--no-tta`` trains the SPOCO@p runs without the sparse recipe's ``--tta`` (``p0.1-half_notta``,
+``--no-tta`` trains the SPOCO@p runs without the sparse recipe's ``--tta`` (``p0.1-half_notta_s0``,
 "SPOCO@0.1, half resolution, without TTA"): the recipe keeps TTA unless its held-out objects
 score higher without it, and at @0.1 only 24 leaves are held out.
 
