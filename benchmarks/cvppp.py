@@ -30,7 +30,9 @@ has defaulted to 1e-3 with full labels since). Another rate names its runs and r
 length than 2000 iterations (``--iterations 4000``: ``full_it4000``, "full, 4000 iterations, ...").
 ``--no-tta`` trains the SPOCO@p runs without the sparse recipe's ``--tta`` (``p0.1-half_notta_s0``,
 "SPOCO@0.1, half resolution, without TTA"): the recipe keeps TTA unless its held-out objects
-score higher without it, and at @0.1 only 24 leaves are held out.
+score higher without it, and at @0.1 only 24 leaves are held out. ``--colour-jitter 0.4``
+trains every run with the reference code's CVPPP colour augmentation (``half_lr1e-3_cj0.4``,
+"full, half resolution, lr 1e-3, colour jitter 0.4, ...").
 
 Every run is `spoco-vol train` on cvppp_train.zarr (the last 10 images validate full-label
 runs; sparse runs hold out objects), then `spoco-vol segment` and `spoco-vol evaluate
@@ -40,7 +42,8 @@ WORK/cvppp.json and the table to WORK/cvppp.md.
     python benchmarks/prepare_cvppp.py /tmp/cvppp
     python benchmarks/cvppp.py /tmp/cvppp [--only full,deep,no-consistency,ramp,half,dl,dl-half,adversarial,p0.1,p0.4,p0.8,
                                          p0.1-half,p0.4-half,p0.8-half]
-        [--seeds 0,1,2] [--iterations N] [--lr LR] [--no-tta] [--extra-masks gt,gt-only]
+        [--seeds 0,1,2] [--iterations N] [--lr LR] [--no-tta] [--colour-jitter S]
+        [--extra-masks gt,gt-only]
 
 --seeds applies to every requested setting (default 0 for the full-label ones, whose
 seed changes only the initialisation and the patches; 0,1,2 for SPOCO@p). --extra-masks
@@ -69,18 +72,23 @@ PAPER = {"full, GT foreground": 0.932, "full, predicted foreground": 0.920, "ful
          "SPOCO@0.1": 0.788, "SPOCO@0.4": 0.824, "SPOCO@0.8": 0.828, "discriminative loss, GT foreground": 0.842}
 
 
-def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=(), tta=True):
+def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=(), tta=True, colour_jitter=None):
     """(run name, seed, train options, [(setting, mask kind)]) of each requested run. Seed
     0 of a full-label setting keeps the setting's bare name; other seeds add _s<seed>. Every
     run trains at lr (a string as given to train's --lr) for iterations; another rate than
     LR or another length than ITERATIONS is named apart (``_lr1e-3_it4000``, ", lr 1e-3,
     4000 iterations"). extra_masks: mask kinds to segment every run with besides its own
     (``gt``: a sparse run with the ground-truth foreground in place of its classifier).
-    tta=False: the SPOCO@p runs train without --tta, named apart (``_notta``, ", without TTA")."""
+    tta=False: the SPOCO@p runs train without --tta, named apart (``_notta``, ", without TTA").
+    colour_jitter: every run trains with train's --colour-jitter (a string), named apart
+    (``_cj0.4``, ", colour jitter 0.4")."""
     tag, at = (f"_lr{lr}", f", lr {lr}") if lr != LR else ("", "")
     if iterations != ITERATIONS:
         tag, at = f"{tag}_it{iterations}", f"{at}, {iterations} iterations"
-    lr_option = ["--lr", lr]
+    shared_options = ["--lr", lr]
+    if colour_jitter:
+        tag, at = f"{tag}_cj{colour_jitter}", f"{at}, colour jitter {colour_jitter}"
+        shared_options += ["--colour-jitter", colour_jitter]
     full_label = [  # (name, train options, the rows' label, mask kinds)
         ("full", FULL, "full", ("gt", "gt-only", "classifier", "none")),
         ("deep", [*FULL, "--features", DEEP], "full, paper's depth", ("gt", "none")),
@@ -97,7 +105,7 @@ def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=(), tta=True):
         if name in only:
             rows = [(f"{label}{at}, {MASKS[kind]}", kind)
                     for kind in (*kinds, *(k for k in extra_masks if k not in kinds))]
-            out += [(name + tag if s == 0 else f"{name}{tag}_s{s}", s, [*options, *lr_option], rows)
+            out += [(name + tag if s == 0 else f"{name}{tag}_s{s}", s, [*options, *shared_options], rows)
                     for s in seeds or [0]]
     sparse = SPARSE if tta else [o for o in SPARSE if o != "--tta"]
     if not tta:
@@ -107,8 +115,8 @@ def runs(only, seeds, lr=LR, iterations=ITERATIONS, extra_masks=(), tta=True):
             if f"p{p}{suffix}" in only:  # its own row, with its (positive-unlabeled) classifier, is named bare
                 rows = [(f"SPOCO@{p}{label}{at}", "classifier")]
                 rows += [(f"SPOCO@{p}{label}{at}, {MASKS[kind]}", kind) for kind in extra_masks if kind != "classifier"]
-                out += [(f"p{p}{suffix}{tag}_s{s}", s, ["--object-fraction", p, *sparse, *resolution, *lr_option], rows)
-                        for s in seeds or [0, 1, 2]]
+                options = ["--object-fraction", p, *sparse, *resolution, *shared_options]
+                out += [(f"p{p}{suffix}{tag}_s{s}", s, options, rows) for s in seeds or [0, 1, 2]]
     return out
 
 
@@ -145,6 +153,7 @@ def main():
     p.add_argument("--iterations", type=int, default=ITERATIONS)
     p.add_argument("--lr", default=LR, help="train every requested setting at this learning rate")
     p.add_argument("--no-tta", action="store_true", help="train the SPOCO@p runs without --tta")
+    p.add_argument("--colour-jitter", default=None, help="train every requested setting with this --colour-jitter")
     p.add_argument("--extra-masks", default="", help=f"also segment every run with these masks, of {','.join(MASKS)}")
     a = p.parse_args()
     path = os.path.join(a.work, "cvppp.json")
@@ -153,7 +162,7 @@ def main():
     train = os.path.join(a.work, "cvppp_train.zarr")
     for name, seed, options, evaluations in runs(a.only.split(","), a.seeds and [int(s) for s in a.seeds.split(",")],
                                                 a.lr, a.iterations, [k for k in a.extra_masks.split(",") if k],
-                                                not a.no_tta):
+                                                not a.no_tta, a.colour_jitter):
         out = os.path.join(a.work, "runs", name)
         if not os.path.exists(os.path.join(out, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out, "latest.pt")) else ["--overwrite"]

@@ -228,6 +228,11 @@ def cli():
 @click.option("--intensity-jitter", type=float, default=_D["intensity_jitter"], show_default=True,
               help="Intensity augmentation per patch: contrast times 1 +- J and brightness +- J (in units of the "
                    "data's std), uniform; larger for data whose brightness varies between specimens.")
+@click.option("--colour-jitter", type=float, default=_D["colour_jitter"], show_default=True,
+              help="Photometric augmentation drawn anew for each network's input, as the reference code trains "
+                   "on CVPPP: with probability 1/2 brightness, contrast and saturation times 1 +- S and a hue "
+                   "turn of up to S/4 (three channels), grey with probability 0.2 (several channels), blur with "
+                   "probability 1/2. 0: off; the reference uses 0.4.")
 @click.option("--seed", type=int, default=_D["seed"], show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D["device"], show_default=True)
 @click.option("--amp/--no-amp", default=_D["amp"], show_default=True,

@@ -67,6 +67,8 @@ class TrainConfig:
     val_patches: int = 8
     elastic: bool = False
     intensity_jitter: float = 0.1          # per patch: contrast x (1 +- J), brightness +- J (normalised units)
+    colour_jitter: float = 0.0             # > 0: each network's own colour jitter (factors 1 +- S), greying
+                                           # and blur, as the reference trains on CVPPP (transforms.augment_colour)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -216,6 +218,8 @@ class TrainConfig:
             raise SpocoInputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.intensity_jitter < 1:
             raise SpocoInputError(f"--intensity-jitter must be in [0, 1), got {self.intensity_jitter}")
+        if not 0 <= self.colour_jitter < 1:
+            raise SpocoInputError(f"--colour-jitter must be in [0, 1), got {self.colour_jitter}")
         if self.consistency_network == "dropout" and self.dropout == 0 and self.uses_teacher:
             raise SpocoInputError("--consistency-network dropout needs --dropout above 0")
         if self.patch_shape is None:

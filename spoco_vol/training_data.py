@@ -220,16 +220,29 @@ def model_voxel_size(cfg: TrainConfig, vs):
 
 def augmented_batch(sampler: data.PatchSampler, cfg: TrainConfig, normalization: dict,
                      rng: np.random.Generator, with_g: bool):
+    """A batch of augmented patches for f (and, ``with_g``, for the consistency network g,
+    which sees f's patch with extra noise). With ``cfg.colour_jitter`` each network's input
+    gets its own colours (transforms.augment_colour, on raw intensities, so the geometry
+    goes first; normalising commutes with it)."""
     raws, labs, graws = [], [], []
     for _ in range(cfg.batch_size):
         raw, lab = sampler.sample()
-        raw = transforms.normalize(raw, normalization)
-        raw, lab = transforms.augment_geometry(raw, lab, rng, elastic=cfg.elastic)
+        channels_first = raw.ndim > lab.ndim
+        g_raw = None
+        if cfg.colour_jitter:
+            raw, lab = transforms.augment_geometry(np.asarray(raw, np.float32), lab, rng, elastic=cfg.elastic)
+            views = [transforms.normalize(transforms.augment_colour(raw, rng, cfg.colour_jitter, channels_first),
+                                          normalization) for _ in range(2 if with_g else 1)]
+            raw, g_raw = views[0], views[-1]
+        else:
+            raw, lab = transforms.augment_geometry(transforms.normalize(raw, normalization), lab, rng,
+                                                   elastic=cfg.elastic)
         raw = transforms.augment_intensity(raw, rng, scale=cfg.intensity_jitter, shift=cfg.intensity_jitter)
         raws.append(raw)
         labs.append(lab)
         if with_g:
-            graws.append(transforms.augment_for_momentum(raw, rng, channels_first=raw.ndim > lab.ndim))
+            graws.append(transforms.augment_for_momentum(raw if g_raw is None else g_raw, rng,
+                                                         channels_first=channels_first))
     return np.stack(raws), np.stack(labs), (np.stack(graws) if with_g else None)
 
 

@@ -32,7 +32,7 @@ def rgb_model(leaves, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rgb") / "run")
     train(TrainConfig(raw=[raw], labels=[labels], out=out, dims=2, patch_shape=(64, 64), batch_size=2,
                       iterations=4, features=(4, 8), val_every=2, amp=False, progress=False,
-                      foreground_iterations=2))
+                      foreground_iterations=2, colour_jitter=0.4))  # each network its own colours
     return out + "/best.pt"
 
 

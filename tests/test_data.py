@@ -389,6 +389,56 @@ def test_elastic_deform_consistent():
     assert np.mean(r == 10 * l) > 0.85  # raw follows the labels away from borders
 
 
+def test_hue_rotation_turns_colours_about_grey():
+    """A hue turn keeps each pixel's mean and its distance from grey; a third of a turn
+    carries red to green (a cyclic permutation); a full turn is the identity."""
+    x = np.random.default_rng(0).uniform(0, 255, (3, 50))
+    for turns in (0.03, -0.1, 0.25):
+        y = transforms.hue_rotation(turns) @ x
+        np.testing.assert_allclose(y.mean(0), x.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(y - y.mean(0), axis=0), np.linalg.norm(x - x.mean(0), axis=0),
+                                   rtol=1e-4)
+        assert np.abs(y - x).max() > 1  # it moves colours
+    np.testing.assert_allclose(transforms.hue_rotation(1 / 3) @ [1, 0, 0], [0, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(transforms.hue_rotation(1.0), np.eye(3), atol=1e-6)
+
+
+def test_augment_colour_rgb():
+    """Colour jitter on raw RGB: factors within 1 +- S, greying to the luma, blur of the
+    spatial axes only; each draw its own."""
+    rng = np.random.default_rng(1)
+    raw = rng.uniform(0, 255, (3, 16, 16)).astype(np.float32)
+    raw[2] = 40  # a constant channel: a blur that mixed channels or axes would show there
+    same = transforms.augment_colour(raw, rng, 0.0, True, jitter_p=1, grey_p=0, blur_p=0)
+    np.testing.assert_allclose(same, raw, rtol=1e-5)  # strength 0: only factors of 1 and no turn
+    grey = transforms.augment_colour(raw, rng, 0.4, True, jitter_p=0, grey_p=1, blur_p=0)
+    luma = 0.299 * raw[0] + 0.587 * raw[1] + 0.114 * raw[2]
+    for c in range(3):
+        np.testing.assert_allclose(grey[c], luma, rtol=1e-5)
+    blurred = transforms.augment_colour(raw, rng, 0.4, True, jitter_p=0, grey_p=0, blur_p=1)
+    np.testing.assert_allclose(blurred[2], 40, rtol=1e-5)
+    assert blurred[0].std() < raw[0].std()
+    assert abs(blurred[0].mean() - raw[0].mean()) < 2
+    draws = [transforms.augment_colour(raw, rng, 0.4, True, jitter_p=1, grey_p=0, blur_p=0) for _ in range(20)]
+    assert len({d.tobytes() for d in draws}) == 20
+    assert all(d.dtype == np.float32 and d.shape == raw.shape for d in draws)
+    grey_image = np.broadcast_to(raw[:1], raw.shape)
+    for _ in range(10):  # on grey pixels every channel moves alike: no colour is invented
+        out = transforms.augment_colour(grey_image, rng, 0.4, True, jitter_p=1, grey_p=0, blur_p=0.5)
+        np.testing.assert_allclose(out[1:], np.broadcast_to(out[:1], (2, 16, 16)), rtol=1e-4, atol=1e-3)
+
+
+def test_augment_colour_single_channel_is_affine():
+    """One channel (no channel axis): brightness and contrast only, a x + b with a > 0."""
+    rng = np.random.default_rng(2)
+    raw = rng.uniform(0, 255, (12, 12)).astype(np.float32)
+    for _ in range(10):
+        out = transforms.augment_colour(raw, rng, 0.4, False, jitter_p=1, grey_p=1, blur_p=0)
+        a, b = np.polyfit(raw.ravel(), out.ravel(), 1)
+        np.testing.assert_allclose(out, a * raw + b, rtol=1e-4, atol=1e-3)
+        assert 0.6 ** 2 - 1e-6 <= a <= 1.4 ** 2 + 1e-6
+
+
 def test_normalize():
     raw = np.array([[0, 10], [20, 255]], np.uint8)
     out = transforms.normalize(raw, {"mean": 10.0, "std": 5.0, "kind": "zscore"})

@@ -894,6 +894,43 @@ def test_intensity_jitter_sets_the_contrast_and_brightness_range_of_the_patches(
         TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, intensity_jitter=1.5).check()
 
 
+def test_colour_jitter_gives_each_network_its_own_colours_on_the_same_geometry(tmp_path):
+    """--colour-jitter S: f's and g's patches of an RGB image are flipped and rotated alike
+    (the labels say where) but coloured apart; without it a patch keeps the image's own
+    colours, normalised."""
+    from spoco_vol.training_data import augmented_batch
+    rng = np.random.default_rng(0)
+    raw = np.empty((3, 16, 16), np.float32)
+    raw[:] = np.array([90.0, 140.0, 60.0])[:, None, None]  # a leaf green everywhere ...
+    raw[:, 1:5, 3:8] = 250.0                              # ... but a bright grey block, labeled 2
+    lab = np.ones((16, 16), np.int64)
+    lab[1:5, 3:8] = 2  # no flip or rotation of the patch leaves it where it was
+
+    class OnePatch:
+        def sample(self):
+            return raw.copy(), lab.copy()
+
+    norm = {"mean": [90.0, 140.0, 60.0], "std": [30.0, 30.0, 30.0]}
+    cfg = TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, patch_shape=(16, 16),
+                      batch_size=16, colour_jitter=0.4, intensity_jitter=0.0)
+    f, labs, g = augmented_batch(OnePatch(), cfg, norm, np.random.default_rng(1), with_g=True)
+    assert f.shape == g.shape == (16, 3, 16, 16) and labs.shape == (16, 16, 16)
+    assert len({p.tobytes() for p in labs}) > 2  # several flips and rotations
+    for fp, gp, lp in zip(f, g, labs):
+        for patch in (fp, gp):  # the bright block is where its label went, in both views (blurred, noisy)
+            brightness = patch.sum(0)
+            assert brightness[lp == 2].mean() > brightness[lp == 1].mean() + 1  # about 13, at least 2.7
+    assert np.mean([np.abs(fp - gp).mean() for fp, gp in zip(f, g)]) > 0.1  # colours apart
+    plain = TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, patch_shape=(16, 16),
+                        batch_size=16, intensity_jitter=0.0)
+    f0, labs0, _ = augmented_batch(OnePatch(), plain, norm, np.random.default_rng(1), with_g=False)
+    for fp, lp in zip(f0, labs0):  # without it the colours are the image's own, normalised
+        np.testing.assert_allclose(fp[:, lp == 1], 0, atol=1e-6)
+    from spoco_vol.errors import SpocoInputError
+    with pytest.raises(SpocoInputError, match="colour-jitter"):
+        TrainConfig(raw=["r"], labels=["l"], out=str(tmp_path), dims=2, colour_jitter=1.0).check()
+
+
 def test_dense_labels_hold_out_one_section_or_a_slab_one_patch_deep():
     """What train and train-foreground hold out from dense labels without --val-sections:
     a 2D model's last section; a 3D model's last patch depth of input sections, at most a
