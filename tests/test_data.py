@@ -404,8 +404,8 @@ def test_hue_rotation_turns_colours_about_grey():
 
 
 def test_augment_colour_rgb():
-    """Colour jitter on raw RGB: factors within 1 +- S, greying to the luma, blur of the
-    spatial axes only; each draw its own."""
+    """Colour jitter on raw RGB: strength 0 changes nothing, greying gives the luma, blur
+    moves the spatial axes only, grey pixels stay grey; each draw its own."""
     rng = np.random.default_rng(1)
     raw = rng.uniform(0, 255, (3, 16, 16)).astype(np.float32)
     raw[2] = 40  # a constant channel: a blur that mixed channels or axes would show there

@@ -899,7 +899,6 @@ def test_colour_jitter_gives_each_network_its_own_colours_on_the_same_geometry(t
     (the labels say where) but coloured apart; without it a patch keeps the image's own
     colours, normalised."""
     from spoco_vol.training_data import augmented_batch
-    rng = np.random.default_rng(0)
     raw = np.empty((3, 16, 16), np.float32)
     raw[:] = np.array([90.0, 140.0, 60.0])[:, None, None]  # a leaf green everywhere ...
     raw[:, 1:5, 3:8] = 250.0                              # ... but a bright grey block, labeled 2
